@@ -1,0 +1,128 @@
+"""Checkpoint directories that are complete or invisible.
+
+    O/checkpoint-<step>.tmp/   being written (ignored by everything)
+    O/checkpoint-<step>/       complete: renamed from .tmp only after every file is written and synced
+    O/latest                   the name of the newest complete checkpoint, replaced atomically
+
+A kill at any moment leaves either the old `latest` pointing at an intact checkpoint, or the new one.
+Deletion of old checkpoints renames first (`.deleting`) so a half-deleted one never looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from model import CONFIG_NAME, PROJECTORS_NAME, CheckpointError
+
+STATE_NAME = "trainer_state.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete(d: Path) -> bool:
+    return bool(_CKPT_RE.match(d.name)) and d.is_dir() and all((d / f).is_file() for f in (STATE_NAME, CONFIG_NAME, PROJECTORS_NAME))
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    if not Path(out_dir).is_dir():
+        return []
+    found = [d for d in Path(out_dir).iterdir() if is_complete(d)]
+    return sorted(found, key=lambda d: int(_CKPT_RE.match(d.name).group(1)))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """What `O/latest` names if that is complete; else the newest complete checkpoint."""
+    out_dir = Path(out_dir)
+    pointer = out_dir / "latest"
+    if pointer.is_file():
+        cand = out_dir / pointer.read_text().strip()
+        if is_complete(cand):
+            return cand
+    done = complete_checkpoints(out_dir)
+    return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or the latest complete checkpoint of an output dir."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or output directory")
+    if p.is_dir() and (p / CONFIG_NAME).is_file() and (p / PROJECTORS_NAME).is_file():
+        if p.name.endswith((".tmp", ".deleting")):
+            raise CheckpointError(f"{p}: incomplete checkpoint (its save was interrupted)")
+        return p
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise CheckpointError(f"{p}: holds no complete checkpoint")
+        return found
+    raise CheckpointError(f"{p}: not a checkpoint directory")
+
+
+def _fsync_tree(d: Path):
+    for root, _, files in os.walk(d):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def begin(out_dir: Path, step: int) -> Path:
+    """(rank 0) A fresh temporary directory for checkpoint `step`."""
+    tmp = Path(out_dir) / f"checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, step: int, keep: int) -> Path:
+    """(rank 0) Sync, rename into place, repoint `latest`, drop old checkpoints beyond `keep`."""
+    _fsync_tree(tmp)
+    final = tmp.with_name(f"checkpoint-{step}")
+    if final.exists():                       # re-saving a step after a resume: replace it
+        _remove(final)
+    os.replace(tmp, final)
+    write_atomic(final.parent / "latest", final.name + "\n")
+    if keep > 0:
+        for old in complete_checkpoints(final.parent)[:-keep]:
+            if old != final:
+                _remove(old)
+    return final
+
+
+def _remove(d: Path):
+    gone = d.with_name(d.name + ".deleting")
+    os.replace(d, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def write_state(d: Path, state: dict):
+    with open(d / STATE_NAME, "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def read_state(d: Path) -> dict:
+    return json.loads((d / STATE_NAME).read_text())
+
+
+def fault_point(name: str, step: int):
+    """Testing aid for crash safety: SIGNLLAVA_FAULT=<point>:<step> kills this process with SIGKILL
+    at that point of that step's save (points: mid_save, after_save). Unset in normal use."""
+    spec = os.environ.get("SIGNLLAVA_FAULT")
+    if spec and spec == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,271 @@
+"""Files to batches: the dataset, the collator and the epoch/batch plan.
+
+    python data.py --data_dir D [--split dev] [--modalities mae,pose]   check every file, print a summary
+    python data.py --make_demo DIR                                      write the built-in demo language
+
+Randomness inside a sample (paraphrase choice, task choice, negatives, time flip) is drawn from a
+generator keyed on (seed, epoch, index), so a sample does not depend on which worker loads it or on
+what was loaded before: that is what makes `--resume` exact without saving worker RNG state.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layout import (DataError, FeatureStore, KNOWN_MODALITY_ORDER, discover_modalities, load_annotation,
+                    modality_rank, read_json)
+from prompts import TASKS, PromptBuilder, context_ids, make_task, translation_prompt
+
+log = logging.getLogger("signllava")
+
+
+def parse_task_weights(text: str | None) -> dict[str, float]:
+    """'translation=0.7,one_word_present=0.1' -> weights; relative, need not sum to 1."""
+    if not text:
+        return {"translation": 1.0}
+    out = {}
+    for part in text.split(","):
+        name, _, val = part.partition("=")
+        name = name.strip()
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} in task weights (known: {', '.join(TASKS)})")
+        try:
+            out[name] = float(val)
+        except ValueError:
+            raise ValueError(f"task weight for {name!r} is not a number: {val!r}") from None
+    if not any(w > 0 for w in out.values()):
+        raise ValueError("task weights: at least one task needs a positive weight")
+    return out
+
+
+@dataclass
+class DataOptions:
+    modalities: list[str] | None = None          # None: every modality folder present
+    max_frames: int = 0                          # 0: no cap
+    frame_cap: str = "stride"                    # stride (uniform subsample) | truncate
+    context_window: int = 0
+    prelude_window: int = 0
+    use_paraphrases: bool = False
+    task_weights: dict = field(default_factory=lambda: {"translation": 1.0})
+    max_num_words: int = 5
+    seed: int = 42
+
+
+def cap_frames(arr: np.ndarray, max_frames: int, mode: str) -> np.ndarray:
+    if max_frames <= 0 or len(arr) <= max_frames:
+        return arr
+    if mode == "truncate":
+        return arr[:max_frames]
+    idx = np.linspace(0, len(arr) - 1, max_frames).round().astype(np.int64)
+    return arr[idx]
+
+
+def capped_len(t: int, max_frames: int) -> int:
+    return t if max_frames <= 0 else min(t, max_frames)
+
+
+class SignDataset(torch.utils.data.Dataset):
+    """Clips of one split that have features in every selected modality.
+
+    `expected_dims` (from a checkpoint) makes a dim mismatch an error; otherwise dims are read from
+    the data. `context_texts` overrides the gold translations used as context (generation with
+    predicted context)."""
+
+    def __init__(self, data_dir: str | Path, split: str, builder: PromptBuilder, opts: DataOptions,
+                 train: bool, expected_dims: dict[str, int] | None = None, annotation_path: Path | None = None):
+        self.data_dir = Path(data_dir)
+        if not self.data_dir.is_dir():
+            raise DataError(f"{self.data_dir}: data directory not found")
+        self.split, self.builder, self.opts, self.train = split, builder, opts, train
+        self.annotation = load_annotation(annotation_path or self.data_dir / f"annotation.{split}.json")
+        if self.annotation.resorted_videos:
+            log.info("%s: clip_order of %d videos was in plain text order (x_10 before x_2); sorted naturally",
+                     self.annotation.path, self.annotation.resorted_videos)
+        self.context_texts: dict[tuple[str, str], str] = {k: c.translation for k, c in self.annotation.clips.items()}
+
+        found = discover_modalities(self.data_dir, split)
+        wanted = opts.modalities or (list(expected_dims) if expected_dims else list(found))
+        missing = [m for m in wanted if m not in found]
+        if missing:
+            raise DataError(f"{self.data_dir}: no metadata for split {split!r} in modality folder(s) {', '.join(missing)}"
+                            f" (found: {', '.join(found) or 'none'})")
+        self.modalities = sorted(wanted, key=modality_rank)
+        self.stores = {m: FeatureStore(m, found[m]) for m in self.modalities}
+        for s in self.stores.values():
+            s.check_files_present()
+
+        # Index: every annotated clip, minus those missing from a selected modality (counted, logged).
+        items = [(v, c, pos) for v, order in self.annotation.videos.items() for pos, c in enumerate(order)]
+        self.frames: dict[str, dict[tuple[str, str], int]] = {m: s.index() for m, s in self.stores.items()}
+        keep = []
+        dropped = {m: 0 for m in self.modalities}
+        for v, c, pos in items:
+            absent = [m for m in self.modalities if (v, c) not in self.frames[m]]
+            for m in absent:
+                dropped[m] += 1
+            if not absent:
+                keep.append((v, c, pos))
+        for m, n in dropped.items():
+            if n:
+                log.warning("%s/%s: %d of %d clips have no %s features and are left out", self.data_dir.name, split, n, len(items), m)
+        if not keep:
+            raise DataError(f"{self.data_dir}: split {split!r} has no clip with features in all of {', '.join(self.modalities)}")
+        self.items = keep
+
+        # Dims are read from the data (first clip), then every read is checked against them.
+        v0, c0, _ = keep[0]
+        self.dims = {m: self.stores[m].dim(v0, c0) for m in self.modalities}
+        if expected_dims:
+            bad = [f"{m}: data {self.dims[m]} vs checkpoint {expected_dims[m]}" for m in self.modalities
+                   if m in expected_dims and expected_dims[m] != self.dims[m]]
+            unknown = [m for m in self.modalities if m not in expected_dims]
+            if unknown:
+                raise DataError(f"{self.data_dir}: modality {', '.join(unknown)} was not trained by the checkpoint "
+                                f"(it knows {', '.join(expected_dims)})")
+            if bad:
+                raise DataError(f"{self.stores[self.modalities[0]].metadata.parent.parent}: feature dims differ from the checkpoint ({'; '.join(bad)})")
+        self.vocabulary = sorted({k.lower() for ct in self.annotation.clips.values() for k in ct.keywords})
+        names = list(opts.task_weights)
+        w = np.asarray([opts.task_weights[t] for t in names], dtype=np.float64)
+        self._tasks, self._task_p = names, w / w.sum()
+        self.fixed_task: str | None = None       # generation: one task for every item
+
+    def __len__(self):
+        return len(self.items)
+
+    def length(self, i: int) -> int:
+        """Approximate token count, for length-grouped batching (no tokenisation needed)."""
+        v, c, _ = self.items[i]
+        frames = sum(capped_len(self.frames[m][(v, c)], self.opts.max_frames) + 2 for m in self.modalities)
+        return frames + len(self.annotation.clips[(v, c)].translation) // 4
+
+    def context_for(self, video: str, position: int) -> list[str]:
+        order = self.annotation.videos[video]
+        ids = context_ids(position, self.opts.context_window, self.opts.prelude_window)
+        return [t for t in (self.context_texts.get((video, order[i])) for i in ids) if t]
+
+    def read_features(self, video: str, clip: str) -> list[np.ndarray]:
+        return [cap_frames(self.stores[m].read(video, clip, self.dims[m]), self.opts.max_frames, self.opts.frame_cap)
+                for m in self.modalities]
+
+    def __getitem__(self, key):
+        # The batch plan hands out (index, epoch); plain integer indexing means epoch 0.
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        video, clip, pos = self.items[i]
+        text = self.annotation.clips[(video, clip)]
+        seed = [self.opts.seed, epoch, i] if self.train else [self.opts.seed, i]
+        rng = np.random.default_rng(seed)
+        feats = self.read_features(video, clip)
+        task = self.fixed_task or self._tasks[int(rng.choice(len(self._tasks), p=self._task_p))]
+        sample = None
+        if task != "translation":
+            sample = make_task(task, text.translation, text.keywords, self.vocabulary, rng, self.opts.max_num_words)
+        if sample is None:              # translation, or a clip that cannot carry the drawn task
+            task = "translation"
+            target = text.translation
+            if self.train and self.opts.use_paraphrases and text.paraphrases:
+                choices = [text.translation] + text.paraphrases
+                target = choices[int(rng.integers(len(choices)))]
+            prompt, answer = translation_prompt(self.context_for(video, pos)), target
+        else:
+            prompt, answer = sample.prompt, sample.answer
+            if sample.reverse_time:
+                feats = [np.ascontiguousarray(f[::-1]) for f in feats]
+        ids, labels, seg = self.builder.build([len(f) for f in feats], prompt, answer)
+        return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats,
+                "modalities": self.modalities, "video": video, "clip": clip, "task": task,
+                "prompt": prompt, "answer": answer}
+
+
+class Collator:
+    """Pads a list of samples to the longest in the batch (not to a fixed length).
+
+    Frames of modality m from every sample are concatenated into `features[m]` [N_m, D_m];
+    `frame_index[m]` [N_m] gives each frame's flat position in the [B, L] sequence, so the model
+    splices all frames of the batch with one indexed write per modality."""
+
+    def __init__(self, pad_id: int, padding_side: str = "right"):
+        self.pad_id, self.padding_side = pad_id, padding_side
+
+    def __call__(self, items: list[dict]) -> dict:
+        B, L = len(items), max(len(it["input_ids"]) for it in items)
+        ids = np.full((B, L), self.pad_id, dtype=np.int64)
+        labels = np.full((B, L), -100, dtype=np.int64)
+        mask = np.zeros((B, L), dtype=np.int64)
+        feats: dict[str, list] = {}
+        index: dict[str, list] = {}
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            off = 0 if self.padding_side == "right" else L - n
+            ids[b, off:off + n] = it["input_ids"]
+            labels[b, off:off + n] = it["labels"]
+            mask[b, off:off + n] = 1
+            for k, m in enumerate(it["modalities"]):
+                pos = np.nonzero(it["segments"] == k)[0] + off + b * L
+                feats.setdefault(m, []).append(it["features"][k])
+                index.setdefault(m, []).append(pos)
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "attention_mask": torch.from_numpy(mask),
+                "features": {m: torch.from_numpy(np.concatenate(v)) for m, v in feats.items()},
+                "frame_index": {m: torch.from_numpy(np.concatenate(v)) for m, v in index.items()},
+                "meta": [{k: it[k] for k in ("video", "clip", "task", "prompt", "answer")} for it in items]}
+
+
+def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The batches of one training epoch, identical on every rank.
+
+    Shuffle, then (optionally) sort within windows of 64 batches by length so that a batch holds
+    samples of similar length and padding stays small, then shuffle the batch order."""
+    rng = np.random.default_rng([seed, epoch, 7])
+    perm = rng.permutation(len(lengths))
+    if group_by_length:
+        win = batch_size * 64
+        perm = np.concatenate([w[np.argsort(-lengths[w], kind="stable")] for w in np.array_split(perm, max(1, -(-len(perm) // win)))])
+    batches = [perm[i:i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[j] for j in order]
+
+
+def eval_batches(dataset: SignDataset, batch_size: int) -> list[list[int]]:
+    """Dev batches in length order (fixed, less padding)."""
+    order = np.argsort([-dataset.length(i) for i in range(len(dataset))], kind="stable")
+    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def make_loader(dataset, batches: list[list], collate, num_workers: int, pin_memory: bool):
+    """A DataLoader over a precomputed batch list. Batches are lists of `(index, epoch)` or indices.
+    Workers get their own torch generator so creating a loader never consumes the global RNG."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+        pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--make_demo", metavar="DIR", help="write the built-in demo language into DIR")
+    p.add_argument("--seed", type=int, default=0, help="demo seed")
+    p.add_argument("--data_dir", help="check every annotation, metadata and h5 file of this dataset")
+    p.add_argument("--split", choices=["train", "dev", "test"], action="append",
+                   help="split(s) to check (default: all present)")
+    p.add_argument("--modalities", help="comma-separated subset of modality folders")
+    args = p.parse_args(argv)
+    if args.make_demo:
+        from demo_language import make_demo
+        make_demo(args.make_demo, seed=args.seed)
+        print(f"demo language written to {args.make_demo}")
+        return 0
+    if not args.data_dir:
+        p.error("give --data_dir D (check a dataset) or --make_demo DIR")
+    from datacheck import check_dataset
+    return check_dataset(Path(args.data_dir), args.split, args.modalities.split(",") if args.modalities else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Synthetic, learnable sign language in the on-disk layout of the How2Sign features.
+
+`make_demo(out_dir)` writes annotations plus MAE / sign2vec / DINO / pose feature shards
+exactly as the real How2Sign release is laid out, so the rest of the pipeline can be
+smoke-tested (and can actually learn something) without the real data:
+
+    OUT/annotation.<split>.json
+    OUT/<mod>/metadata_<mod>.<split>.json   {video_id: shard}
+    OUT/<mod>/<mod>.<split>.<shard>.h5      h5[video_id][clip_name] = float16 [T, D]
+
+The language: ~40 glosses signed in topic-comment, verb-final order without articles or
+prepositions ("APPLE RED MAN EAT" -> "the man eats the red apple", "STORE ANNA GO" ->
+"Anna goes to the store", "DOG BIG" -> "the dog is big", "BOOK BOY READ NOT" -> "the boy
+does not read the book"). The English translation is a deterministic function of the
+gloss sequence (`gloss_to_english`), so a model must recognise signs, reorder them and
+insert function words. Every gloss has a fixed random prototype per modality; a clip's
+frames are noisy copies of its signs' prototypes joined by transition frames.
+
+Usage: python demo_language.py OUT_DIR [--seed S]
+"""
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+# --- lexicon ---------------------------------------------------------------------------
+NAMES = {"ANNA": "Anna", "TOM": "Tom", "MARIA": "Maria"}
+NOUN_KIND = {"MAN": "person", "WOMAN": "person", "BOY": "person", "GIRL": "person",
+             "TEACHER": "person", "DOG": "animal", "CAT": "animal", "BIRD": "animal",
+             "APPLE": "food", "CAKE": "food", "BANANA": "food", "BOOK": "text",
+             "LETTER": "text", "BALL": "thing", "CAR": "thing", "HAT": "thing",
+             **{g: "person" for g in NAMES}}
+PLACES = ["STORE", "SCHOOL", "PARK", "LIBRARY"]
+# Selectional restrictions keep sentences sensible ("the red apple", not "the red man").
+ADJ_KINDS = {"RED": {"food", "thing"}, "BIG": {"animal", "food", "thing"},
+             "SMALL": {"animal", "food", "thing"}, "OLD": {"person", "animal", "text", "thing"},
+             "NEW": {"text", "thing"}, "HAPPY": {"person", "animal"},
+             "TIRED": {"person", "animal"}}
+# gloss: (3sg, base, -ing, past participle, object kinds, object article, synonym 3sg);
+# -ing is None for stative verbs ("is liking" is not English). The object article depends
+# on the verb, which is signed last, so the learner must look ahead.
+TRANS = {"EAT": ("eats", "eat", "eating", "eaten", {"food"}, "the", None),
+         "READ": ("reads", "read", "reading", "read", {"text"}, "the", None),
+         "SEE": ("sees", "see", None, "seen", {"person", "animal", "thing"}, "the", "spots"),
+         "LIKE": ("likes", "like", None, "liked", {"person", "animal", "food", "thing"},
+                  "the", "is fond of"),
+         "HELP": ("helps", "help", "helping", "helped", {"person", "animal"}, "the", "assists"),
+         "WANT": ("wants", "want", None, "wanted", {"animal", "food", "text", "thing"},
+                  "a", "would like"),
+         "BUY": ("buys", "buy", "buying", "bought", {"food", "text", "thing"}, "a", "purchases"),
+         "FIND": ("finds", "find", None, "found", {"animal", "text", "thing"}, "a",
+                  "discovers")}
+MOTION = {"GO": ("goes", "going", "heads"), "WALK": ("walks", "walking", None),
+          "DRIVE": ("drives", "driving", None)}
+NEG = "NOT"
+GLOSSES = list(NOUN_KIND) + PLACES + list(ADJ_KINDS) + list(TRANS) + list(MOTION) + [NEG]
+GLOSS_ID = {g: i for i, g in enumerate(GLOSSES)}
+PEOPLE = [g for g, k in NOUN_KIND.items() if k == "person"]
+
+SPLITS = {"train": 3, "dev": 2, "test": 1}  # split -> number of shards
+# modality -> parts drawn separately (dino = face | left hand | right hand)
+MODALITIES = {"mae": [768], "sign2vec": [768], "dino": [384, 384, 384], "pose": [208]}
+NOISE = 0.3
+
+
+def sample_glosses(rng):
+    """One random sentence, directly in sign order (topic first, verb last)."""
+    t = rng.choice(4, p=[0.45, 0.15, 0.25, 0.15])
+    if t == 3:  # predicate adjective: NOUN ADJ
+        noun = str(rng.choice([g for g in NOUN_KIND if g not in NAMES]))
+        return [noun, str(rng.choice([a for a, k in ADJ_KINDS.items() if NOUN_KIND[noun] in k]))]
+    subj = str(rng.choice(PEOPLE))
+    if t == 2:  # motion: PLACE SUBJ VERB
+        return [str(rng.choice(PLACES)), subj, str(rng.choice(list(MOTION)))]
+    verb = str(rng.choice(list(TRANS)))
+    obj = str(rng.choice([g for g, k in NOUN_KIND.items() if k in TRANS[verb][4] and g != subj]))
+    adjs = [a for a, k in ADJ_KINDS.items() if NOUN_KIND[obj] in k and obj not in NAMES]
+    adj = [str(rng.choice(adjs))] if t == 0 and adjs and rng.random() < 0.5 else []
+    return [obj, *adj, subj, verb] + ([NEG] if t == 1 else [])
+
+
+def parse(glosses):
+    """Recover the sentence structure from a gloss sequence (inverse of the sign order)."""
+    g = list(glosses)
+    s = {"neg": g[-1] == NEG, "adj": None, "obj": None, "place": None}
+    if s["neg"]:
+        g = g[:-1]
+    if g[-1] in ADJ_KINDS:
+        return {**s, "form": "pred", "subj": g[0], "adj": g[1]}
+    if g[-1] in MOTION:
+        return {**s, "form": "motion", "place": g[0], "subj": g[1], "verb": g[2]}
+    return {**s, "form": "trans", "obj": g[0], "adj": g[1] if len(g) == 4 else None,
+            "subj": g[-2], "verb": g[-1]}
+
+
+def noun_phrase(noun, adj=None, art="the"):
+    if noun in NAMES:
+        return NAMES[noun]
+    words = ([adj.lower()] if adj else []) + [noun.lower()]
+    if art == "a" and words[0][0] in "aeiou":
+        art = "an"
+    return " ".join([art] + words)
+
+
+def gloss_to_english(glosses):
+    """The reference translation: a pure function of the gloss sequence."""
+    s = parse(glosses)
+    subj = noun_phrase(s["subj"])
+    if s["form"] == "pred":
+        return f"{subj} is {s['adj'].lower()}"
+    if s["form"] == "motion":
+        return f"{subj} {MOTION[s['verb']][0]} to the {s['place'].lower()}"
+    v = TRANS[s["verb"]]
+    obj = noun_phrase(s["obj"], s["adj"], v[5])
+    return f"{subj} does not {v[1]} {obj}" if s["neg"] else f"{subj} {v[0]} {obj}"
+
+
+def paraphrase_candidates(glosses):
+    """Meaning-preserving rewrites: progressive, contraction, passive, synonym, article."""
+    s = parse(glosses)
+    subj, adj = noun_phrase(s["subj"]), (s["adj"] or "").lower()
+    a_subj = None if s["subj"] in NAMES else noun_phrase(s["subj"], art="a")
+    if s["form"] == "pred":
+        return [f"{subj}'s {adj}", f"it is {noun_phrase(s['subj'], s['adj'], 'a')}",
+                f"it's {noun_phrase(s['subj'], s['adj'], 'a')}"]
+    if s["form"] == "motion":
+        v3, ving, syn = MOTION[s["verb"]]
+        rest = f"to the {s['place'].lower()}"
+        out = [f"{subj} is {ving} {rest}", f"{subj} {v3} over {rest}"]
+        out += [f"{x} {rest}" for x in (a_subj and f"{a_subj} {v3}", syn and f"{subj} {syn}") if x]
+        return out
+    v3, base, ving, pp, _, art, syn = TRANS[s["verb"]]
+    obj = noun_phrase(s["obj"], s["adj"], art)
+    if s["neg"]:
+        out = [f"{subj} doesn't {base} {obj}", f"{obj} is not {pp} by {subj}"]
+        if ving:
+            out += [f"{subj} is not {ving} {obj}", f"{subj} isn't {ving} {obj}"]
+        return out + ([f"{a_subj} does not {base} {obj}"] if a_subj else [])
+    out = [f"{obj} is {pp} by {subj}"] + ([f"{subj} is {ving} {obj}"] if ving else [])
+    if s["obj"] not in NAMES:
+        out.append(f"{subj} {v3} {noun_phrase(s['obj'], s['adj'], 'a' if art == 'the' else 'the')}")
+    return out + [x for x in (a_subj and f"{a_subj} {v3} {obj}", syn and f"{subj} {syn} {obj}") if x]
+
+
+def keywords(glosses):
+    """Content words as they appear in the English sentence, in order, deduplicated."""
+    s = parse(glosses)
+    word = lambda g: NAMES.get(g, g.lower())
+    if s["form"] == "pred":
+        kws = [word(s["subj"]), word(s["adj"])]
+    elif s["form"] == "motion":
+        kws = [word(s["subj"]), MOTION[s["verb"]][0], word(s["place"])]
+    else:
+        verb = TRANS[s["verb"]][1 if s["neg"] else 0]
+        kws = [word(s["subj"]), verb] + ([word(s["adj"])] if s["adj"] else []) + [word(s["obj"])]
+    return list(dict.fromkeys(kws))
+
+
+def make_prototypes(rng):
+    """Fixed per-gloss vectors per modality; the extra last row (zeros) is the rest pose."""
+    protos = {}
+    for mod, parts in MODALITIES.items():
+        p = np.concatenate([rng.standard_normal((len(GLOSSES), d)) for d in parts], axis=1)
+        protos[mod] = np.vstack([p, np.zeros((1, p.shape[1]))]).astype(np.float32)
+    return protos
+
+
+def frame_plan(glosses, rng):
+    """Per frame, the two prototype rows it averages: sign frames hold one gloss, a
+    transition frame sits halfway between neighbours, rest frames pad both ends."""
+    rest = len(GLOSSES)
+    a, b = [rest], [rest]
+    for i, g in enumerate(glosses):
+        gid = GLOSS_ID[g]
+        if i:  # transition frame
+            a.append(a[-1])
+            b.append(gid)
+        n = int(rng.integers(3, 5))
+        a += [gid] * n
+        b += [gid] * n
+    a.append(rest), b.append(rest)
+    return np.array(a), np.array(b)
+
+
+def clip_features(glosses, protos, rng):
+    """All four streams from the same underlying sign sequence (same frame plan)."""
+    a, b = frame_plan(glosses, rng)
+    feats = {}
+    for mod, p in protos.items():
+        mean = 0.5 * (p[a] + p[b])
+        if mod == "sign2vec":  # half frame rate: every second frame, T//2 frames (>= 1)
+            mean = mean[1::2] if len(mean) > 1 else mean
+        noise = rng.standard_normal(mean.shape, dtype=np.float32)
+        feats[mod] = (mean + NOISE * noise).astype(np.float16)
+    return feats
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False, ensure_ascii=False)
+
+
+def make_split(out, split, n_videos, n_shards, protos, rng):
+    videos = [f"demo{split}{i:04d}" for i in range(n_videos)]
+    shard_of = {v: i % n_shards for i, v in enumerate(videos)}
+    annotation = {}
+    h5s = {(m, s): h5py.File(out / m / f"{m}.{split}.{s}.h5", "w")
+           for m in MODALITIES for s in sorted(set(shard_of.values()))}
+    try:
+        for vid in videos:
+            clips = {f"{vid}_{k}-5-rgb_front": sample_glosses(rng)
+                     for k in range(int(rng.integers(4, 13)))}
+            order = sorted(clips)  # plain text order, as in the real How2Sign annotation
+            entry = {"clip_order": order}
+            groups = {m: h5s[m, shard_of[vid]].create_group(vid) for m in MODALITIES}
+            for name in order:
+                g = clips[name]
+                cands = paraphrase_candidates(g)
+                k = min(len(cands), int(rng.integers(2, 4)))
+                para = [cands[i] for i in sorted(rng.choice(len(cands), k, replace=False))]
+                entry[name] = {
+                    "translation": gloss_to_english(g),
+                    "paraphrases": ["<none>", "<none>"] if rng.random() < 0.1 else para,
+                    "keywords": [] if rng.random() < 0.1 else keywords(g)}
+                for m, x in clip_features(g, protos, rng).items():
+                    groups[m].create_dataset(name, data=x, track_times=False)
+            annotation[vid] = entry
+    finally:
+        for f in h5s.values():
+            f.close()
+    write_json(out / f"annotation.{split}.json", annotation)
+    for m in MODALITIES:
+        write_json(out / m / f"metadata_{m}.{split}.json", shard_of)
+
+
+def make_demo(out_dir: str, seed: int = 0, n_train_videos: int = 150,
+              n_dev_videos: int = 20, n_test_videos: int = 20) -> None:
+    """Write the synthetic dataset to out_dir; same seed -> identical output."""
+    out = Path(out_dir)
+    for m in MODALITIES:
+        (out / m).mkdir(parents=True, exist_ok=True)
+    # Independent streams so that changing one split's size leaves the others unchanged.
+    protos = make_prototypes(np.random.default_rng([seed, 0]))
+    sizes = {"train": n_train_videos, "dev": n_dev_videos, "test": n_test_videos}
+    for i, (split, n_shards) in enumerate(SPLITS.items(), start=1):
+        rng = np.random.default_rng([seed, i])
+        make_split(out, split, sizes[split], n_shards, protos, rng)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    make_demo(args.out_dir, seed=args.seed)

@@ -1,0 +1,278 @@
+"""The on-disk layout of a Sign LLaVA dataset, read unchanged.
+
+    D/annotation.<split>.json          {video: {"clip_order": [...], clip: {"translation", "paraphrases", "keywords"}}}
+    D/<modality>/<name>.<split>.json   {video: shard}              (usually metadata_<modality>.<split>.json)
+    D/<modality>/<shard file>          h5[video][clip] = float16 [T, D]
+
+The shard file name follows the original's rule: the metadata file name with `metadata_` removed and
+`.json` replaced by `.<shard>.h5`. Unlike the original we apply it to the file name only, so folder names
+that happen to contain `metadata_` or `.json` are left alone, and `data_dir` is joined exactly once.
+
+Everything that can go wrong with user files raises `DataError`, whose message is one line naming the
+file and, where there is one, the video and clip. The CLIs print it without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+# The original's splice order; modalities we do not know follow alphabetically.
+KNOWN_MODALITY_ORDER = ("mae", "sign2vec", "dino", "pose")
+SPLITS = ("train", "dev", "test")
+
+
+class DataError(Exception):
+    """A fault in the user's data. str(err) is a single line naming file / video / clip."""
+
+
+def where(path, video=None, clip=None) -> str:
+    parts = [str(path)]
+    if video is not None:
+        parts.append(f"video {video!r}")
+    if clip is not None:
+        parts.append(f"clip {clip!r}")
+    return ", ".join(parts)
+
+
+def read_json(path: Path) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def natural_key(name: str):
+    """'x_10' sorts after 'x_2': split into text and integer runs."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+# ----------------------------------------------------------------------------------------- annotations
+@dataclass
+class ClipText:
+    translation: str
+    paraphrases: list[str]
+    keywords: list[str]
+    hypothesis: str | None = None
+
+
+@dataclass
+class Annotation:
+    path: Path
+    videos: dict[str, list[str]]                       # video -> clip names in time order
+    clips: dict[tuple[str, str], ClipText]
+    resorted_videos: int = 0                           # videos whose clip_order we natural-sorted
+    faults: list[str] = field(default_factory=list)    # filled only when read with collect_faults
+
+
+def _clean_paraphrases(items) -> list[str]:
+    """Real paraphrase lists hold '<none>', '' and NaN placeholders; they are not sentences."""
+    out = []
+    for p in items or []:
+        if isinstance(p, str) and p.strip() and p.strip() != "<none>":
+            out.append(p.strip())
+    return out
+
+
+def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
+    """Read and validate one annotation file. With collect_faults, bad clips are listed in
+    `.faults` and skipped instead of raising on the first one (used by the data checker)."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: malformed annotation (top level must be an object video -> clips)")
+    ann = Annotation(path=path, videos={}, clips={})
+
+    def fault(msg):
+        if not collect_faults:
+            raise DataError(msg)
+        ann.faults.append(msg)
+
+    for video, vd in raw.items():
+        if not isinstance(vd, dict) or not isinstance(vd.get("clip_order"), list):
+            fault(f"{where(path, video)}: malformed annotation (needs a 'clip_order' list)")
+            continue
+        order = [str(c) for c in vd["clip_order"]]
+        ok_order = []
+        for clip in order:
+            cd = vd.get(clip)
+            if not isinstance(cd, dict):
+                fault(f"{where(path, video, clip)}: named in clip_order but has no annotation")
+                continue
+            tr = cd.get("translation")
+            if not isinstance(tr, str) or not tr.strip():
+                fault(f"{where(path, video, clip)}: empty or missing translation")
+                continue
+            kws = cd.get("keywords") or []
+            if not isinstance(kws, list):
+                kws = []
+            hyp = cd.get("hypothesis")
+            ann.clips[(video, clip)] = ClipText(
+                translation=tr.strip(),
+                paraphrases=_clean_paraphrases(cd.get("paraphrases")),
+                keywords=list(dict.fromkeys(k.strip() for k in kws if isinstance(k, str) and k.strip())),
+                hypothesis=hyp if isinstance(hyp, str) else None)
+            ok_order.append(clip)
+        # clip_order is the only source of time order. How2Sign's lists are in plain text order
+        # (_10 before _2), which scrambles context; if names end in numbers and the list is exactly
+        # the lexicographic order of names that sort differently by number, sort naturally.
+        nat = sorted(ok_order, key=natural_key)
+        if ok_order == sorted(ok_order) and nat != ok_order and all(re.search(r"\d", c) for c in ok_order):
+            ok_order = nat
+            ann.resorted_videos += 1
+        ann.videos[video] = ok_order
+    return ann
+
+
+# ----------------------------------------------------------------------------------------- features
+def find_metadata(mod_dir: Path, split: str) -> Path | None:
+    """The metadata file of one split in a modality folder: `*.<split>.json`, preferring metadata_*."""
+    cands = sorted(mod_dir.glob(f"*.{split}.json"))
+    if not cands:
+        return None
+    pref = [c for c in cands if c.name.startswith("metadata_")]
+    if len(pref) == 1:
+        return pref[0]
+    if len(cands) == 1:
+        return cands[0]
+    raise DataError(f"{mod_dir}: several metadata files for split {split!r}: {', '.join(c.name for c in cands)}")
+
+
+def shard_path(metadata: Path, shard) -> Path:
+    name = metadata.name.replace("metadata_", "")
+    assert name.endswith(".json")
+    return metadata.with_name(f"{name[:-len('.json')]}.{shard}.h5")
+
+
+def discover_modalities(data_dir: Path, split: str) -> dict[str, Path]:
+    """Every sub-folder with a metadata file for `split` is a modality, named after the folder."""
+    found = {}
+    for sub in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        meta = find_metadata(sub, split)
+        if meta is not None:
+            found[sub.name] = meta
+    return dict(sorted(found.items(), key=lambda kv: modality_rank(kv[0])))
+
+
+def modality_rank(m: str):
+    return (KNOWN_MODALITY_ORDER.index(m), "") if m in KNOWN_MODALITY_ORDER else (len(KNOWN_MODALITY_ORDER), m)
+
+
+class FeatureStore:
+    """Per-modality sharded h5 features of one split.
+
+    h5 handles are opened lazily on first read in the process that reads (so each DataLoader worker
+    opens its own after the fork — h5py handles must not cross a fork) and stay open."""
+
+    def __init__(self, modality: str, metadata: Path):
+        self.modality = modality
+        self.metadata = metadata
+        raw = read_json(metadata)
+        if not isinstance(raw, dict):
+            raise DataError(f"{metadata}: malformed metadata (must be an object video -> shard)")
+        self.video_shard: dict[str, str] = {}
+        for video, shard in raw.items():
+            if not isinstance(shard, (int, str)) or isinstance(shard, bool):
+                raise DataError(f"{where(metadata, video)}: malformed metadata (shard must be an int or string)")
+            self.video_shard[video] = str(shard)
+        self._handles: dict[str, h5py.File] = {}
+
+    def shard_file(self, video: str) -> Path:
+        return shard_path(self.metadata, self.video_shard[video])
+
+    def shard_files(self) -> list[Path]:
+        return sorted({shard_path(self.metadata, s) for s in self.video_shard.values()})
+
+    def check_files_present(self):
+        for p in self.shard_files():
+            if not p.is_file():
+                raise DataError(f"{p}: shard file missing (named by {self.metadata})")
+
+    def _open(self, path: Path) -> h5py.File:
+        h = self._handles.get(str(path))
+        if h is None:
+            try:
+                h = h5py.File(path, "r")
+            except FileNotFoundError:
+                raise DataError(f"{path}: shard file missing (named by {self.metadata})") from None
+            except OSError as e:
+                raise DataError(f"{path}: unreadable or corrupt h5 file ({e})") from None
+            self._handles[str(path)] = h
+        return h
+
+    def index(self) -> dict[tuple[str, str], int]:
+        """(video, clip) -> frame count, for every clip the shards hold (reads headers only)."""
+        out = {}
+        by_shard: dict[str, list[str]] = {}
+        for video, shard in self.video_shard.items():
+            by_shard.setdefault(shard, []).append(video)
+        for shard, videos in by_shard.items():
+            path = shard_path(self.metadata, shard)
+            h = self._open(path)
+            for video in videos:
+                g = h.get(video)
+                if not isinstance(g, h5py.Group):
+                    raise DataError(f"{where(path, video)}: video placed in this shard by {self.metadata.name} but not in it")
+                for clip, ds in g.items():
+                    if isinstance(ds, h5py.Dataset):
+                        out[(video, clip)] = ds.shape[0] if ds.ndim >= 1 else 0
+        return out
+
+    def dim(self, video: str, clip: str) -> int:
+        ds = self._dataset(video, clip)
+        if ds.ndim != 2:
+            raise DataError(f"{where(self.shard_file(video), video, clip)}: array of rank {ds.ndim}, expected [T, D]")
+        return int(ds.shape[1])
+
+    def _dataset(self, video: str, clip: str) -> h5py.Dataset:
+        if video not in self.video_shard:
+            raise DataError(f"{where(self.metadata, video)}: video not in this metadata file")
+        path = self.shard_file(video)
+        try:
+            return self._open(path)[video][clip]
+        except KeyError:
+            raise DataError(f"{where(path, video, clip)}: clip not in shard") from None
+
+    def read(self, video: str, clip: str, expected_dim: int | None = None) -> np.ndarray:
+        """One clip's [T, D] array, checked: rank 2, at least one frame, the modality's dim, finite."""
+        path = self.shard_file(video)
+        try:
+            arr = self._dataset(video, clip)[()]
+        except DataError:
+            raise
+        except OSError as e:
+            raise DataError(f"{where(path, video, clip)}: unreadable ({e})") from None
+        return check_array(arr, path, video, clip, expected_dim)
+
+    def close(self):
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+    def __getstate__(self):
+        # Never ship open handles to another process; the receiver reopens lazily.
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def check_array(arr: np.ndarray, path, video, clip, expected_dim: int | None) -> np.ndarray:
+    loc = where(path, video, clip)
+    if arr.ndim != 2:
+        raise DataError(f"{loc}: array of rank {arr.ndim} (shape {tuple(arr.shape)}), expected [T, D]")
+    if arr.shape[0] == 0:
+        raise DataError(f"{loc}: clip has zero frames")
+    if expected_dim is not None and arr.shape[1] != expected_dim:
+        raise DataError(f"{loc}: feature dim {arr.shape[1]}, expected {expected_dim} like the rest of this modality")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{loc}: dtype {arr.dtype}, expected floating point")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise DataError(f"{loc}: {bad} non-finite values (NaN/Inf)")
+    return arr

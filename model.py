@@ -1,0 +1,349 @@
+"""Features and tokens to loss and text: the Sign LLaVA model around any causal LM.
+
+`SignLLM` owns one projector per modality (framewise: [T, D] -> [T, H]), a two-row embedding for the
+segment markers, and the LLM. The trainable state that is not LoRA lives in `projectors.safetensors`
+beside a `config.json` (`SignConfig`) that says how to rebuild the whole model, so a checkpoint needs
+none of the original flags.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prompts import MARKER_TOKENS, SYSTEM_PROMPT
+
+CONFIG_NAME = "config.json"
+PROJECTORS_NAME = "projectors.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+class CheckpointError(Exception):
+    """A checkpoint or projector file that does not fit the model; one line, naming the file."""
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class SignConfig:
+    base_model: str                              # HF id or path of the LLM
+    tokenizer: str                               # HF id or path
+    modalities: list[str]                        # splice order
+    dims: dict[str, int]
+    projector_types: dict[str, str]
+    stage: int = 1
+    bits: int = 16                               # 4: the LLM was trained quantised (nf4)
+    lora: dict | None = None                     # peft LoraConfig kwargs when stage 2
+    markers: list[str] = field(default_factory=lambda: list(MARKER_TOKENS))
+    added_tokens: bool = False                   # markers were added to a tokenizer that lacked them
+    system_prompt: str = SYSTEM_PROMPT
+    context_window: int = 0
+    prelude_window: int = 0
+    max_frames: int = 0
+    frame_cap: str = "stride"
+    format: str = "signllava-1"
+
+    def save(self, directory: Path):
+        d = asdict(self)
+        # A base model kept in the run's own output dir (the embedded default) is stored as a relative
+        # path, so a run directory can be moved or copied as a whole.
+        for attr in ("base_model", "tokenizer"):
+            p = Path(d[attr])
+            if p.is_absolute() and p.exists():
+                rel = os.path.relpath(p, Path(directory).resolve())
+                if rel.count("..") <= 1:
+                    d[attr] = rel
+        with open(Path(directory) / CONFIG_NAME, "w") as f:
+            json.dump(d, f, indent=1)
+
+    @classmethod
+    def load(cls, directory: Path) -> "SignConfig":
+        path = Path(directory) / CONFIG_NAME
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found (is {directory} a Sign LLaVA checkpoint?)") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+        if raw.get("format") != "signllava-1":
+            raise CheckpointError(f"{path}: not a Sign LLaVA config (format {raw.get('format')!r})")
+        known = set(cls.__dataclass_fields__)
+        cfg = cls(**{k: v for k, v in raw.items() if k in known})
+        # Local paths are stored relative to the config when they live beside it; resolve them here.
+        for attr in ("base_model", "tokenizer"):
+            cand = (Path(directory) / getattr(cfg, attr))
+            if cand.exists():
+                setattr(cfg, attr, str(cand.resolve()))
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------ projectors
+def build_projector(kind: str, in_dim: int, hidden: int) -> nn.Module:
+    """linear | mlpNx_gelu (Linear, then N-1 x [GELU, Linear]) | identity, applied per frame."""
+    if kind == "linear":
+        return nn.Linear(in_dim, hidden)
+    if kind == "identity":
+        if in_dim != hidden:
+            raise ValueError(f"identity projector needs feature dim == LLM hidden size ({in_dim} != {hidden})")
+        return nn.Identity()
+    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if m and int(m.group(1)) >= 1:
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
+        for _ in range(int(m.group(1)) - 1):
+            layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+        return nn.Sequential(*layers)
+    raise ValueError(f"unknown projector type {kind!r} (linear, identity, mlpNx_gelu e.g. mlp2x_gelu)")
+
+
+def parse_projector_types(text: str, modalities: list[str]) -> dict[str, str]:
+    """'mlp2x_gelu' for all, or 'mlp2x_gelu,pose=linear' to override some modalities."""
+    default, per = "mlp2x_gelu", {}
+    for part in text.split(","):
+        if "=" in part:
+            m, _, k = part.partition("=")
+            per[m.strip()] = k.strip()
+        elif part.strip():
+            default = part.strip()
+    unknown = set(per) - set(modalities)
+    if unknown:
+        raise ValueError(f"--projector_type names modalities not in the data: {', '.join(sorted(unknown))}")
+    return {m: per.get(m, default) for m in modalities}
+
+
+# ------------------------------------------------------------------------------------------ model
+class SignLLM(nn.Module):
+    def __init__(self, llm: nn.Module, cfg: SignConfig, marker_ids: tuple[int, int], label_smoothing: float = 0.0):
+        super().__init__()
+        self.llm = llm
+        self.cfg = cfg
+        self.label_smoothing = label_smoothing
+        emb = llm.get_input_embeddings()
+        hidden = emb.weight.shape[1]
+        self.projectors = nn.ModuleDict({m: build_projector(cfg.projector_types[m], cfg.dims[m], hidden)
+                                         for m in cfg.modalities})
+        # The markers' input rows are trained here, not in the (frozen) embedding matrix: only two rows
+        # learn, they are saved with the projectors, and no weight decay touches the other 128k rows.
+        self.marker_embed = nn.Embedding(len(marker_ids), hidden)
+        with torch.no_grad():
+            w = emb.weight.float()
+            gen = torch.Generator().manual_seed(1234)
+            noise = torch.randn(len(marker_ids), hidden, generator=gen) * w.std() * 0.1
+            self.marker_embed.weight.copy_(w.mean(0, keepdim=True) + noise.to(w.device))
+        self.register_buffer("marker_ids", torch.tensor(marker_ids, dtype=torch.long), persistent=False)
+
+    # -- pieces shared by training and generation
+    def embed(self, input_ids, features: dict, frame_index: dict) -> torch.Tensor:
+        """Token embeddings with markers and projected frames spliced in: [B, L, H]."""
+        emb = self.llm.get_input_embeddings()(input_ids)
+        slot = torch.full_like(input_ids, -1)
+        for k in range(len(self.marker_ids)):
+            slot = torch.where(input_ids == self.marker_ids[k], k, slot)
+        marker = self.marker_embed(slot.clamp(min=0)).to(emb.dtype)
+        emb = torch.where((slot >= 0).unsqueeze(-1), marker, emb)
+        B, L, H = emb.shape
+        flat = emb.reshape(B * L, H)
+        for m, feats in features.items():
+            if m not in self.projectors:
+                raise CheckpointError(f"modality {m!r} has no projector (model knows {', '.join(self.projectors)})")
+            proj = self.projectors[m]
+            dtype = next(proj.parameters()).dtype if any(True for _ in proj.parameters()) else emb.dtype
+            out = proj(feats.to(device=emb.device, dtype=dtype)).to(emb.dtype)
+            flat = flat.index_copy(0, frame_index[m].to(emb.device), out)
+        return flat.view(B, L, H)
+
+    def decoder(self):
+        return self.llm.get_decoder()
+
+    def forward(self, input_ids, attention_mask, labels, features, frame_index):
+        """Returns (sum of token losses, number of target tokens). The caller normalises, so the loss
+        is a per-token mean over the whole (accumulated, all-rank) batch rather than a mean of means."""
+        emb = self.embed(input_ids, features, frame_index)
+        hidden = self.decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        target = labels[:, 1:]
+        sel = target != -100
+        # Logits only where there is a target: never materialise vocab-sized logits over frames.
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
+        loss = F.cross_entropy(logits, target[sel], reduction="sum", label_smoothing=self.label_smoothing)
+        return loss, sel.sum()
+
+    # -- trainable state by name
+    def projector_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("projectors.", "marker_embed."))}
+
+    def load_projector_state(self, state: dict[str, torch.Tensor], source: str):
+        """Strict by name and shape; the error lists every missing, unexpected and mis-shaped key."""
+        own = self.projector_state()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = sorted(f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})"
+                        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append("missing: " + ", ".join(missing))
+            if unexpected:
+                parts.append("unexpected: " + ", ".join(unexpected))
+            if shapes:
+                parts.append("mis-shaped: " + ", ".join(shapes))
+            raise CheckpointError(f"{source}: projector weights do not fit this model ({'; '.join(parts)})")
+        with torch.no_grad():
+            for k, p in self.named_parameters():
+                if k in state:
+                    p.copy_(state[k].to(dtype=p.dtype, device=p.device))
+
+
+def save_projectors(state: dict[str, torch.Tensor], directory: Path):
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(Path(directory) / PROJECTORS_NAME))
+
+
+def read_projector_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except Exception as e:     # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: unreadable projector file ({e})") from None
+
+
+def read_reference_states(path: Path, model: SignLLM) -> dict[str, torch.Tensor]:
+    """The original's DeepSpeed file `mp_rank_00_model_states.pt`: its `module` dict with keys
+    `model.<m>_projector.*` and `model.embed_tokens.weight`, whose last two rows are the
+    <video_start>/<video_end> tokens it added (reference §5.4-5.6). Mapped to our names."""
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable DeepSpeed model-states file ({e})") from None
+    module = raw.get("module", raw) if isinstance(raw, dict) else None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{path}: no 'module' state dict inside")
+    out = {}
+    for key, val in module.items():
+        m = re.search(r"(?:^|\.)(\w+?)_projector\.(.+)$", key)
+        if m:
+            out[f"projectors.{m.group(1)}.{m.group(2)}"] = val
+    emb = next((v for k, v in module.items() if k.endswith("embed_tokens.weight")), None)
+    if emb is not None and emb.dim() == 2 and emb.shape[0] >= 2:
+        out["marker_embed.weight"] = emb[-2:].clone()
+    elif "marker_embed.weight" in model.projector_state():
+        # A reference checkpoint trained with frozen embeddings has no rows to carry: keep our init.
+        out["marker_embed.weight"] = model.marker_embed.weight.detach().cpu().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ loading
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU; fp32 on CPU, where bf16 matmuls are 15-40x slower without native support."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_llm(name_or_path: str, bits: int, dtype: torch.dtype, device: torch.device, zero3: bool = False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    kw: dict = {"dtype": dtype}
+    if bits == 4:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # ZeRO-3 partitions parameters by dtype; packed uint8 weights must look like the rest.
+            bnb_4bit_quant_storage=dtype if zero3 else torch.uint8)
+        kw["device_map"] = {"": device}
+    elif bits != 16:
+        raise ValueError(f"--bits must be 4 or 16, not {bits}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    except OSError as e:
+        raise CheckpointError(f"{name_or_path}: cannot load the base model ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    from prompts import setup_special_tokens
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise CheckpointError(f"{name_or_path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.chat_template is None:
+        raise CheckpointError(f"{name_or_path}: tokenizer has no chat template (use an instruct/chat model)")
+    added = setup_special_tokens(tok)
+    return tok, added
+
+
+def fit_embeddings(llm, tokenizer):
+    """If marker tokens were added, grow the vocabulary with rows set to the mean of the old rows:
+    deterministic, so a rebuilt model at inference equals the one trained (nothing random unsaved)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for mod in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+            if mod is not None:
+                mod.weight[old:] = mod.weight[:old].mean(0, keepdim=True)
+
+
+def disable_dropout(module: nn.Module):
+    """A frozen LLM should behave the same every step: zero its dropout (kept in train mode so that
+    gradient checkpointing, which only runs in training mode, still applies)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "attention_dropout"):
+        cfg.attention_dropout = 0.0
+
+
+def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtype, zero3: bool = False,
+             adapter: str | None = None, gradient_checkpointing: bool = False,
+             label_smoothing: float = 0.0) -> SignLLM:
+    """Build the whole model from a config: base LLM (4-bit if cfg.bits == 4), frozen; then LoRA —
+    new (`adapter="new"`, from cfg.lora) or loaded from a PEFT directory — and the projectors.
+    Only projectors, marker rows and LoRA weights require grad."""
+    from prompts import special_ids
+    llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
+    fit_embeddings(llm, tokenizer)
+    llm.requires_grad_(False)
+    disable_dropout(llm)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no enable_input_require_grads() hack for a frozen base.
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.bits == 4:
+        # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight
+        # (embeddings, lm_head, norms) to fp32, which costs GBs at 8B and buys nothing here —
+        # Llama's RMSNorm and our loss already compute in fp32.
+        llm.config.use_cache = False
+    if adapter == "new":
+        from peft import LoraConfig, get_peft_model
+        llm = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", bias="none", **cfg.lora))
+    elif adapter:
+        llm = load_adapter_strict(llm, Path(adapter))
+    model = SignLLM(llm, cfg, special_ids(tokenizer)["markers"], label_smoothing=label_smoothing)
+    return model.to(device)
+
+
+def load_adapter_strict(llm, adapter_dir: Path):
+    """PEFT's own loader only warns about missing or unexpected adapter keys; a checkpoint that does not
+    fit must fail instead, listing them."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        lcfg = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as e:
+        raise CheckpointError(f"{adapter_dir}: unreadable adapter_config.json ({str(e).splitlines()[0]})") from None
+    state = read_projector_file(weights)
+    lcfg.inference_mode = True
+    llm = get_peft_model(llm, lcfg)
+    try:
+        res = set_peft_model_state_dict(llm, state)
+    except RuntimeError as e:      # shape mismatches
+        msg = " ".join(l.strip() for l in str(e).splitlines() if "size mismatch" in l)
+        raise CheckpointError(f"{weights}: adapter weights do not fit the base model ({msg or e})") from None
+    missing = sorted(k for k in res.missing_keys if "lora_" in k)
+    if missing or res.unexpected_keys:
+        raise CheckpointError(f"{weights}: adapter keys do not fit (missing: {', '.join(missing) or '-'}; "
+                              f"unexpected: {', '.join(res.unexpected_keys) or '-'})")
+    return llm
