@@ -135,6 +135,7 @@ class SignDataset(torch.utils.data.Dataset):
         w = np.asarray([opts.task_weights[t] for t in names], dtype=np.float64)
         self._tasks, self._task_p = names, w / w.sum()
         self.fixed_task: str | None = None       # generation: one task for every item
+        self.generation = False                  # True: prompt ids only (answer kept in meta as the reference)
 
     def __len__(self):
         return len(self.items)
@@ -177,7 +178,7 @@ class SignDataset(torch.utils.data.Dataset):
             prompt, answer = sample.prompt, sample.answer
             if sample.reverse_time:
                 feats = [np.ascontiguousarray(f[::-1]) for f in feats]
-        ids, labels, seg = self.builder.build([len(f) for f in feats], prompt, answer)
+        ids, labels, seg = self.builder.build([len(f) for f in feats], prompt, None if self.generation else answer)
         return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats,
                 "modalities": self.modalities, "video": video, "clip": clip, "task": task,
                 "prompt": prompt, "answer": answer}

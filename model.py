@@ -211,7 +211,7 @@ def read_projector_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable projector file ({e})") from None
 
 
-def read_reference_states(path: Path, model: SignLLM) -> dict[str, torch.Tensor]:
+def read_reference_states(path: Path) -> dict[str, torch.Tensor]:
     """The original's DeepSpeed file `mp_rank_00_model_states.pt`: its `module` dict with keys
     `model.<m>_projector.*` and `model.embed_tokens.weight`, whose last two rows are the
     <video_start>/<video_end> tokens it added (reference §5.4-5.6). Mapped to our names."""
@@ -230,9 +230,8 @@ def read_reference_states(path: Path, model: SignLLM) -> dict[str, torch.Tensor]
     emb = next((v for k, v in module.items() if k.endswith("embed_tokens.weight")), None)
     if emb is not None and emb.dim() == 2 and emb.shape[0] >= 2:
         out["marker_embed.weight"] = emb[-2:].clone()
-    elif "marker_embed.weight" in model.projector_state():
-        # A reference checkpoint trained with frozen embeddings has no rows to carry: keep our init.
-        out["marker_embed.weight"] = model.marker_embed.weight.detach().cpu().clone()
+    if not any(k.startswith("projectors.") for k in out):
+        raise CheckpointError(f"{path}: no '<modality>_projector.*' keys in its module state")
     return out
 
 
