@@ -47,6 +47,8 @@ def read_json(path: Path) -> object:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: malformed JSON ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
 
 
 def natural_key(name: str):
