@@ -1,0 +1,413 @@
+"""Translate a split with a trained checkpoint (batched beam search on the KV cache) and score it.
+
+    python generate.py --checkpoint C --data_dir D --split dev --output OUT.json --metrics_out METRICS.json
+                       [--num_beams 5] [--max_new_tokens 64] [--batch_size 16]
+                       [--context none|gold|predicted|FILE] [--context_window N] [--prelude_window P]
+                       [--task translation|one_word_present|multi_word_present|is_reversed] [--limit N]
+
+C is a stage-1 or stage-2 output dir (its latest complete checkpoint) or a checkpoint dir. Everything that
+must match training -- base model, tokenizer, modalities, dims, projector types, frame cap, default context
+windows -- comes from the checkpoint's config.json; a stage-2 checkpoint brings its LoRA adapter.
+
+Context (translation task):
+    none       no preceding sentences
+    gold       the reference translations of the preceding clips
+    predicted  the model's own outputs for the preceding clips of the same video. Clips are generated in
+               rounds: round k holds the k-th clip of every video, so batches run across videos.
+    FILE       the "hypothesis" fields of an earlier output JSON of this script
+Windows default to the checkpoint's (what it was trained with); clips with no features never give context.
+
+OUT.json has the annotation layout, {video: {"clip_order": [...], clip: {"translation", "paraphrases",
+"keywords", "hypothesis"}}} (+ "reference" and "prompt" for the yes/no tasks), holding the generated clips.
+METRICS.json: sacreBLEU corpus BLEU (with its signature), chrF, n; accuracy/precision/recall/F1 of 'yes'
+for the yes/no tasks.
+
+Inference from Python:
+
+    from generate import Translator
+    tr = Translator.from_checkpoint("runs/stage2")
+    tr.translate({"mae": mae_array, "pose": pose_array}, context=["Earlier sentence."], num_beams=5)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layout import DataError, load_annotation
+from model import ADAPTER_DIR, PROJECTORS_NAME, CheckpointError, SignConfig, compute_dtype
+from prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
+
+log = logging.getLogger("signllava")
+YES_NO_TASKS = ("one_word_present", "multi_word_present", "is_reversed")
+
+
+# ------------------------------------------------------------------------------------------- model
+def load_config(path) -> tuple[Path, SignConfig]:
+    """(checkpoint dir, its config) for a checkpoint dir or an output dir."""
+    from checkpoint import resolve_checkpoint
+    ckpt = resolve_checkpoint(path)
+    return ckpt, SignConfig.load(ckpt)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_list(items):
+    """DataLoader collate: keep the samples; Translator.generate_items pads them itself."""
+    return items
+
+
+class Translator:
+    """A loaded checkpoint, ready to generate. Build it with `from_checkpoint`.
+
+    Every generation -- `translate()` for one clip, `generate_items()` for a batch of dataset samples --
+    goes through `generate_ids`: left-padded batch -> SignLLM.embed -> llm.generate on the KV cache."""
+
+    def __init__(self, model, tokenizer, cfg: SignConfig, device: torch.device, checkpoint: Path | None = None):
+        from data import Collator
+        self.model, self.tokenizer, self.cfg, self.device, self.checkpoint = model, tokenizer, cfg, device, checkpoint
+        self.ids = special_ids(tokenizer)
+        self.builder = PromptBuilder(tokenizer, self.ids["markers"], self.ids["pad"], system_prompt=cfg.system_prompt)
+        self.collate = Collator(self.ids["pad"], padding_side="left")
+        # The context policy of training; may be changed for an experiment.
+        self.context_window, self.prelude_window = cfg.context_window, cfg.prelude_window
+
+    @classmethod
+    def from_checkpoint(cls, path, device: torch.device | str | None = None) -> "Translator":
+        from model import load_tokenizer
+        ckpt, cfg = load_config(path)
+        tokenizer, _ = load_tokenizer(cfg.tokenizer)
+        return cls.load(ckpt, cfg, tokenizer, device)
+
+    @classmethod
+    def load(cls, ckpt: Path, cfg: SignConfig, tokenizer, device: torch.device | str | None = None) -> "Translator":
+        from model import assemble, read_projector_file
+        device = torch.device(device) if device is not None else default_device()
+        adapter = None
+        if cfg.stage == 2:
+            if not (ckpt / ADAPTER_DIR).is_dir():
+                raise CheckpointError(f"{ckpt}: a stage-2 checkpoint without its {ADAPTER_DIR}/ directory")
+            adapter = str(ckpt / ADAPTER_DIR)
+        model = assemble(cfg, tokenizer, device, compute_dtype(device), adapter=adapter)
+        model.load_projector_state(read_projector_file(ckpt / PROJECTORS_NAME), str(ckpt / PROJECTORS_NAME))
+        model.eval()
+        return cls(model, tokenizer, cfg, device, ckpt)
+
+    # -- the one generation path
+    @torch.inference_mode()
+    def generate_ids(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
+        """New token ids (up to, not including, the end-of-turn token) for each sample, in order.
+        A sample is a dict like SignDataset's: input_ids, labels, segments, features (one per modality), modalities."""
+        if not items:
+            return []
+        batch = self.collate(items)
+        dev = self.device
+        mask = batch["attention_mask"].to(dev)
+        emb = self.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
+                               {m: t.to(dev) for m, t in batch["frame_index"].items()})
+        # Left padding + inputs_embeds: generate() derives position ids from the attention mask
+        # (cumsum - 1), so every row starts at position 0 whatever its padding, and only new tokens come back.
+        out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                                      max_new_tokens=max_new_tokens, eos_token_id=self.ids["eot"],
+                                      pad_token_id=self.ids["pad"], use_cache=True)
+        res = []
+        for row in out.tolist():
+            if self.ids["eot"] in row:
+                row = row[:row.index(self.ids["eot"])]
+            res.append(row)
+        return res
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def generate_items(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[str]:
+        return [self.decode(r) for r in self.generate_ids(items, num_beams, max_new_tokens)]
+
+    # -- the API
+    def make_item(self, features: dict[str, np.ndarray], prompt: str) -> dict:
+        """A sample from raw features (any subset of the checkpoint's modalities) and a prompt text."""
+        from data import cap_frames
+        if not features:
+            raise ValueError(f"no features given (the checkpoint knows {', '.join(self.cfg.modalities)})")
+        unknown = [m for m in features if m not in self.cfg.modalities]
+        if unknown:
+            raise ValueError(f"modality {', '.join(map(repr, unknown))} was not trained by this checkpoint "
+                             f"(it knows {', '.join(self.cfg.modalities)})")
+        mods = [m for m in self.cfg.modalities if m in features]
+        feats = []
+        for m in mods:
+            a = np.asarray(features[m])
+            if a.ndim != 2 or a.shape[1] != self.cfg.dims[m]:
+                raise ValueError(f"modality {m!r}: features of shape {tuple(a.shape)}, the checkpoint expects "
+                                 f"[T, {self.cfg.dims[m]}]")
+            if a.shape[0] == 0:
+                raise ValueError(f"modality {m!r}: zero frames")
+            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+                raise ValueError(f"modality {m!r}: features must be finite floating-point values")
+            feats.append(cap_frames(a, self.cfg.max_frames, self.cfg.frame_cap))
+        ids, labels, seg = self.builder.build([len(f) for f in feats], prompt, None)
+        return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats, "modalities": mods,
+                "video": None, "clip": None, "task": "translation", "prompt": prompt, "answer": None}
+
+    def context_prompt(self, context: list[str] | None) -> str:
+        """Training's policy: `context` is the video's preceding sentences in time order; the checkpoint's
+        windows pick the first `prelude_window` and the last `context_window` of them."""
+        context = list(context or [])
+        pick = context_ids(len(context), self.context_window, self.prelude_window)
+        return translation_prompt([context[i] for i in pick if context[i]])
+
+    def translate(self, features: dict[str, np.ndarray], context: list[str] | None = None,
+                  num_beams: int = 5, max_new_tokens: int = 64) -> str:
+        item = self.make_item(features, self.context_prompt(context))
+        return self.generate_items([item], num_beams, max_new_tokens)[0]
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def _answers(text: str) -> list[str]:
+    return [a.strip().strip(".").lower() for a in text.split(",")]
+
+
+def yes_no_metrics(hyps: list[str], refs: list[str]) -> dict:
+    """Over the comma-separated answers, aligned by position; positive class 'yes'. A missing or
+    non-yes prediction counts as 'not yes'."""
+    tp = fp = fn = correct = total = 0
+    for h, r in zip(hyps, refs):
+        hs, rs = _answers(h), _answers(r)
+        for j, ra in enumerate(rs):
+            ha = hs[j] if j < len(hs) else ""
+            total += 1
+            correct += ha == ra
+            tp += ha == "yes" and ra == "yes"
+            fp += ha == "yes" and ra != "yes"
+            fn += ha != "yes" and ra == "yes"
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": correct / total if total else 0.0, "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "answers": total}
+
+
+def compute_metrics(hyps: list[str], refs: list[str], task: str = "translation") -> dict:
+    from sacrebleu.metrics import BLEU, CHRF
+    bleu, chrf = BLEU(), CHRF()
+    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+    out = {"task": task, "n": len(hyps), "bleu": b.score, "chrf": c.score,
+           "signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    if task in YES_NO_TASKS:
+        out.update(yes_no_metrics(hyps, refs))
+    return out
+
+
+def bleurt_score(checkpoint: str, hyps: list[str], refs: list[str]) -> float | None:
+    try:
+        from bleurt import score as bleurt_lib
+    except Exception:
+        print("warning: --bleurt_checkpoint given but the bleurt package does not import; BLEURT skipped", file=sys.stderr)
+        return None
+    scores = bleurt_lib.BleurtScorer(checkpoint).score(references=refs, candidates=hyps)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def format_table(m: dict) -> str:
+    rows = [("BLEU", m["bleu"], m["signature"]), ("chrF", m["chrf"], m["chrf_signature"])]
+    if "bleurt" in m:
+        rows.append(("BLEURT", m["bleurt"], ""))
+    for k in ("accuracy", "precision", "recall", "f1"):
+        if k in m:
+            rows.append((k, 100 * m[k], "%"))
+    head = f"{m.get('split', '')} · task {m['task']} · {m['n']} clips"
+    if m["task"] == "translation" and "context" in m:
+        head += f" · context {m['context']}"
+    return "\n".join([head] + [f"  {name:<10}{val:7.2f}  {note}".rstrip() for name, val, note in rows])
+
+
+# ------------------------------------------------------------------------------------------- the split
+def _approx_len(ds, i: int) -> int:
+    from data import capped_len
+    v, c, pos = ds.items[i]
+    frames = sum(capped_len(ds.frames[m][(v, c)], ds.opts.max_frames) + 2 for m in ds.modalities)
+    return frames + sum(len(t) for t in ds.context_for(v, pos)) // 4
+
+
+def plan_rounds(ds, indices: list[int], predicted: bool) -> list[list[int]]:
+    """One set of everything, or (predicted context) round k = the k-th generated clip of every video."""
+    if not predicted:
+        return [indices]
+    by_video: dict[str, list[int]] = {}
+    for i in indices:
+        by_video.setdefault(ds.items[i][0], []).append(i)
+    for lst in by_video.values():
+        lst.sort(key=lambda i: ds.items[i][2])
+    n = max(len(lst) for lst in by_video.values())
+    return [[lst[k] for lst in by_video.values() if len(lst) > k] for k in range(n)]
+
+
+def generate_split(tr: Translator, ds, indices: list[int], *, task: str, predicted: bool, batch_size: int,
+                   num_beams: int, max_new_tokens: int, num_workers: int = 0) -> dict[tuple[str, str], dict]:
+    """(video, clip) -> {"hypothesis", "reference", "prompt"} for every clip that carries `task`."""
+    from tqdm import tqdm
+    from data import make_loader
+    results: dict[tuple[str, str], dict] = {}
+    skipped = 0
+    bar = tqdm(total=len(indices), desc="generate", dynamic_ncols=True, file=sys.stderr)
+    for rnd in plan_rounds(ds, indices, predicted):
+        # Lengths are read now: in predicted mode the context of this round only exists now.
+        order = sorted(rnd, key=lambda i: -_approx_len(ds, i))
+        batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        if num_workers > 0:           # h5 handles must not cross the fork: each worker opens its own
+            for store in ds.stores.values():
+                store.close()
+        for items in make_loader(ds, batches, _as_list, num_workers, pin_memory=False):
+            keep = [it for it in items if it["task"] == task]
+            skipped += len(items) - len(keep)
+            for it, hyp in zip(keep, tr.generate_items(keep, num_beams, max_new_tokens)):
+                key = (it["video"], it["clip"])
+                results[key] = {"hypothesis": hyp, "reference": it["answer"], "prompt": it["prompt"]}
+                if predicted:
+                    ds.context_texts[key] = hyp
+            bar.update(len(items))
+    bar.close()
+    if skipped:
+        log.warning("%d clips cannot carry the task %s (no candidate words) and were skipped", skipped, task)
+    return results
+
+
+def read_hypotheses(path: Path) -> dict[tuple[str, str], str]:
+    ann = load_annotation(path)
+    hyps = {k: c.hypothesis for k, c in ann.clips.items() if c.hypothesis is not None}
+    if not hyps:
+        raise DataError(f"{path}: no 'hypothesis' fields (give an output JSON of generate.py as --context)")
+    return hyps
+
+
+def build_output(ds, results: dict, task: str) -> dict:
+    out = {}
+    for video, order in ds.annotation.videos.items():
+        done = [c for c in order if (video, c) in results]
+        if not done:
+            continue
+        vd: dict = {"clip_order": done}
+        for c in done:
+            text, r = ds.annotation.clips[(video, c)], results[(video, c)]
+            entry = {"translation": text.translation, "paraphrases": text.paraphrases, "keywords": text.keywords,
+                     "hypothesis": r["hypothesis"]}
+            if task != "translation":
+                entry["reference"], entry["prompt"] = r["reference"], r["prompt"]
+            vd[c] = entry
+        out[video] = vd
+    return out
+
+
+def _write_json(path: str, obj):
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def run(args) -> int:
+    from data import DataOptions, SignDataset
+    from model import load_tokenizer
+    ckpt, cfg = load_config(args.checkpoint)
+    tokenizer, _ = load_tokenizer(cfg.tokenizer)
+    ids = special_ids(tokenizer)
+    builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"], system_prompt=cfg.system_prompt)
+
+    mode = args.context
+    if mode == "none":
+        cw = pw = 0
+    else:
+        cw = cfg.context_window if args.context_window is None else args.context_window
+        pw = cfg.prelude_window if args.prelude_window is None else args.prelude_window
+    opts = DataOptions(modalities=list(cfg.modalities), max_frames=cfg.max_frames, frame_cap=cfg.frame_cap,
+                       context_window=cw, prelude_window=pw, task_weights={args.task: 1.0}, seed=args.seed)
+    # The data is checked against the checkpoint before the (possibly large) model is loaded.
+    ds = SignDataset(args.data_dir, args.split, builder, opts, train=False, expected_dims=cfg.dims)
+    ds.generation, ds.fixed_task = True, args.task
+    predicted = mode == "predicted"
+    if predicted:
+        ds.context_texts = {}
+    elif mode not in ("none", "gold"):
+        ds.context_texts = read_hypotheses(Path(mode))
+    indices = list(range(len(ds)))[:args.limit or None]
+    if mode != "none" and args.task == "translation" and cw == 0 and pw == 0:
+        log.warning("--context %s has no effect: the context windows are 0 (the checkpoint was trained without "
+                    "context; set --context_window/--prelude_window to override)", mode)
+
+    device = torch.device(args.device) if args.device else default_device()
+    tr = Translator.load(ckpt, cfg, tokenizer, device)
+    log.info("checkpoint %s (stage %d), %s on %s; %d clips of %s/%s, context %s (window %d, prelude %d)",
+             ckpt, cfg.stage, ",".join(cfg.modalities), device, len(indices), Path(args.data_dir).name, args.split,
+             mode, cw, pw)
+    results = generate_split(tr, ds, indices, task=args.task, predicted=predicted, batch_size=args.batch_size,
+                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)
+    if not results:
+        raise DataError(f"{args.data_dir}: no clip of split {args.split!r} could be generated for task {args.task}")
+    output = build_output(ds, results, args.task)
+    _write_json(args.output, output)
+
+    keys = [(v, c) for v, vd in output.items() for c in vd["clip_order"]]
+    hyps = [results[k]["hypothesis"] for k in keys]
+    refs = [results[k]["reference"] for k in keys]
+    metrics = compute_metrics(hyps, refs, args.task)
+    if args.bleurt_checkpoint:
+        b = bleurt_score(args.bleurt_checkpoint, hyps, refs)
+        if b is not None:
+            metrics["bleurt"] = b
+    metrics.update({"split": args.split, "checkpoint": str(ckpt), "data_dir": str(args.data_dir),
+                    "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
+                    "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
+                    "max_new_tokens": args.max_new_tokens})
+    if args.metrics_out:
+        _write_json(args.metrics_out, metrics)
+    print(format_table(metrics))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="stage-1/2 output dir or checkpoint dir")
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--output", required=True, help="annotation-shaped JSON with a 'hypothesis' per clip")
+    p.add_argument("--metrics_out", help="metrics JSON")
+    p.add_argument("--num_beams", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--context", default="gold", metavar="none|gold|predicted|FILE",
+                   help="context sentences for the translation task (default: gold; the windows decide how many)")
+    p.add_argument("--context_window", type=int, help="preceding sentences (default: the checkpoint's)")
+    p.add_argument("--prelude_window", type=int, help="first sentences of the video (default: the checkpoint's)")
+    p.add_argument("--task", default="translation", choices=TASKS)
+    p.add_argument("--limit", type=int, default=0, help="only the first N clips (0: all)")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading features")
+    p.add_argument("--seed", type=int, default=42, help="seed of the yes/no task questions")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--bleurt_checkpoint", metavar="PATH", help="also score BLEURT with this checkpoint (needs the bleurt package)")
+    args = p.parse_args(argv)
+    problems = []
+    for name in ("num_beams", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    for name in ("context_window", "prelude_window", "limit", "num_workers"):
+        if (getattr(args, name) or 0) < 0:
+            problems.append(f"--{name} must be >= 0")
+    if args.context not in ("none", "gold", "predicted") and not Path(args.context).is_file():
+        problems.append(f"--context {args.context}: not none, gold, predicted or an existing output JSON")
+    if problems:
+        p.error("; ".join(problems))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
