@@ -91,7 +91,7 @@ class Translator:
         from model import assemble, read_projector_file
         device = torch.device(device) if device is not None else default_device()
         adapter = None
-        if cfg.stage == 2:
+        if cfg.lora:        # stage 2 with its adapter; an export.py directory has it merged (lora None)
             if not (ckpt / ADAPTER_DIR).is_dir():
                 raise CheckpointError(f"{ckpt}: a stage-2 checkpoint without its {ADAPTER_DIR}/ directory")
             adapter = str(ckpt / ADAPTER_DIR)

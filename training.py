@@ -355,6 +355,16 @@ def _run(args, stage: Stage) -> int:
         (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "task_weight_map"}, indent=1))
     collate = Collator(ids["pad"])
 
+    def record(row: dict):
+        """Rank 0: TensorBoard scalars plus one JSON line per record in OUTPUT_DIR/metrics.jsonl."""
+        if writer is None:
+            return
+        for k, v in row.items():
+            if k != "step":
+                writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def evaluate() -> float | None:
         if dev_ds is None:
             return None
@@ -429,11 +439,8 @@ def _run(args, stage: Stage) -> int:
                 mean = log_loss / max(log_tok, 1.0)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-                if writer:
-                    writer.add_scalar("train/loss", mean, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/samples_per_s", sample_count * world / dt, step)
-                    writer.add_scalar("train/tokens_per_s", tok_count * world / dt, step)
+                record({"step": step, "loss": mean, "lr": lr, "samples_per_s": sample_count * world / dt,
+                        "tokens_per_s": tok_count * world / dt})
                 log_loss = log_tok = 0.0
                 t0, tok_count, sample_count = time.time(), 0, 0
             if step % args.eval_steps == 0 or step == total:
@@ -441,8 +448,7 @@ def _run(args, stage: Stage) -> int:
                 if dev_loss is not None:
                     best_dev = dev_loss if best_dev is None else min(best_dev, dev_loss)
                     log.info("step %d: dev loss %.4f", step, dev_loss)
-                    if writer:
-                        writer.add_scalar("dev/loss", dev_loss, step)
+                    record({"step": step, "dev_loss": dev_loss})
             if step % args.save_steps == 0 or step == total:
                 save(step, dev_loss)
     bar.close()
