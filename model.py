@@ -310,6 +310,13 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no enable_input_require_grads() hack for a frozen base.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.bits == 4 and zero3 and device.type == "cpu":
+        # bitsandbytes repacks 4-bit weights for its CPU kernel on the first no-grad eval forward and
+        # unpacks them when saving; under ZeRO-3 the weights are partitioned away and the unpack fails.
+        import bitsandbytes as bnb
+        for m in llm.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = False
     if cfg.bits == 4:
         # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight
         # (embeddings, lm_head, norms) to fp32, which costs GBs at 8B and buys nothing here —
