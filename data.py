@@ -233,6 +233,13 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, grou
     return [batches[j] for j in order]
 
 
+def rank_share(batches: list, rank: int, world: int, per_step: int) -> list:
+    """This rank's micro-batches of an epoch: every world-th, after dropping the tail that would not fill
+    a whole optimizer step on every rank. Ranks get disjoint samples; together they cover the epoch."""
+    usable = len(batches) // per_step * per_step
+    return batches[:usable][rank::world]
+
+
 def eval_batches(dataset: SignDataset, batch_size: int) -> list[list[int]]:
     """Dev batches in length order (fixed, less padding)."""
     order = np.argsort([-dataset.length(i) for i in range(len(dataset))], kind="stable")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt
-from data import Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch
+from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch,
+                  rank_share)
 from layout import DataError
 from model import ADAPTER_DIR, CheckpointError, SignConfig, SignLLM, compute_dtype, save_projectors
 from prompts import PromptBuilder, special_ids
@@ -412,8 +413,8 @@ def _run(args, stage: Stage) -> int:
     dev_loss = None
     while step < total:
         epoch, k0 = divmod(step, steps_per_epoch)
-        batches = plan_epoch(lengths, args.batch_size, args.seed, epoch, args.group_by_length)[:steps_per_epoch * per_step]
-        mine = [[(i, epoch) for i in b] for b in batches[rank::world]]
+        batches = plan_epoch(lengths, args.batch_size, args.seed, epoch, args.group_by_length)
+        mine = [[(i, epoch) for i in b] for b in rank_share(batches, rank, world, per_step)]
         it = iter(make_loader(train_ds, mine[k0 * args.grad_accum:], collate, args.num_workers, device_type == "cuda"))
         for _ in range(k0, steps_per_epoch):
             if step >= total:
