@@ -146,6 +146,28 @@ def test_misshaped_projector_file_names_the_key(s1):
     assert "projectors.mae.0.weight (64, 5) (model (64, 12))" in err and "missing: projectors.pose.2.bias" in err, err
 
 
+def test_adapter_that_does_not_fit_is_an_error_listing_keys(s1, tmp_path):
+    import shutil
+    from model import CheckpointError, SignConfig, assemble, load_tokenizer
+    root = s1[0]
+    ck = root / "z2" / "checkpoint-12"
+    if not ck.exists():
+        pytest.skip("needs test_qlora_zero2_learns_and_saves_only_trainables")
+    cfg = SignConfig.load(ck)
+    tok, _ = load_tokenizer(cfg.tokenizer)
+    bad = tmp_path / "adapter"
+    shutil.copytree(ck / "adapter", bad)
+    state = load_file(str(bad / "adapter_model.safetensors"))
+    gone = sorted(state)[0]
+    del state[gone]
+    state["base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(2, 2)
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        assemble(cfg, tok, torch.device("cpu"), torch.float32, adapter=str(bad))
+    msg = str(err.value)
+    assert "adapter_model.safetensors" in msg and "lora_C" in msg and gone.replace(".weight", "") in msg, msg
+
+
 def test_stage2_exact_resume_after_sigkill(s1):
     """LoRA dropout draws from the torch RNG: exact resume needs the RNG state restored too."""
     common = ("--save_steps", 3)
