@@ -440,8 +440,11 @@ def _run(args, stage: Stage) -> int:
                 mean = log_loss / max(log_tok, 1.0)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-                record({"step": step, "loss": mean, "lr": lr, "samples_per_s": sample_count * world / dt,
-                        "tokens_per_s": tok_count * world / dt})
+                row = {"step": step, "loss": mean, "lr": lr, "samples_per_s": sample_count * world / dt,
+                       "tokens_per_s": tok_count * world / dt}
+                if device_type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                record(row)
                 log_loss = log_tok = 0.0
                 t0, tok_count, sample_count = time.time(), 0, 0
             if step % args.eval_steps == 0 or step == total:
