@@ -1,0 +1,1167 @@
+"""Throughput benchmark: reference-style vs our training steps, batched vs clip-by-clip generation, and
+the CPU data loader, on a random-init Llama-3-8B-shaped LLM. One run; prints a table of ratios and writes
+bench/results-<device>-<date>.json (and a copy into $OUT when that is a directory).
+
+    python bench.py                       # 8B shape on cuda, about 6-8 min on one H100
+    python bench.py --quick               # fewer steps / batches / clips, about 3-4 min
+    DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python bench.py --shape tiny --quick    # CPU smoke run
+
+What is timed (every ratio is against a baseline measured in the same run):
+
+  stage1 / qlora   plain PyTorch steps of the real SignLLM built by model.assemble (forward -> loss_sum / n
+                   backward -> clip_grad_norm 1.0 -> fused AdamW step), NOT through DeepSpeed. Parameters are
+                   cast to bf16 as DeepSpeed's bf16 mode does; AdamW runs on them without an fp32 master copy
+                   (stage-1 / LoRA optimizer state is < 0.2 B parameters, negligible next to the 8B passes).
+                   (a) reference style: batch 1, gradient checkpointing, no grouping;
+                   (b) ours: data.plan_epoch length-grouped batches, the largest batch that fits without
+                       checkpointing, and the largest that fits with it ("fits" = one full step on the
+                       longest batch of the epoch plan runs without OOM); the faster is "ours";
+                   (c) ablation: ours' batch and checkpointing without length grouping;
+                   (d) candidate (not in data.py): batches cut by a padded-token budget instead of a fixed
+                       size, no checkpointing, budget = the longest batch that fitted without it.
+                   QLoRA: nf4 + double quantisation (bitsandbytes, the same modules and Params4bit that
+                   from_pretrained(BitsAndBytesConfig) makes, quantised in memory), LoRA r64 a16 dropout 0.05
+                   on all linear layers (finetune.py's defaults).
+                   samples/s is "population-equivalent": real tokens/s / mean real tokens per sample of the
+                   whole synthetic population, so configurations that drew longer or shorter samples compare
+                   fairly; raw samples/s is in the JSON. MFU = 4 * matmul_params * real_tokens_per_s / peak,
+                   matmul_params = the decoder's linear weights (6.98 B for 8B; lm_head, projectors and
+                   attention scores not counted), peak = best measured bf16 8192^2 torch.mm in this run.
+  generation       generate.Translator.generate_ids (left padding, inputs_embeds, HF beam search on the KV
+                   cache) over length-sorted batches of --gen_batch_size like generate_split, vs the same call
+                   one clip at a time; plus a prototype (generate_ids_shared_prefill below) that prefills each prompt
+                   once instead of once per beam. A systematic sample of the batches of a --gen_clips
+                   population is timed (the longest batch always runs first, as the OOM probe); clips/s and
+                   the projected time for all --gen_clips clips are reported.
+  loader           SignDataset + Collator + DataLoader (training's make_loader, pin_memory on cuda) over
+                   sharded float16 h5 files in the real layout written to a temp dir, for each worker count;
+                   samples/s and the ratio to the GPU's stage-1 "ours" samples/s (> 1: the loader keeps up).
+                   The files were just written, so reads come from the page cache (an optimistic disk).
+
+Samples (fixed seed): T frames per clip, log-uniform in --frames (default 50-600); mae 768, dino 1152, pose 208
+at T frames, sign2vec 768 at T//2; an answer of 20-80 random token ids + <|eot_id|>; the real prompt
+(prompts.PromptBuilder, the Llama-3 chat template, TRANSLATE) with the tiny BPE tokenizer of tiny_llm.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+               rms_norm_eps=1e-5),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096),
+}
+# How2Sign feature streams: dim, and the frame-rate divisor relative to T.
+DIMS = {"mae": 768, "sign2vec": 768, "dino": 1152, "pose": 208}
+FRAME_DIV = {"sign2vec": 2}
+LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+WORDS = ("the a my your his her our their cat dog man woman child teacher friend brother sister mother father "
+         "house school park garden street car bus train book coffee bread water apple morning night day week "
+         "reads walks runs sleeps drinks eats sells buys makes takes gives sees likes loves wants needs opens "
+         "big small old new hot cold warm long short happy quick slow every some many today then after before "
+         "in on at with from to under over near and but because so very also again now here there sign hand "
+         "video learn practice finger spell question answer yes no please thank you hello name what where").split()
+
+
+def log(msg: str):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+def matmul_params(shape: dict) -> int:
+    """Weights of the decoder's linear layers (q, k, v, o, gate, up, down) x layers: what every token
+    multiplies through. Embeddings (a lookup) and lm_head (only at answer positions) are left out."""
+    h, i, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hd = shape.get("head_dim") or h // nh
+    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h
+    return L * (attn + 3 * h * i)
+
+
+def mfu(n_matmul_params: int, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of a frozen-base step: forward (2 P per token) + the backward pass to the
+    inputs (2 P per token) = 4 P per real token; weight gradients of the base are not needed (frozen or LoRA).
+    Checkpointing's recomputation is overhead, not counted."""
+    return 4.0 * n_matmul_params * tokens_per_s / peak_flops
+
+
+def systematic(n: int, k: int) -> list[int]:
+    """k indices evenly spread over range(n), always including 0 (the longest when sorted)."""
+    k = max(1, min(k, n))
+    return sorted({min(n - 1, int(j * n / k)) for j in range(k)})
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_time(args, what: str, into: list | dict | None = None) -> bool:
+    """True (and logged, and noted in `into`) once the run is past --time_limit_s: optional pieces are skipped
+    so the whole run stays inside one 10-minute command."""
+    t0 = getattr(args, "t0", None)
+    if t0 is None or time.perf_counter() - t0 < args.time_limit_s:
+        return False
+    log(f"skipping {what}: past --time_limit_s {args.time_limit_s:.0f}")
+    if isinstance(into, list):
+        into.append({"name": what, "role": "skipped", "status": "skipped", "error": "past --time_limit_s"})
+    elif isinstance(into, dict):
+        into.setdefault("skipped", []).append(what)
+    return True
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, trials: int = 5) -> dict:
+    """Best-of-`trials` throughput of an n x n x n matmul (2 n^3 FLOP each)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    reps = 20 if device.type == "cuda" else 3
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = math.inf
+    for _ in range(trials):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / reps)
+    del a, b
+    return {"n": n, "dtype": str(dtype), "best_s": best, "tflops": 2 * n ** 3 / best / 1e12}
+
+
+# ------------------------------------------------------------------------------------------ samples
+@dataclass
+class Spec:
+    frames: int          # T: frames of mae, dino, pose; sign2vec has T // FRAME_DIV
+    answer: int          # answer tokens (the end-of-turn token comes on top)
+
+
+def frame_counts(T: int, modalities=tuple(DIMS)) -> list[int]:
+    return [max(1, T // FRAME_DIV.get(m, 1)) for m in modalities]
+
+
+def make_specs(n: int, seed: int, frames=(50, 600), answer=(20, 80), dist: str = "loguniform") -> list[Spec]:
+    rng = np.random.default_rng([seed, 11])
+    lo, hi = frames
+    if dist == "loguniform":
+        T = np.exp(rng.uniform(np.log(lo), np.log(hi + 1), n)).astype(np.int64)
+    elif dist == "uniform":
+        T = rng.integers(lo, hi + 1, n)
+    else:
+        raise ValueError(f"--frames_dist must be loguniform or uniform, not {dist!r}")
+    T = np.clip(T, lo, hi)
+    A = rng.integers(answer[0], answer[1] + 1, n)
+    return [Spec(int(t), int(a)) for t, a in zip(T, A)]
+
+
+def make_tokenizer(seed: int = 0):
+    """tiny_llm's byte-level BPE with Llama-3 special tokens and chat template, trained on random sentences."""
+    from prompts import setup_special_tokens
+    from tiny_llm import train_tokenizer
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(300)]
+    tok = train_tokenizer(texts)
+    setup_special_tokens(tok)
+    return tok
+
+
+class Synth:
+    """Dataset-like samples (the dict SignDataset.__getitem__ returns) from Specs, deterministic in (seed, i)."""
+
+    def __init__(self, tokenizer, vocab_size: int, seed: int = 0, modalities=tuple(DIMS)):
+        from prompts import PromptBuilder, special_ids, translation_prompt
+        self.tok, self.vocab, self.seed, self.modalities = tokenizer, vocab_size, seed, list(modalities)
+        self.ids = special_ids(tokenizer)
+        self.builder = PromptBuilder(tokenizer, self.ids["markers"], self.ids["pad"])
+        self.prompt = translation_prompt([])
+        specials = [i for i in tokenizer.all_special_ids if i is not None] + list(self.ids["markers"]) + [self.ids["pad"], self.ids["eot"]]
+        self.answer_lo = max(specials) + 1              # answer ids never hit a marker, pad or eot
+        if max(specials) >= vocab_size or self.answer_lo >= vocab_size:
+            raise ValueError(f"tokenizer special ids reach {max(specials)}, beyond the model vocabulary {vocab_size}")
+        ids, _, _ = self.builder.build([1] * len(self.modalities), self.prompt, None)
+        self.overhead = len(ids) - len(self.modalities)  # prompt tokens + 2 markers per modality, frames excluded
+
+    def prompt_len(self, s: Spec) -> int:
+        return self.overhead + sum(frame_counts(s.frames, self.modalities))
+
+    def seq_len(self, s: Spec) -> int:
+        """Real (unpadded) training tokens: prompt + frames + answer + end-of-turn."""
+        return self.prompt_len(s) + s.answer + 1
+
+    @staticmethod
+    def approx_length(s: Spec, modalities=tuple(DIMS)) -> int:
+        """SignDataset.length's formula (frames + 2 per modality + text), the key of length grouping."""
+        return sum(f + 2 for f in frame_counts(s.frames, modalities)) + s.answer
+
+    def features(self, i: int, s: Spec) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, 1, i])
+        return [rng.standard_normal((t, DIMS[m]), dtype=np.float32).astype(np.float16)
+                for m, t in zip(self.modalities, frame_counts(s.frames, self.modalities))]
+
+    def answer_ids(self, i: int, s: Spec) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 2, i])
+        return rng.integers(self.answer_lo, self.vocab, s.answer)
+
+    def item(self, i: int, s: Spec, generation: bool = False) -> dict:
+        feats = self.features(i, s)
+        ids, labels, seg = self.builder.build([len(f) for f in feats], self.prompt, None)
+        if not generation:
+            ans = np.concatenate([self.answer_ids(i, s), [self.ids["eot"]]]).astype(np.int64)
+            ids = np.concatenate([ids, ans])
+            labels = np.concatenate([labels, ans])
+            seg = np.concatenate([seg, np.full(len(ans), -1, dtype=seg.dtype)])
+        ids = np.minimum(ids, self.vocab - 1)           # ids come from the tiny tokenizer: always < vocab
+        return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats,
+                "modalities": self.modalities, "video": f"v{i}", "clip": f"c{i}", "task": "translation",
+                "prompt": self.prompt, "answer": None if generation else "<random ids>"}
+
+
+def collate(synth: Synth, specs: list[Spec], batch: list[int], padding_side: str = "right", pin: bool = False,
+            generation: bool = False) -> dict:
+    from data import Collator
+    out = Collator(synth.ids["pad"], padding_side)([synth.item(i, specs[i], generation) for i in batch])
+    if pin:
+        out = {k: ({m: t.pin_memory() for m, t in v.items()} if isinstance(v, dict) else
+                   v.pin_memory() if torch.is_tensor(v) else v) for k, v in out.items()}
+    return out
+
+
+def batch_stats(batch: dict) -> dict:
+    from training import target_tokens
+    B, L = batch["input_ids"].shape
+    return {"samples": B, "real": int(batch["attention_mask"].sum()), "padded": B * L, "targets": target_tokens(batch)}
+
+
+# ------------------------------------------------------------------------------------------ model
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+    return LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+
+
+def build_llm(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random-init LlamaForCausalLM of the shape, created directly on `device` in `dtype` (no download,
+    no 16 GB of host memory)."""
+    from transformers import LlamaForCausalLM
+    cfg = llama_config(shape)
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            llm = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    llm.config.dtype = dtype
+    return llm.eval()
+
+
+def _bnb_config(dtype: torch.dtype):
+    """model.load_llm's quantisation config (zero3 off)."""
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+
+
+def quantize_4bit_(llm, device: torch.device, dtype: torch.dtype, method: str = "auto") -> int:
+    """In place: what from_pretrained(quantization_config=model.load_llm's BitsAndBytesConfig) builds, from
+    weights already in memory (no 16 GB save + reload). method "hf": transformers' own bnb quantizer
+    (replace every nn.Linear but lm_head by bnb Linear4bit, then Params4bit(value, **meta).to(device) per
+    weight, as its Bnb4bitQuantize op does); "manual": the same modules built directly, for transformers
+    versions whose quantizer internals differ; "auto": hf, else manual. Either way the model is marked
+    4-bit the way the quantizer marks it, so peft picks its bnb LoRA layers. Returns the layers quantised."""
+    if method in ("auto", "hf"):
+        try:
+            n = _quantize_hf(llm, device, dtype)
+            llm._bench_quantizer = "hf"
+            return n
+        except Exception as e:       # noqa: BLE001
+            if method == "hf" or any(p.device.type == "meta" for p in llm.parameters()):
+                raise                # half-converted: nothing to fall back on
+            log(f"transformers' quantizer path failed ({e.__class__.__name__}: {str(e)[:120]}); quantising manually")
+    n = _quantize_manual(llm, device, dtype)
+    llm._bench_quantizer = "manual"
+    return n
+
+
+def _quantize_hf(llm, device, dtype) -> int:
+    import bitsandbytes as bnb
+    from torch import nn
+    from transformers.quantizers.auto import AutoHfQuantizer
+    hq = AutoHfQuantizer.from_config(_bnb_config(dtype), pre_quantized=False)
+    old = {name: m.weight.data for name, m in llm.named_modules() if type(m) is nn.Linear}
+    hq.preprocess_model(llm, device_map={"": device})
+    n = 0
+    for name, m in llm.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            value = old.pop(name)
+            m.weight = bnb.nn.Params4bit(value, requires_grad=False, **m.weight.__dict__).to(device)
+            del value
+            n += 1
+    del old
+    if n == 0:
+        raise RuntimeError("the quantizer replaced no linear layer")
+    hq.postprocess_model(llm)
+    llm.hf_quantizer = hq
+    free_memory()
+    return n
+
+
+def _quantize_manual(llm, device, dtype) -> int:
+    import bitsandbytes as bnb
+    from torch import nn
+    qc = _bnb_config(dtype)
+    out_emb = llm.get_output_embeddings()
+    names = [name for name, m in llm.named_modules() if type(m) is nn.Linear and m is not out_emb]
+    for name in names:
+        old = llm.get_submodule(name)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, old.bias is not None, compute_dtype=dtype,
+                                compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta")
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4", quant_storage=torch.uint8, module=new).to(device)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        new.requires_grad_(False)
+        llm.set_submodule(name, new)
+        del old
+    llm.is_loaded_in_4bit = True
+    llm.quantization_method = qc.quant_method
+    llm.config.quantization_config = qc
+    free_memory()
+    return len(names)
+
+
+def sign_config(stage: int, bits: int):
+    from model import SignConfig
+    return SignConfig(base_model="<in-memory random Llama>", tokenizer="<in-memory tiny BPE>", modalities=list(DIMS),
+                      dims=dict(DIMS), projector_types={m: "mlp2x_gelu" for m in DIMS}, stage=stage, bits=bits,
+                      lora=dict(LORA) if stage == 2 else None)
+
+
+@contextlib.contextmanager
+def patched_load_llm(llm):
+    """model.assemble with its LLM loader returning `llm`: everything else (freezing, dropout, checkpointing,
+    peft, SignLLM) is the real code path."""
+    import model as M
+    orig = M.load_llm
+    M.load_llm = lambda name, bits, dtype, device, zero3=False: llm
+    try:
+        yield
+    finally:
+        M.load_llm = orig
+
+
+def assemble_with(llm, cfg, tokenizer, device, dtype, adapter=None, gradient_checkpointing=False):
+    from model import assemble
+    with patched_load_llm(llm):
+        return assemble(cfg, tokenizer, device, dtype, adapter=adapter, gradient_checkpointing=gradient_checkpointing)
+
+
+def base_llm(model):
+    """The LlamaForCausalLM inside a SignLLM (under a PeftModel if there is one)."""
+    llm = model.llm
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def set_gradient_checkpointing(model, on: bool):
+    llm = base_llm(model)
+    if on:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_disable()
+
+
+def cast_params_(model, dtype: torch.dtype):
+    """DeepSpeed's bf16 mode: floating-point parameters to bf16, buffers (rotary inv_freq) kept."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def make_optimizer(model, lr: float, device: torch.device):
+    from training import param_groups
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, 0.0), lr=lr, betas=(0.9, 0.999), eps=1e-8, **kw)
+
+
+# ------------------------------------------------------------------------------------------ training steps
+class Trainer:
+    """One plain-PyTorch optimizer step = training.py's micro-step with G = W = 1: forward ->
+    loss_sum / n_target (n counted on the host from the labels, as training does) -> backward ->
+    clip_grad_norm_(1.0) -> AdamW step -> zero_grad. Returns loss_sum.item() (the step's one host sync)."""
+
+    def __init__(self, model, lr: float, device: torch.device, max_grad_norm: float = 1.0):
+        self.model, self.device, self.max_grad_norm = model, device, max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(model, lr, device)
+
+    def step(self, batch: dict) -> float:
+        from training import target_tokens, to_device
+        loss_sum, _ = self.model(**to_device(batch, self.device))
+        (loss_sum / max(target_tokens(batch), 1)).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss_sum.item()
+
+    def reset(self):
+        self.opt.zero_grad(set_to_none=True)
+
+
+def timed_steps(step, batches: list[dict], warmup: int, device: torch.device) -> dict:
+    for b in batches[:warmup]:
+        step(b)
+    timed = batches[warmup:]
+    sync(device)
+    t0 = time.perf_counter()
+    losses = [step(b) for b in timed]
+    sync(device)
+    dt = time.perf_counter() - t0
+    tot = {k: sum(batch_stats(b)[k] for b in timed) for k in ("samples", "real", "padded", "targets")}
+    return {"steps": len(timed), "time_s": dt, **tot, "loss_per_token": sum(losses) / max(tot["targets"], 1)}
+
+
+def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on: bool, grouped: bool,
+               batches: list[dict], probe: dict | None, warmup: int, device: torch.device, ctx: dict,
+               step=None) -> dict:
+    """Time one configuration; an OOM (in the probe or the timed steps) is recorded, never raised."""
+    step = step or trainer.step
+    res = {"name": name, "role": role, "batch_size": batch_size, "gradient_checkpointing": gc_on,
+           "grouped": grouped, "status": "ok"}
+    set_gradient_checkpointing(trainer.model, gc_on)
+    trainer.model.train()
+    free_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    failed = None
+    try:
+        if probe is not None:
+            p = batch_stats(probe)
+            res["probe_tokens"] = p["padded"]
+            step(probe)
+        res.update(timed_steps(step, batches, warmup, device))
+    except Exception as e:         # noqa: BLE001 -- OOM is data; anything else is re-raised below
+        if not is_oom(e):
+            raise
+        failed = f"OOM ({str(e).splitlines()[0][:160]})"
+    if failed:
+        res["status"] = "OOM"
+        res["error"] = failed
+        trainer.reset()
+        free_memory()
+    else:
+        dt = res["time_s"]
+        res["samples_per_s"] = res["samples"] / dt
+        res["real_tokens_per_s"] = res["real"] / dt
+        res["pop_samples_per_s"] = res["real_tokens_per_s"] / ctx["mean_real_tokens"]
+        res["pad_fraction"] = 1 - res["real"] / res["padded"]
+        res["mfu"] = mfu(ctx["matmul_params"], res["real_tokens_per_s"], ctx["peak_flops"])
+    if device.type == "cuda":
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    set_gradient_checkpointing(trainer.model, False)
+    log(f"  {name}: " + (f"{res['pop_samples_per_s']:.2f} samples/s, {res['real_tokens_per_s']:.0f} tok/s, "
+                         f"MFU {100 * res['mfu']:.1f}%, pad {100 * res['pad_fraction']:.0f}%"
+                         if res["status"] == "ok" else res["error"])
+        + (f", peak {res['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in res else ""))
+    return res
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, seed: int, grouped: bool) -> list[list[int]]:
+    from data import plan_epoch
+    return plan_epoch(lengths, batch_size, seed, 0, grouped)
+
+
+def plan_token_budget(lengths: np.ndarray, seq_lens: np.ndarray, max_tokens: int, seed: int,
+                      window: int = 1024) -> list[list[int]]:
+    """NOT in data.py (a candidate change): like plan_epoch's grouping -- shuffle, sort windows by length --
+    but cut batches by padded tokens (B x longest <= max_tokens) instead of a fixed B, so short clips come
+    in large batches and the longest ones in small batches, at the same memory high-water mark."""
+    rng = np.random.default_rng([seed, 0, 7])
+    perm = rng.permutation(len(lengths))
+    batches = []
+    for w in np.array_split(perm, max(1, -(-len(perm) // window))):
+        cur, cur_max = [], 0
+        for i in w[np.argsort(-lengths[w], kind="stable")]:
+            L = int(seq_lens[i])
+            if cur and (len(cur) + 1) * max(cur_max, L) > max_tokens:
+                batches.append(cur)
+                cur, cur_max = [], 0
+            cur.append(int(i))
+            cur_max = max(cur_max, L)
+        if cur:
+            batches.append(cur)
+    return [batches[j] for j in rng.permutation(len(batches))]
+
+
+def longest(plan: list[list[int]], seq_lens: np.ndarray) -> list[int]:
+    """The batch of the plan with the most padded tokens (B x max L): the memory high-water mark of an epoch."""
+    return max(plan, key=lambda b: len(b) * int(seq_lens[b].max()))
+
+
+def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, device: torch.device, ctx: dict,
+                   lr: float, step_override=None) -> list[dict]:
+    """(a) reference style, (b) ours (length-grouped, largest batch that fits, without then with
+    checkpointing), (c) ours without grouping, (d) a token budget instead of a fixed batch (no checkpointing,
+    the budget = padded tokens of the largest batch that fitted without checkpointing)."""
+    trainer = Trainer(model, lr, device)
+    step = step_override(trainer) if step_override else None
+    lengths = np.asarray([Synth.approx_length(s) for s in specs])
+    seq_lens = np.asarray([synth.seq_len(s) for s in specs])
+    pin = device.type == "cuda"
+    mk = lambda plan: [collate(synth, specs, b, pin=pin) for b in plan]       # noqa: E731
+    results = []
+
+    log(f"{section}: (a) reference style, batch 1 + gradient checkpointing, {args.ref_steps} steps")
+    plan = plan_batches(lengths, 1, args.seed, False)[:args.warmup + args.ref_steps]
+    results.append(run_config(trainer, "(a) ref: bs1 GC", role="baseline", batch_size=1, gc_on=True, grouped=False,
+                              batches=mk(plan), probe=None, warmup=args.warmup, device=device, ctx=ctx, step=step))
+
+    best = None
+    sizes = sorted(set(args.batch_sizes), reverse=True)
+    for gc_on in (False, True):
+        if gc_on and best is not None and best["batch_size"] == sizes[0]:
+            break                       # the largest batch already fits without checkpointing
+        for bs in sizes:
+            plan = plan_batches(lengths, bs, args.seed, True)
+            probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+            log(f"{section}: (b) ours, grouped bs{bs} {'GC' if gc_on else 'no GC'}, {args.steps} steps")
+            r = run_config(trainer, f"(b) ours: grouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ours",
+                           batch_size=bs, gc_on=gc_on, grouped=True, batches=mk(plan[:args.warmup + args.steps]),
+                           probe=probe, warmup=args.warmup, device=device, ctx=ctx, step=step)
+            del probe
+            results.append(r)
+            if r["status"] == "ok":
+                if best is None or r["pop_samples_per_s"] > best["pop_samples_per_s"]:
+                    best = r
+                break
+    if best is not None:
+        best["best"] = True
+        if args.ablation and not out_of_time(args, f"{section} (c) ablation", results):
+            bs, gc_on = best["batch_size"], best["gradient_checkpointing"]
+            plan = plan_batches(lengths, bs, args.seed, False)
+            probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+            log(f"{section}: (c) ours without grouping, bs{bs} {'GC' if gc_on else 'no GC'}")
+            results.append(run_config(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
+                                      batch_size=bs, gc_on=gc_on, grouped=False,
+                                      batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
+                                      device=device, ctx=ctx, step=step))
+    no_gc = [r for r in results if r["role"] == "ours" and not r["gradient_checkpointing"] and r["status"] == "ok"]
+    if args.token_budget and no_gc and not out_of_time(args, f"{section} (d) token budget", results):
+        budget = no_gc[0]["probe_tokens"]
+        plan = plan_token_budget(lengths, seq_lens, budget, args.seed)
+        probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+        sizes_ = [len(b) for b in plan]
+        log(f"{section}: (d) token budget {budget} (batches of {min(sizes_)}-{max(sizes_)}), no GC")
+        r = run_config(trainer, f"(d) token budget {budget} noGC", role="candidate", batch_size=0, gc_on=False,
+                       grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
+                       device=device, ctx=ctx, step=step)
+        r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
+        results.append(r)
+    del trainer
+    free_memory()
+    return results
+
+
+# ------------------------------------------------------------------------------------------ generation
+def _cache_kwarg(llm) -> str:
+    import inspect
+    from transformers import LlamaModel
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def generate_ids_shared_prefill(tr, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
+    """Translator.generate_ids with one change: HF beam search repeats every prompt num_beams times
+    before the prefill, so the prompt (hundreds to thousands of frame positions) runs through the LLM
+    num_beams times. Here the first L-1 positions are prefilled once per clip, the KV cache is repeated
+    per beam, and generate() continues from that cache (it slices inputs_embeds to the uncached tail).
+    Positions follow generate()'s rule for left padding (mask cumsum - 1)."""
+    from transformers import DynamicCache
+    if not items:
+        return []
+    batch = tr.collate(items)
+    dev = tr.device
+    mask = batch["attention_mask"].to(dev)
+    emb = tr.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
+                         {m: t.to(dev) for m, t in batch["frame_index"].items()})
+    llm = tr.model.llm
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    key = _cache_kwarg(llm)
+    cache = DynamicCache(config=base_llm(tr.model).config)
+    # Decoder only: no logits for the prefix at all.
+    tr.model.decoder()(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                       use_cache=True, **{key: cache})
+    cache.batch_repeat_interleave(num_beams)
+    out = llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                       max_new_tokens=max_new_tokens, eos_token_id=tr.ids["eot"], pad_token_id=tr.ids["pad"],
+                       use_cache=True, **{key: cache})
+    eot = tr.ids["eot"]
+    return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
+
+
+def shared_prefill_supported() -> str | None:
+    """None if this transformers continues generate() from a filled cache with inputs_embeds (it slices
+    them to the uncached tail: GenerationMixin._prefill, transformers >= 5.2x); else why not."""
+    from transformers.generation.utils import GenerationMixin
+    return None if hasattr(GenerationMixin, "_prefill") else "this transformers has no cache continuation from inputs_embeds"
+
+
+@torch.inference_mode()
+def shared_prefill_rel_err(tr, items: list[dict]) -> float:
+    """Relative difference between the last prompt position's hidden state computed in one pass and
+    computed from the cache of the first L-1 positions -- the step the prototype relies on. fp32 gives
+    ~1e-7 and bf16 ~1e-2; a wrong padding mask or cache gives ~0.7 (a uniform position shift would not
+    show, but RoPE is relative, so it changes nothing)."""
+    from transformers import DynamicCache
+    batch = tr.collate(items)
+    dev = tr.device
+    mask = batch["attention_mask"].to(dev)
+    emb = tr.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
+                         {m: t.to(dev) for m, t in batch["frame_index"].items()})
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    dec, key = tr.model.decoder(), _cache_kwarg(tr.model.llm)
+    full = dec(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, -1].float()
+    cache = DynamicCache(config=base_llm(tr.model).config)
+    dec(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True, **{key: cache})
+    last = dec(inputs_embeds=emb[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], use_cache=True,
+               **{key: cache}).last_hidden_state[:, -1].float()
+    return float((full - last).norm() / full.norm())
+
+
+def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.device) -> dict:
+    """Translator.generate_ids over length-sorted batches (generate_split's order) vs one clip at a time,
+    timed on a systematic sample of the batches; projected to all len(specs) clips."""
+    n = len(specs)
+    order = sorted(range(n), key=lambda i: -synth.prompt_len(specs[i]))
+    kw = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    out = {"clips": n, "batch_size": args.gen_batch_size, "num_beams": args.num_beams,
+           "max_new_tokens": args.max_new_tokens,
+           "mean_prompt_tokens": float(np.mean([synth.prompt_len(s) for s in specs])),
+           "max_prompt_tokens": max(synth.prompt_len(s) for s in specs)}
+
+    def plan(bs):
+        batches = [order[k:k + bs] for k in range(0, n, bs)]
+        picked = systematic(len(batches), args.gen_batches)
+        return batches, random.Random(args.seed).sample(picked, len(picked))   # a budget-cut prefix stays random
+
+    def items_of(batch):
+        return [synth.item(i, specs[i], generation=True) for i in batch]
+
+    def run_batched(name, fn, budget):
+        """The longest batch once as OOM probe and warmup (untimed), then a systematic sample of the batches
+        in random order until the budget is spent; mean time per timed batch x number of batches projects the
+        total. On OOM: recorded, then the same at half the batch size (down to 4)."""
+        bs, ooms = args.gen_batch_size, []
+        while True:
+            res, outputs = _run_batched_at(name, fn, budget, bs)
+            if res["status"] != "OOM" or bs <= 4:
+                break
+            ooms.append({"batch_size": bs, "error": res["error"]})
+            bs //= 2
+            log(f"  {name}: retrying at batch size {bs}")
+        if ooms:
+            res["oom_at"] = ooms
+        return res, outputs
+
+    def _run_batched_at(name, fn, budget, bs):
+        batches, timed_order = plan(bs)
+        res = {"name": name + (f" bs{bs}" if bs != args.gen_batch_size else ""), "status": "ok", "batch_size": bs,
+               "n_batches": len(batches), "sampled_batches": len(timed_order), "batches": 0, "clips": 0,
+               "time_s": 0.0, "new_tokens": 0}
+        outputs = {}
+        failed = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            t = time.perf_counter()
+            fn(items_of(batches[0]), **kw)
+            sync(device)
+            res["probe_longest_batch_s"] = time.perf_counter() - t
+            t_start = time.perf_counter()
+            for bi in timed_order:
+                if res["batches"] and time.perf_counter() - t_start > budget:
+                    res["stopped_by_budget"] = True
+                    break
+                items = items_of(batches[bi])
+                sync(device)
+                t = time.perf_counter()
+                ids = fn(items, **kw)
+                sync(device)
+                res["time_s"] += time.perf_counter() - t
+                res["batches"] += 1
+                res["clips"] += len(items)
+                res["new_tokens"] += sum(len(r) for r in ids)
+                outputs.update({i: r for i, r in zip(batches[bi], ids)})
+        except Exception as e:      # noqa: BLE001
+            if not is_oom(e):
+                raise
+            failed = f"OOM ({str(e).splitlines()[0][:160]})"
+        if failed:
+            res["status"], res["error"] = "OOM", failed
+        if device.type == "cuda":
+            res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        free_memory()
+        if res["status"] == "ok" and res["batches"]:
+            mean_batch = res["time_s"] / res["batches"]
+            res["projected_total_s"] = mean_batch * len(batches)
+            res["clips_per_s"] = n / res["projected_total_s"]
+            log(f"  {res['name']}: {res['clips_per_s']:.2f} clips/s ({res['batches']} of {len(batches)} batches "
+                f"timed), projected {res['projected_total_s'] / 60:.1f} min for {n} clips"
+                + (f", peak {res['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in res else ""))
+        else:
+            log(f"  {res['name']}: {res.get('error', 'nothing timed')}")
+        res["_timed"] = [batches[bi] for bi in timed_order]
+        return res, outputs
+
+    log(f"generation: batched Translator.generate_ids, bs{args.gen_batch_size}, {args.num_beams} beams, "
+        f"{args.max_new_tokens} new tokens, {args.gen_batches} batches of {-(-n // args.gen_batch_size)} timed")
+    batched, batched_out = run_batched("batched (Translator.generate_ids)", tr.generate_ids, args.gen_budget_s)
+    timed_batches = batched.pop("_timed")
+    out["batched"] = batched
+
+    # Clip by clip: clips spread over the timed batches (so over the length range), one generate call each.
+    timed_batches = [b for b in timed_batches if any(i in batched_out for i in b)] or timed_batches
+    per = max(1, math.ceil(args.gen_serial / len(timed_batches)))
+    serial_ids = []
+    for b in timed_batches:
+        serial_ids += [b[p] for p in systematic(len(b), per)]
+    serial_ids = serial_ids[:args.gen_serial]
+    log(f"generation: clip by clip, {len(serial_ids)} clips")
+    res = {"name": "clip-by-clip (generate_ids, batch 1)", "status": "ok", "clips": 0, "time_s": 0.0}
+    same = []
+    failed = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        tr.generate_ids([synth.item(serial_ids[0], specs[serial_ids[0]], True)], **kw)     # warmup
+        t_start = time.perf_counter()
+        for i in serial_ids:
+            if res["clips"] and time.perf_counter() - t_start > args.gen_budget_s:
+                res["stopped_by_budget"] = True
+                break
+            item = synth.item(i, specs[i], generation=True)
+            sync(device)
+            t = time.perf_counter()
+            ids = tr.generate_ids([item], **kw)[0]
+            sync(device)
+            res["time_s"] += time.perf_counter() - t
+            res["clips"] += 1
+            if i in batched_out:
+                same.append(ids == batched_out[i])
+    except Exception as e:          # noqa: BLE001
+        if not is_oom(e):
+            raise
+        failed = f"OOM ({str(e).splitlines()[0][:160]})"
+    if failed:
+        res["status"], res["error"] = "OOM", failed
+    if device.type == "cuda":
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    free_memory()
+    if res["status"] == "ok" and res["clips"]:
+        res["projected_total_s"] = res["time_s"] / res["clips"] * n
+        res["clips_per_s"] = res["clips"] / res["time_s"]
+        # Random weights give near-flat distributions, so beams can flip on bf16 rounding differences
+        # between batch shapes: informative only, not a correctness check (test_generate.py does that).
+        res["same_output_as_batched"] = sum(same) / len(same) if same else None
+        log(f"  clip by clip: {res['clips_per_s']:.2f} clips/s, projected {res['projected_total_s'] / 60:.1f} min for {n} clips")
+    out["serial"] = res
+
+    why_not = shared_prefill_supported() if args.shared_prefill else "--no_shared_prefill"
+    if why_not:
+        out["shared_prefill_skipped"] = why_not
+    elif not out_of_time(args, "generation shared-prefill prototype", out):
+        log("generation: batched, prompt prefilled once per clip, not once per beam (prototype)")
+        check = items_of(order[n // 2:n // 2 + 4])
+        try:
+            err = shared_prefill_rel_err(tr, check)
+            shared, shared_out = run_batched("batched + shared prefill (prototype)",
+                                             lambda items, **k: generate_ids_shared_prefill(tr, items, **k),
+                                             args.gen_budget_s)
+        except Exception as e:      # noqa: BLE001 -- a prototype that breaks must not sink the run
+            err, shared, shared_out = None, {"name": "batched + shared prefill (prototype)", "status": "error",
+                                             "error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"}, {}
+            log(f"  shared prefill: FAILED {shared['error']}")
+        shared.pop("_timed", None)
+        shared["prefill_rel_err"] = err
+        common = [i for i in shared_out if i in batched_out]
+        # Informative: random weights make near-flat distributions where rounding can flip a beam.
+        shared["same_output_as_batched"] = (sum(shared_out[i] == batched_out[i] for i in common) / len(common)
+                                            if common else None)
+        out["shared_prefill"] = shared
+
+    return out
+
+
+# ------------------------------------------------------------------------------------------ loader
+def write_dataset(root: Path, synth: Synth, specs: list[Spec], split: str = "train", clips_per_video: int = 10,
+                  shards: int = 4) -> Path:
+    """The real layout (layout.py): annotation.<split>.json, <m>/metadata_<m>.<split>.json, <m>/<m>.<split>.<shard>.h5
+    holding float16 [T, D] per h5[video][clip]."""
+    import h5py
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(synth.seed)
+    videos: dict[str, list[tuple[int, str]]] = {}
+    for i in range(len(specs)):
+        v = f"vid{i // clips_per_video:05d}"
+        videos.setdefault(v, []).append((i, f"{v}_{i % clips_per_video}"))
+    ann = {}
+    for v, clips in videos.items():
+        ann[v] = {"clip_order": [c for _, c in clips]}
+        for i, c in clips:
+            words = [rng.choice(WORDS) for _ in range(specs[i].answer)]
+            ann[v][c] = {"translation": " ".join(words).capitalize() + ".", "paraphrases": [], "keywords": words[:2]}
+    (root / f"annotation.{split}.json").write_text(json.dumps(ann))
+    shard_of = {v: k % shards for k, v in enumerate(videos)}
+    files = {}
+    for m in synth.modalities:
+        (root / m).mkdir(exist_ok=True)
+        (root / m / f"metadata_{m}.{split}.json").write_text(json.dumps(shard_of))
+        files[m] = [h5py.File(root / m / f"{m}.{split}.{s}.h5", "w") for s in range(shards)]
+    try:
+        for v, clips in videos.items():
+            for i, c in clips:
+                for m, arr in zip(synth.modalities, synth.features(i, specs[i])):
+                    files[m][shard_of[v]].require_group(v).create_dataset(c, data=arr)
+    finally:
+        for fs in files.values():
+            for f in fs:
+                f.close()
+    return root
+
+
+def bench_loader(synth: Synth, specs: list[Spec], args, device: torch.device, batch_size: int) -> dict:
+    from data import Collator, DataOptions, SignDataset, make_loader, plan_epoch
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_", dir=args.tmp_dir))
+    out = {"clips": len(specs), "batch_size": batch_size, "workers": {}, "cpu_count": os.cpu_count()}
+    try:
+        t = time.perf_counter()
+        write_dataset(tmp / "data", synth, specs)
+        out["write_s"] = time.perf_counter() - t
+        out["bytes"] = sum(p.stat().st_size for p in (tmp / "data").rglob("*.h5"))
+        log(f"loader: wrote {len(specs)} clips, {out['bytes'] / 2**30:.2f} GiB of h5 in {out['write_s']:.1f} s")
+        ds = SignDataset(tmp / "data", "train", synth.builder, DataOptions(seed=args.seed), train=True)
+        lengths = np.asarray([ds.length(i) for i in range(len(ds))])
+        plan = plan_epoch(lengths, batch_size, args.seed, 0, True)[:args.loader_batches]
+        mine = [[(i, 0) for i in b] for b in plan]
+        for w in args.workers:
+            # Exactly training.py's loader: make_loader(train_ds, ..., pin_memory=cuda), h5 handles opened by
+            # SignDataset's index scan left as they are.
+            loader = make_loader(ds, mine, Collator(synth.ids["pad"]), w, device.type == "cuda")
+            try:
+                t0 = time.perf_counter()
+                it = iter(loader)
+                first = next(it)
+                t1 = time.perf_counter()
+                n_first, n = len(first["meta"]), 0
+                for b in it:
+                    n += len(b["meta"])
+                t2 = time.perf_counter()
+                del it
+            except Exception as e:  # noqa: BLE001 -- a loader that fails is a result too
+                out["workers"][str(w)] = {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"}
+                log(f"  {w} workers: FAILED {out['workers'][str(w)]['error']}")
+                continue
+            finally:
+                del loader
+            r = {"first_batch_s": t1 - t0, "samples": n_first + n,
+                 "samples_per_s": n / (t2 - t1) if n else None,           # steady state, after the first batch
+                 "samples_per_s_with_startup": (n_first + n) / (t2 - t0)}
+            out["workers"][str(w)] = r
+            log(f"  {w} workers: {r['samples_per_s']:.1f} samples/s steady ({r['samples_per_s_with_startup']:.1f} "
+                f"with startup {r['first_batch_s']:.2f} s)")
+        for s in ds.stores.values():
+            s.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def summary_rows(R: dict) -> list[dict]:
+    rows = []
+    for sec in ("stage1", "qlora"):
+        cfgs = R.get(sec, {}).get("configs", [])
+        base = next((c for c in cfgs if c["role"] == "baseline" and c["status"] == "ok"), None)
+        for c in cfgs:
+            ok = c["status"] == "ok"
+            rows.append({"section": sec, "config": c["name"] + (" *" if c.get("best") else ""),
+                         "metric": "samples/s", "value": c.get("pop_samples_per_s"),
+                         "tokens_per_s": c.get("real_tokens_per_s"), "mfu": c.get("mfu"), "mem_gb": c.get("peak_mem_gb"),
+                         "status": c["status"],
+                         "ratio": c["pop_samples_per_s"] / base["pop_samples_per_s"] if ok and base else None})
+    g = R.get("generation")
+    if g:
+        base = g.get("serial", {})
+        bv = base.get("clips_per_s")
+        for key in ("serial", "batched", "shared_prefill"):
+            c = g.get(key)
+            if not c:
+                continue
+            v = c.get("clips_per_s")
+            rows.append({"section": "generation", "config": c["name"], "metric": "clips/s", "value": v,
+                         "projected_min": c.get("projected_total_s", 0) / 60 if v else None, "status": c["status"],
+                         "ratio": v / bv if v and bv else None, "mem_gb": c.get("peak_mem_gb")})
+    ld = R.get("loader")
+    if ld:
+        best1 = next((c for c in R.get("stage1", {}).get("configs", []) if c.get("best")), None)
+        gpu = best1["pop_samples_per_s"] if best1 else None
+        for w, r in ld["workers"].items():
+            v = r.get("samples_per_s")
+            rows.append({"section": "loader", "config": f"{w} workers (vs GPU stage-1 ours)", "metric": "samples/s",
+                         "value": v, "status": "error" if "error" in r else "ok",
+                         "ratio": v / gpu if v and gpu else None})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+    head = f"{'section':<11}{'configuration':<44}{'metric':>10}{'value':>10}{'tok/s':>10}{'MFU':>7}{'mem GB':>8}{'ratio':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        val = r["status"] if r["status"] != "ok" else f(r["value"], ".2f")
+        lines.append(f"{r['section']:<11}{r['config'][:43]:<44}{r['metric']:>10}{val:>10}"
+                     f"{f(r.get('tokens_per_s'), '.0f'):>10}{f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f'):>7}"
+                     f"{f(r.get('mem_gb'), '.1f'):>8}{f(r['ratio'], '.2f'):>8}")
+    lines.append("ratio: to the section's baseline in this run -- (a) ref bs1 GC; clip-by-clip; for the loader, "
+                 "to the GPU's stage-1 ours samples/s (>1 keeps up). * = ours (fastest fitting grouped config); "
+                 "(d) needs a change to data.plan_epoch.")
+    return "\n".join(lines)
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+           "python": platform.python_version(), "cpu_count": os.cpu_count(), "host": platform.node()}
+    for mod in ("peft", "bitsandbytes", "h5py"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception as e:       # noqa: BLE001
+            env[mod] = f"unavailable ({e.__class__.__name__})"
+    try:
+        env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or None
+    except Exception:                # noqa: BLE001
+        env["git"] = None
+    return env
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]      # noqa: E731
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--quick", action="store_true", help="fewer steps, batches and clips (unset flags only)")
+    p.add_argument("--only", default="stage1,gen,qlora,loader",
+                   help="comma-separated sections to run: stage1, gen, qlora, loader")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("samples")
+    g.add_argument("--samples", type=int, default=2000, help="training population (batches are planned over it)")
+    g.add_argument("--frames", type=ints, default=[50, 600], help="min,max frames T per clip")
+    g.add_argument("--frames_dist", choices=["loguniform", "uniform"], default="loguniform")
+    g.add_argument("--answer", type=ints, default=[20, 80], help="min,max answer tokens")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, help="timed steps of each batched config (default 10, quick 5)")
+    g.add_argument("--ref_steps", type=int, help="timed steps of the batch-1 reference (default 24, quick 12)")
+    g.add_argument("--warmup", type=int, help="untimed steps before timing (default 2, quick 1)")
+    g.add_argument("--batch_sizes", type=ints, default=[16, 8, 4, 2], help="candidates for ours, largest first")
+    g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
+    g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
+                   help="skip (d), token-budget batches (a candidate change to data.plan_epoch)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--gen_clips", type=int, default=1741, help="clips to project to (How2Sign dev: 1741)")
+    g.add_argument("--gen_batches", type=int, help="batches timed, systematic sample (default 10, quick 4)")
+    g.add_argument("--gen_serial", type=int, help="clips timed one at a time (default 16, quick 6)")
+    g.add_argument("--gen_batch_size", type=int, default=16)
+    g.add_argument("--num_beams", type=int, default=5)
+    g.add_argument("--max_new_tokens", type=int, default=30)
+    g.add_argument("--gen_budget_s", type=float, help="seconds per generation variant before it stops timing more "
+                                                      "(default 60, quick 30)")
+    g.add_argument("--gen_model", choices=["bf16", "qlora"], default="bf16",
+                   help="generate with the stage-1 bf16 LLM (before quantisation) or the 4-bit + LoRA one")
+    g.add_argument("--no_shared_prefill", dest="shared_prefill", action="store_false")
+    g = p.add_argument_group("loader")
+    g.add_argument("--loader_clips", type=int, help="clips written to h5 (default 2000, quick 800)")
+    g.add_argument("--loader_batches", type=int, help="batches read per worker count (default 60, quick 25)")
+    g.add_argument("--loader_batch_size", type=int, help="default: stage-1 ours' batch size, else 8")
+    g.add_argument("--workers", type=ints, default=[0, 2, 4, 8])
+    g.add_argument("--tmp_dir", help="where the loader's h5 files go (default: the system temp dir)")
+    p.add_argument("--time_limit_s", type=float, default=450,
+                   help="past this many seconds, optional pieces ((c), (d), the generation prototype) are skipped")
+    p.add_argument("--out", help="JSON path (default bench/results-<device>-<date>.json)")
+    args = p.parse_args(argv)
+    q = args.quick
+    for name, full, quick in (("steps", 10, 5), ("ref_steps", 24, 12), ("warmup", 2, 1), ("gen_batches", 10, 4),
+                              ("gen_serial", 16, 6), ("gen_budget_s", 60.0, 30.0), ("loader_clips", 2000, 800),
+                              ("loader_batches", 60, 25)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = set(args.only) - {"stage1", "gen", "qlora", "loader"}
+    if bad:
+        p.error(f"--only: unknown section(s) {', '.join(sorted(bad))}")
+    if len(args.frames) != 2 or not 1 <= args.frames[0] <= args.frames[1]:
+        p.error("--frames takes min,max with 1 <= min <= max")
+    if len(args.answer) != 2 or not 1 <= args.answer[0] <= args.answer[1]:
+        p.error("--answer takes min,max with 1 <= min <= max")
+    if args.steps < 1 or args.ref_steps < 1 or args.warmup < 0 or not args.batch_sizes:
+        p.error("--steps/--ref_steps >= 1, --warmup >= 0, --batch_sizes non-empty")
+    return args
+
+
+def main(argv=None) -> dict:
+    import warnings
+    args = parse_args(argv)
+    args.t0 = time.perf_counter()
+    # transformers 5 renamed gradient_checkpointing_* (model.assemble still uses the old names): noise here.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(gradient|activation)_checkpointing.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing.*")
+    t_all = time.perf_counter()
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    from model import compute_dtype
+    dtype = compute_dtype(device)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_path = Path(args.out) if args.out else HERE / "bench" / f"results-{device_slug(device)}-{args.shape}-{stamp}.json"
+    R: dict = {"args": {k: v for k, v in vars(args).items() if k != "t0"}, "env": environment(device), "shape": args.shape, "dtype": str(dtype),
+               "notes": ["plain PyTorch steps (no DeepSpeed): bf16 params, fused AdamW without fp32 master copy",
+                         "samples/s = real tokens/s / population mean real tokens per sample",
+                         "MFU = 4 * matmul_params * real tokens/s / measured peak"]}
+
+    def save():
+        R["elapsed_s"] = time.perf_counter() - t_all
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(R, indent=1, default=str) + "\n")
+        od = os.environ.get("OUT")
+        if od and Path(od).is_dir() and Path(od).resolve() != out_path.parent.resolve():
+            shutil.copy(out_path, Path(od) / out_path.name)
+
+    log(f"{R['env']['device']} | torch {torch.__version__} | transformers {R['env']['transformers']} | "
+        f"peft {R['env']['peft']} | bitsandbytes {R['env']['bitsandbytes']} | shape {args.shape} {dtype}")
+    peak = measure_peak_flops(device, dtype)
+    R["peak"] = peak
+    log(f"peak matmul: {peak['tflops']:.1f} TFLOP/s ({peak['n']}^2 {peak['dtype']})")
+
+    tok = make_tokenizer(args.seed)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    synth = Synth(tok, vocab, args.seed)
+    specs = make_specs(args.samples, args.seed, tuple(args.frames), tuple(args.answer), args.frames_dist)
+    real = np.asarray([synth.seq_len(s) for s in specs])
+    T = np.asarray([s.frames for s in specs])
+    ctx = {"mean_real_tokens": float(real.mean()), "matmul_params": matmul_params(SHAPES[args.shape]),
+           "peak_flops": peak["tflops"] * 1e12}
+    R["population"] = {"samples": len(specs), "frames_dist": args.frames_dist, "frames_mean": float(T.mean()),
+                       "frames_min": int(T.min()), "frames_max": int(T.max()), "mean_real_tokens": ctx["mean_real_tokens"],
+                       "max_real_tokens": int(real.max()), "prompt_overhead_tokens": synth.overhead,
+                       "matmul_params": ctx["matmul_params"]}
+    log(f"population: {len(specs)} samples, T mean {T.mean():.0f} (range {T.min()}-{T.max()}), "
+        f"{real.mean():.0f} real tokens/sample (max {real.max()}), matmul params {ctx['matmul_params'] / 1e9:.2f} B")
+    save()
+
+    gen_specs = make_specs(args.gen_clips, args.seed + 1, tuple(args.frames), (1, 1), args.frames_dist)
+    need_llm = any(s in args.only for s in ("stage1", "gen", "qlora"))
+    llm = None
+    if need_llm:
+        t = time.perf_counter()
+        llm = build_llm(args.shape, device, dtype, args.seed)
+        log(f"built random {args.shape} LLM on {device} in {time.perf_counter() - t:.1f} s")
+
+    def run_gen(model):
+        from generate import Translator
+        model.eval()
+        tr = Translator(model, tok, model.cfg, device)
+        R["generation"] = bench_generation(tr, synth, gen_specs, args, device)
+        R["generation"]["model"] = args.gen_model
+        save()
+
+    if "stage1" in args.only:
+        model = assemble_with(llm, sign_config(1, 16), tok, device, dtype)
+        cast_params_(model, dtype)
+        R["stage1"] = {"configs": bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)}
+        del model
+        free_memory()
+        save()
+    if "gen" in args.only and args.gen_model == "bf16":
+        # Translator.load's model: assemble + projectors (left in fp32, as load_projector_state leaves them).
+        model = assemble_with(llm, sign_config(1, 16), tok, device, dtype)
+        run_gen(model)
+        del model
+        free_memory()
+    if "qlora" in args.only or ("gen" in args.only and args.gen_model == "qlora"):
+        t = time.perf_counter()
+        n = quantize_4bit_(llm, device, dtype)
+        R["quantization"] = {"layers": n, "method": llm._bench_quantizer, "time_s": time.perf_counter() - t}
+        log(f"quantised {n} linear layers to nf4 (double quant, {llm._bench_quantizer} path) in "
+            f"{R['quantization']['time_s']:.1f} s")
+        model = assemble_with(llm, sign_config(2, 4), tok, device, dtype, adapter="new")
+        cast_params_(model, dtype)
+        if "qlora" in args.only:
+            R["qlora"] = {"configs": bench_training("qlora", model, synth, specs, args, device, ctx, lr=2e-4),
+                          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            save()
+        if "gen" in args.only and args.gen_model == "qlora":
+            run_gen(model)
+        del model
+    del llm
+    free_memory()
+
+    if "loader" in args.only:
+        best1 = next((c for c in R.get("stage1", {}).get("configs", []) if c.get("best")), None)
+        bs = args.loader_batch_size or (best1["batch_size"] if best1 else 8)
+        lspecs = make_specs(args.loader_clips, args.seed + 2, tuple(args.frames), tuple(args.answer), args.frames_dist)
+        R["loader"] = bench_loader(synth, lspecs, args, device, bs)
+        save()
+
+    R["summary"] = summary_rows(R)
+    save()
+    print()
+    print(format_table(R["summary"]))
+    log(f"done in {(time.perf_counter() - t_all) / 60:.1f} min; results in {out_path}")
+    R["out_path"] = str(out_path)
+    return R
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""CPU checks of bench.py's correctness-critical parts on the tiny shape (no GPU, no downloads, < 60 s).
+
+    DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m pytest -q test_bench.py
+
+The fast paths timed by the benchmark must compute the same thing as the plain path: a length-grouped,
+padded batch gives the loss of its samples run one at a time; checkpointing changes neither loss nor
+gradients; the in-memory nf4 quantisation is what from_pretrained(BitsAndBytesConfig) loads; the shared-
+prefill generation prototype returns Translator.generate_ids' tokens.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bench
+from bench import (DIMS, SHAPES, Spec, Synth, assemble_with, build_llm, collate, frame_counts, make_specs,
+                   make_tokenizer, matmul_params, mfu, quantize_4bit_, sign_config)
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small CPU matmuls with 2 intra-op threads run ~30x slower than with 1 on 2-vCPU machines (OpenMP
+    # barrier cost); the numbers checked here do not depend on the thread count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(0)
+
+
+@pytest.fixture(scope="module")
+def synth(tok):
+    return Synth(tok, SHAPES["tiny"]["vocab_size"], seed=0)
+
+
+def short_specs(n=8, seed=3):
+    return make_specs(n, seed, frames=(6, 40), answer=(20, 80))
+
+
+def stage1_model(tok, seed=0):
+    llm = build_llm("tiny", CPU, F32, seed)
+    model = assemble_with(llm, sign_config(1, 16), tok, CPU, F32)
+    return model.train()
+
+
+def loss_over(model, synth, specs, batches, padding_side="right"):
+    tot = cnt = 0.0
+    for b in batches:
+        batch = collate(synth, specs, b, padding_side)
+        loss_sum, n = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "features", "frame_index")})
+        tot += loss_sum.item()
+        cnt += n.item()
+    return tot / cnt, cnt
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+def test_mfu_formula():
+    assert mfu(7e9, 1000.0, 1e15) == pytest.approx(4 * 7e9 * 1000 / 1e15)
+    # Llama-3-8B: 32 x (q 4096^2 + k,v 2 x 4096x1024 + o 4096^2 + gate/up/down 3 x 4096x14336)
+    assert matmul_params(SHAPES["8b"]) == 6_979_321_856
+    # At the measured peak, 4 P FLOP per token: MFU 1 exactly.
+    p = matmul_params(SHAPES["8b"])
+    assert mfu(p, 1e15 / (4 * p), 1e15) == pytest.approx(1.0)
+
+
+def test_matmul_params_counts_the_decoder_linears():
+    llm = build_llm("tiny", CPU, F32)
+    n = sum(m.weight.numel() for m in llm.model.layers.modules() if isinstance(m, nn.Linear))
+    assert matmul_params(SHAPES["tiny"]) == n
+
+
+def test_systematic_sample():
+    assert bench.systematic(10, 3) == [0, 3, 6]
+    assert bench.systematic(4, 10) == [0, 1, 2, 3]
+    assert bench.systematic(5, 1) == [0]
+
+
+# ------------------------------------------------------------------------------------------ samples
+@pytest.mark.parametrize("dist", ["loguniform", "uniform"])
+def test_spec_ranges_and_determinism(dist):
+    specs = make_specs(3000, 0, frames=(50, 600), answer=(20, 80), dist=dist)
+    T = np.array([s.frames for s in specs])
+    A = np.array([s.answer for s in specs])
+    assert T.min() >= 50 and T.max() <= 600 and A.min() >= 20 and A.max() <= 80
+    assert T.min() < 60 and T.max() > 560 and A.min() == 20 and A.max() == 80      # the whole range is used
+    if dist == "loguniform":
+        assert np.median(T) < 200 < T.mean() + 60        # skewed to short clips: median ~ sqrt(50 * 600) = 173
+    else:
+        assert 300 < np.median(T) < 350
+    assert specs == make_specs(3000, 0, frames=(50, 600), answer=(20, 80), dist=dist)
+    assert specs != make_specs(3000, 1, frames=(50, 600), answer=(20, 80), dist=dist)
+
+
+def test_sample_layout(synth):
+    from prompts import special_ids
+    ids = special_ids(synth.tok)
+    for i, s in enumerate([Spec(50, 20), Spec(51, 80), Spec(600, 33)]):
+        it = synth.item(i, s)
+        fc = frame_counts(s.frames)
+        assert fc == [s.frames, s.frames // 2, s.frames, s.frames]           # mae, sign2vec, dino, pose
+        assert [f.shape for f in it["features"]] == [(t, DIMS[m]) for t, m in zip(fc, DIMS)]
+        assert all(f.dtype == np.float16 for f in it["features"])
+        assert [int((it["segments"] == k).sum()) for k in range(4)] == fc
+        assert int((it["input_ids"] == ids["markers"][0]).sum()) == 4 == int((it["input_ids"] == ids["markers"][1]).sum())
+        target = it["labels"][it["labels"] != -100]
+        assert len(target) == s.answer + 1 and target[-1] == ids["eot"]
+        assert np.array_equal(it["input_ids"][-len(target):], target)       # the answer closes the sequence
+        assert not np.isin(target[:-1], [*ids["markers"], ids["pad"], ids["eot"]]).any()
+        assert len(it["input_ids"]) == synth.seq_len(s) and it["input_ids"].max() < synth.vocab
+        gen = synth.item(i, s, generation=True)
+        assert len(gen["input_ids"]) == synth.prompt_len(s) and (gen["labels"] == -100).all()
+        assert np.array_equal(gen["input_ids"], it["input_ids"][:len(gen["input_ids"])])
+        for a, b in zip(gen["features"], it["features"]):
+            assert np.array_equal(a, b)                                      # features depend on (seed, i) only
+
+
+def test_prompt_is_the_real_chat_prompt(synth):
+    it = synth.item(0, Spec(8, 20), generation=True)
+    text = synth.tok.decode(it["input_ids"])
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert "Translate the given American Sign Language video into English." in text
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+# ------------------------------------------------------------------------------------------ same loss
+def test_batched_loss_equals_one_at_a_time(tok, synth):
+    """The "fast paths give the same loss as the plain path" check: padded, length-grouped batches and
+    ungrouped batches give sum(loss_sum) / sum(n) of the same samples run one at a time."""
+    specs = short_specs(8)
+    model = stage1_model(tok)
+    lengths = np.array([Synth.approx_length(s) for s in specs])
+    with torch.no_grad():
+        one, n1 = loss_over(model, synth, specs, [[i] for i in range(len(specs))])
+        grouped, n2 = loss_over(model, synth, specs, bench.plan_batches(lengths, 4, 0, True))
+        ungrouped, n3 = loss_over(model, synth, specs, bench.plan_batches(lengths, 3, 0, False))
+        whole, n4 = loss_over(model, synth, specs, [list(range(len(specs)))])
+    assert n1 == n2 == n3 == n4 == sum(s.answer + 1 for s in specs)
+    for v in (grouped, ungrouped, whole):
+        assert v == pytest.approx(one, abs=1e-4)
+    assert 5 < one < 9                                  # ~ln(1000): a random model, a real cross-entropy
+
+
+def test_grouping_cuts_padding(synth):
+    specs = make_specs(512, 0, frames=(50, 600))
+    lengths = np.array([Synth.approx_length(s) for s in specs])
+    seq = np.array([synth.seq_len(s) for s in specs])
+
+    def pad_frac(plan):
+        return 1 - sum(seq[b].sum() for b in plan) / sum(len(b) * seq[b].max() for b in plan)
+    assert pad_frac(bench.plan_batches(lengths, 8, 0, True)) < 0.05 < 0.3 < pad_frac(bench.plan_batches(lengths, 8, 0, False))
+
+
+def test_token_budget_plan(synth):
+    specs = make_specs(700, 0, frames=(50, 600))
+    lengths = np.array([Synth.approx_length(s) for s in specs])
+    seq = np.array([synth.seq_len(s) for s in specs])
+    budget = 4 * int(seq.max())
+    plan = bench.plan_token_budget(lengths, seq, budget, 0)
+    assert sorted(i for b in plan for i in b) == list(range(700))
+    assert all(len(b) * seq[b].max() <= budget for b in plan)
+    sizes = [len(b) for b in plan]
+    assert min(sizes) <= 5 and max(sizes) >= 12          # long clips in small batches, short ones in large
+    assert 1 - seq.sum() / sum(len(b) * seq[b].max() for b in plan) < 0.05
+    assert plan == bench.plan_token_budget(lengths, seq, budget, 0)
+
+
+def test_checkpointing_keeps_loss_and_gradients(tok, synth):
+    specs = short_specs(3)
+    batch = collate(synth, specs, [0, 1, 2])
+    args = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "features", "frame_index")}
+    model = stage1_model(tok)
+    out = {}
+    for on in (False, True):
+        bench.set_gradient_checkpointing(model, on)
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = model(**args)
+        (loss_sum / n).backward()
+        out[on] = (loss_sum.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    for k, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], g, rtol=1e-5, atol=1e-7)
+
+
+def test_two_training_steps_with_and_without_grouping(tok, synth):
+    specs = short_specs(8)
+    lengths = np.array([Synth.approx_length(s) for s in specs])
+    for grouped in (False, True):
+        model = stage1_model(tok)
+        tr = bench.Trainer(model, 1e-3, CPU)
+        before = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+        frozen = model.llm.model.layers[0].mlp.up_proj.weight.detach().clone()
+        plan = bench.plan_batches(lengths, 4, 0, grouped)
+        res = bench.timed_steps(tr.step, [collate(synth, specs, b) for b in plan], 0, CPU)
+        assert res["steps"] == 2 and res["samples"] == 8 and res["targets"] == sum(s.answer + 1 for s in specs)
+        assert res["real"] == sum(synth.seq_len(s) for s in specs) <= res["padded"]
+        assert np.isfinite(res["loss_per_token"])
+        assert all(not torch.equal(before[k], p) for k, p in model.named_parameters() if p.requires_grad)
+        assert torch.equal(frozen, model.llm.model.layers[0].mlp.up_proj.weight)
+
+
+# ------------------------------------------------------------------------------------------ 4-bit
+@pytest.mark.parametrize("method", ["hf", "manual"])
+def test_in_memory_nf4_equals_from_pretrained(tmp_path, tok, method):
+    """quantize_4bit_ builds what model.load_llm(path, bits=4) loads: same modules, same packed weights and
+    quantisation state, same logits; and peft then puts its bnb LoRA layers on it, as in stage 2."""
+    import bitsandbytes as bnb
+    import model as M
+    src = build_llm("tiny", CPU, F32, seed=1)
+    src.save_pretrained(tmp_path / "m")
+    ref = M.load_llm(str(tmp_path / "m"), 4, F32, CPU)
+    ours = build_llm("tiny", CPU, F32, seed=1)
+    assert quantize_4bit_(ours, CPU, F32, method=method) == 7 * SHAPES["tiny"]["num_hidden_layers"]
+    assert ours._bench_quantizer == method
+    mods_r = {n: m for n, m in ref.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    mods_o = {n: m for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert sorted(mods_r) == sorted(mods_o) and "lm_head" not in mods_o
+    for n, a in mods_r.items():
+        b = mods_o[n]
+        qa, qb = a.weight.quant_state, b.weight.quant_state
+        assert torch.equal(a.weight.data, b.weight.data)
+        assert (qa.quant_type, qa.blocksize, qa.nested, qa.dtype) == (qb.quant_type, qb.blocksize, qb.nested, qb.dtype) == ("nf4", 64, True, F32)
+        assert torch.equal(qa.absmax, qb.absmax) and torch.equal(qa.state2.absmax, qb.state2.absmax)
+        assert a.compute_dtype == b.compute_dtype and a.weight.quant_storage == b.weight.quant_storage == torch.uint8
+    assert ours.is_loaded_in_4bit and ours.config.quantization_config.bnb_4bit_use_double_quant
+    x = torch.randint(12, 1000, (2, 9))
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, ours(x).logits, rtol=0, atol=0)
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    for llm in (ref, ours):
+        model = assemble_with(llm, sign_config(2, 4), tok, CPU, F32, adapter="new")
+        lora = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+        assert len(lora) == 7 * SHAPES["tiny"]["num_hidden_layers"] and lora[0].r["default"] == 64
+
+
+def test_qlora_batched_loss_equals_one_at_a_time(tok, synth):
+    specs = short_specs(4, seed=5)
+    llm = build_llm("tiny", CPU, F32)
+    quantize_4bit_(llm, CPU, F32)
+    model = assemble_with(llm, sign_config(2, 4), tok, CPU, F32, adapter="new").eval()   # eval: no LoRA dropout
+    with torch.no_grad():
+        one, _ = loss_over(model, synth, specs, [[i] for i in range(len(specs))])
+        batched, _ = loss_over(model, synth, specs, [[0, 1, 2, 3]])
+    assert batched == pytest.approx(one, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ OOM handling
+def test_oom_is_recorded_and_the_next_size_tried(tok, synth):
+    specs = short_specs(16)
+    model = stage1_model(tok)
+    args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
+                             "--batch_sizes", "8,4,2"])
+    ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
+
+    def fake_oom_above_2(trainer):
+        def step(batch):
+            if len(batch["input_ids"]) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+            return trainer.step(batch)
+        return step
+    res = bench.bench_training("stage1", model, synth, specs, args, CPU, ctx, lr=1e-3, step_override=fake_oom_above_2)
+    by = {(r["batch_size"], r["gradient_checkpointing"], r["role"]): r for r in res}
+    assert by[(1, True, "baseline")]["status"] == "ok"
+    assert [by[(b, False, "ours")]["status"] for b in (8, 4, 2)] == ["OOM", "OOM", "ok"]
+    assert [by[(b, True, "ours")]["status"] for b in (8, 4, 2)] == ["OOM", "OOM", "ok"]
+    assert sum(bool(r.get("best")) for r in res) == 1
+    abl = [r for r in res if r["role"] == "ablation"]
+    assert len(abl) == 1 and abl[0]["status"] == "ok" and abl[0]["batch_size"] == 2 and not abl[0]["grouped"]
+    assert "out of memory" in by[(8, False, "ours")]["error"].lower()
+    cand = [r for r in res if r["role"] == "candidate"]      # budget = bs2's longest batch: may hold > 2 clips
+    assert len(cand) == 1 and cand[0]["status"] in ("ok", "OOM") and not cand[0]["gradient_checkpointing"]
+
+
+def test_time_limit_skips_the_optional_configs(tok, synth):
+    specs = short_specs(8)
+    args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
+                             "--batch_sizes", "4", "--time_limit_s", "0"])
+    args.t0 = 0.0                           # long past
+    ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
+    res = bench.bench_training("stage1", stage1_model(tok), synth, specs, args, CPU, ctx, lr=1e-3)
+    assert [(r["role"], r["status"]) for r in res] == [("baseline", "ok"), ("ours", "ok"), ("skipped", "skipped"),
+                                                       ("skipped", "skipped")]
+    assert all(r["ratio"] is None for r in bench.summary_rows({"stage1": {"configs": res}}) if r["status"] != "ok")
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_shared_prefill_generates_what_translator_generates(tok, synth):
+    from generate import Translator
+    llm = build_llm("tiny", CPU, F32, seed=2)
+    model = assemble_with(llm, sign_config(1, 16), tok, CPU, F32).eval()
+    tr = Translator(model, tok, model.cfg, CPU)
+    specs = short_specs(5, seed=7)
+    items = [synth.item(i, s, generation=True) for i, s in enumerate(specs)]
+    assert bench.shared_prefill_supported() is None
+    for beams in (1, 3):
+        ref = tr.generate_ids(items, num_beams=beams, max_new_tokens=8)
+        got = bench.generate_ids_shared_prefill(tr, items, num_beams=beams, max_new_tokens=8)
+        assert got == ref and all(len(r) > 0 for r in ref)
+    assert bench.shared_prefill_rel_err(tr, items) < 1e-5
+
+
+def test_generation_oom_retries_at_half_the_batch(synth):
+    class FakeTranslator:
+        calls = []
+
+        def generate_ids(self, items, num_beams, max_new_tokens):
+            self.calls.append(len(items))
+            if len(items) > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB")
+            return [[7] * max_new_tokens for _ in items]
+    args = bench.parse_args(["--shape", "tiny", "--gen_batch_size", "16", "--gen_batches", "3", "--gen_serial", "3",
+                             "--max_new_tokens", "2", "--no_shared_prefill"])
+    specs = make_specs(40, 1, frames=(6, 40), answer=(1, 1))
+    g = bench.bench_generation(FakeTranslator(), synth, specs, args, CPU)
+    b = g["batched"]
+    assert b["status"] == "ok" and b["batch_size"] == 4 and [o["batch_size"] for o in b["oom_at"]] == [16, 8]
+    assert b["n_batches"] == 10 and b["clips_per_s"] > 0 and b["new_tokens"] == 2 * b["clips"]
+    assert g["serial"]["clips"] == 3 and g["serial"]["same_output_as_batched"] == 1.0
+    assert g["shared_prefill_skipped"] == "--no_shared_prefill"
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_main_tiny_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    R = bench.main(["--shape", "tiny", "--device", "cpu", "--samples", "48", "--frames", "6,40", "--steps", "2",
+                    "--ref_steps", "2", "--warmup", "1", "--batch_sizes", "4", "--gen_clips", "24", "--gen_batches", "2",
+                    "--gen_batch_size", "4", "--gen_serial", "2", "--num_beams", "2", "--max_new_tokens", "4",
+                    "--loader_clips", "24", "--loader_batches", "3", "--workers", "0,2", "--out", str(out),
+                    "--tmp_dir", str(tmp_path)])
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == json.loads(json.dumps(R["summary"]))
+    for sec in ("stage1", "qlora"):
+        cfgs = saved[sec]["configs"]
+        assert [c["role"] for c in cfgs] == ["baseline", "ours", "ablation", "candidate"]
+        assert all(c["status"] == "ok" for c in cfgs)
+        assert all(c["samples"] > 0 and c["real_tokens_per_s"] > 0 and 0 < c["mfu"] for c in cfgs)
+    g = saved["generation"]
+    assert g["clips"] == 24 and g["batched"]["n_batches"] == 6 and g["batched"]["batches"] == 2
+    for k in ("batched", "shared_prefill", "serial"):
+        assert g[k]["status"] == "ok" and g[k]["clips_per_s"] > 0
+    assert g["shared_prefill"]["same_output_as_batched"] == 1.0 and g["shared_prefill"]["prefill_rel_err"] < 1e-5
+    assert saved["quantization"]["method"] == "hf"
+    assert set(saved["loader"]["workers"]) == {"0", "2"}
+    assert all(r["samples_per_s"] > 0 for r in saved["loader"]["workers"].values())
+    rows = saved["summary"]
+    assert {r["section"] for r in rows} == {"stage1", "qlora", "generation", "loader"}
+    assert all(r["ratio"] == 1.0 for r in rows if r["config"].startswith(("(a)", "clip-by-clip")))
+    assert all(r["ratio"] is not None and r["ratio"] > 0 for r in rows)
+    assert "ratio" in bench.format_table(rows)
