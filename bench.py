@@ -2,7 +2,7 @@
 the CPU data loader, on a random-init Llama-3-8B-shaped LLM. One run; prints a table of ratios and writes
 bench/results-<device>-<date>.json (and a copy into $OUT when that is a directory).
 
-    python bench.py                       # 8B shape on cuda, about 6-8 min on one H100
+    python bench.py --copy_to "$OUT"      # 8B shape on cuda, about 5-7 min on one H100
     python bench.py --quick               # fewer steps / batches / clips, about 3-4 min
     DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python bench.py --shape tiny --quick    # CPU smoke run
 
@@ -55,7 +55,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -442,22 +441,31 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def timed_steps(step, batches: list[dict], warmup: int, device: torch.device) -> dict:
+def timed_steps(step, batches: list[dict], warmup: int, device: torch.device, budget_s: float = math.inf,
+                min_steps: int = 3) -> dict:
+    """Warmup steps, then the rest timed; past budget_s (and at least min_steps) the rest is dropped --
+    the batches are in random order, so the timed prefix is still a fair sample."""
     for b in batches[:warmup]:
         step(b)
-    timed = batches[warmup:]
+    timed = []
+    losses = []
     sync(device)
     t0 = time.perf_counter()
-    losses = [step(b) for b in timed]
+    for b in batches[warmup:]:
+        if len(timed) >= min_steps and time.perf_counter() - t0 > budget_s:
+            break
+        losses.append(step(b))
+        timed.append(b)
     sync(device)
     dt = time.perf_counter() - t0
     tot = {k: sum(batch_stats(b)[k] for b in timed) for k in ("samples", "real", "padded", "targets")}
-    return {"steps": len(timed), "time_s": dt, **tot, "loss_per_token": sum(losses) / max(tot["targets"], 1)}
+    return {"steps": len(timed), "time_s": dt, **tot, "loss_per_token": sum(losses) / max(tot["targets"], 1),
+            **({"stopped_by_budget": True} if len(timed) < len(batches) - warmup else {})}
 
 
 def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on: bool, grouped: bool,
                batches: list[dict], probe: dict | None, warmup: int, device: torch.device, ctx: dict,
-               step=None) -> dict:
+               step=None, budget_s: float = math.inf) -> dict:
     """Time one configuration; an OOM (in the probe or the timed steps) is recorded, never raised."""
     step = step or trainer.step
     res = {"name": name, "role": role, "batch_size": batch_size, "gradient_checkpointing": gc_on,
@@ -473,7 +481,7 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
             p = batch_stats(probe)
             res["probe_tokens"] = p["padded"]
             step(probe)
-        res.update(timed_steps(step, batches, warmup, device))
+        res.update(timed_steps(step, batches, warmup, device, budget_s))
     except Exception as e:         # noqa: BLE001 -- OOM is data; anything else is re-raised below
         if not is_oom(e):
             raise
@@ -543,11 +551,12 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     seq_lens = np.asarray([synth.seq_len(s) for s in specs])
     pin = device.type == "cuda"
     mk = lambda plan: [collate(synth, specs, b, pin=pin) for b in plan]       # noqa: E731
+    run = lambda *a, **k: run_config(*a, budget_s=args.config_budget_s, **k)  # noqa: E731
     results = []
 
     log(f"{section}: (a) reference style, batch 1 + gradient checkpointing, {args.ref_steps} steps")
     plan = plan_batches(lengths, 1, args.seed, False)[:args.warmup + args.ref_steps]
-    results.append(run_config(trainer, "(a) ref: bs1 GC", role="baseline", batch_size=1, gc_on=True, grouped=False,
+    results.append(run(trainer, "(a) ref: bs1 GC", role="baseline", batch_size=1, gc_on=True, grouped=False,
                               batches=mk(plan), probe=None, warmup=args.warmup, device=device, ctx=ctx, step=step))
 
     best = None
@@ -559,7 +568,7 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
             plan = plan_batches(lengths, bs, args.seed, True)
             probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
             log(f"{section}: (b) ours, grouped bs{bs} {'GC' if gc_on else 'no GC'}, {args.steps} steps")
-            r = run_config(trainer, f"(b) ours: grouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ours",
+            r = run(trainer, f"(b) ours: grouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ours",
                            batch_size=bs, gc_on=gc_on, grouped=True, batches=mk(plan[:args.warmup + args.steps]),
                            probe=probe, warmup=args.warmup, device=device, ctx=ctx, step=step)
             del probe
@@ -575,7 +584,7 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
             plan = plan_batches(lengths, bs, args.seed, False)
             probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
             log(f"{section}: (c) ours without grouping, bs{bs} {'GC' if gc_on else 'no GC'}")
-            results.append(run_config(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
+            results.append(run(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
                                       batch_size=bs, gc_on=gc_on, grouped=False,
                                       batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
                                       device=device, ctx=ctx, step=step))
@@ -586,7 +595,7 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
         probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
         sizes_ = [len(b) for b in plan]
         log(f"{section}: (d) token budget {budget} (batches of {min(sizes_)}-{max(sizes_)}), no GC")
-        r = run_config(trainer, f"(d) token budget {budget} noGC", role="candidate", batch_size=0, gc_on=False,
+        r = run(trainer, f"(d) token budget {budget} noGC", role="candidate", batch_size=0, gc_on=False,
                        grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
                        device=device, ctx=ctx, step=step)
         r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
@@ -932,7 +941,8 @@ def summary_rows(R: dict) -> list[dict]:
             if not c:
                 continue
             v = c.get("clips_per_s")
-            rows.append({"section": "generation", "config": c["name"], "metric": "clips/s", "value": v,
+            label = c["name"] + (f" [{g['clips']}: {c['projected_total_s'] / 60:.1f} min]" if v else "")
+            rows.append({"section": "generation", "config": label, "metric": "clips/s", "value": v,
                          "projected_min": c.get("projected_total_s", 0) / 60 if v else None, "status": c["status"],
                          "ratio": v / bv if v and bv else None, "mem_gb": c.get("peak_mem_gb")})
     ld = R.get("loader")
@@ -950,11 +960,11 @@ def summary_rows(R: dict) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
-    head = f"{'section':<11}{'configuration':<44}{'metric':>10}{'value':>10}{'tok/s':>10}{'MFU':>7}{'mem GB':>8}{'ratio':>8}"
+    head = f"{'section':<11}{'configuration':<52}{'metric':>10}{'value':>10}{'tok/s':>10}{'MFU':>7}{'mem GB':>8}{'ratio':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         val = r["status"] if r["status"] != "ok" else f(r["value"], ".2f")
-        lines.append(f"{r['section']:<11}{r['config'][:43]:<44}{r['metric']:>10}{val:>10}"
+        lines.append(f"{r['section']:<11}{r['config'][:51]:<52}{r['metric']:>10}{val:>10}"
                      f"{f(r.get('tokens_per_s'), '.0f'):>10}{f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f'):>7}"
                      f"{f(r.get('mem_gb'), '.1f'):>8}{f(r['ratio'], '.2f'):>8}")
     lines.append("ratio: to the section's baseline in this run -- (a) ref bs1 GC; clip-by-clip; for the loader, "
@@ -992,6 +1002,8 @@ def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]      # noqa: E731
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: model.compute_dtype (bf16 on cuda, fp32 on cpu)")
     p.add_argument("--quick", action="store_true", help="fewer steps, batches and clips (unset flags only)")
     p.add_argument("--only", default="stage1,gen,qlora,loader",
                    help="comma-separated sections to run: stage1, gen, qlora, loader")
@@ -1009,6 +1021,8 @@ def parse_args(argv=None):
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (a candidate change to data.plan_epoch)")
+    g.add_argument("--config_budget_s", type=float, default=45,
+                   help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")
     g.add_argument("--gen_clips", type=int, default=1741, help="clips to project to (How2Sign dev: 1741)")
     g.add_argument("--gen_batches", type=int, help="batches timed, systematic sample (default 10, quick 4)")
@@ -1029,7 +1043,9 @@ def parse_args(argv=None):
     g.add_argument("--tmp_dir", help="where the loader's h5 files go (default: the system temp dir)")
     p.add_argument("--time_limit_s", type=float, default=450,
                    help="past this many seconds, optional pieces ((c), (d), the generation prototype) are skipped")
-    p.add_argument("--out", help="JSON path (default bench/results-<device>-<date>.json)")
+    p.add_argument("--out", help="JSON path (default bench/results-<device>-<shape>-<date>.json)")
+    p.add_argument("--copy_to", metavar="DIR", help="also copy the JSON into DIR after every section "
+                                                    "(default: $OUT when that is a directory)")
     args = p.parse_args(argv)
     q = args.quick
     for name, full, quick in (("steps", 10, 5), ("ref_steps", 24, 12), ("warmup", 2, 1), ("gen_batches", 10, 4),
@@ -1060,9 +1076,11 @@ def main(argv=None) -> dict:
     t_all = time.perf_counter()
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
+        if device.index is None:                 # set_device and friends want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     from model import compute_dtype
-    dtype = compute_dtype(device)
+    dtype = {"auto": compute_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out_path = Path(args.out) if args.out else HERE / "bench" / f"results-{device_slug(device)}-{args.shape}-{stamp}.json"
     R: dict = {"args": {k: v for k, v in vars(args).items() if k != "t0"}, "env": environment(device), "shape": args.shape, "dtype": str(dtype),
@@ -1074,7 +1092,7 @@ def main(argv=None) -> dict:
         R["elapsed_s"] = time.perf_counter() - t_all
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(R, indent=1, default=str) + "\n")
-        od = os.environ.get("OUT")
+        od = args.copy_to or os.environ.get("OUT")
         if od and Path(od).is_dir() and Path(od).resolve() != out_path.parent.resolve():
             shutil.copy(out_path, Path(od) / out_path.name)
 

@@ -282,6 +282,16 @@ def test_oom_is_recorded_and_the_next_size_tried(tok, synth):
     assert len(cand) == 1 and cand[0]["status"] in ("ok", "OOM") and not cand[0]["gradient_checkpointing"]
 
 
+def test_timed_steps_budget_keeps_a_prefix():
+    batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+                "labels": torch.zeros(2, 5, dtype=torch.long)} for _ in range(10)]
+    seen = []
+    res = bench.timed_steps(lambda b: seen.append(b) or 1.0, batches, 2, CPU, budget_s=0.0)
+    assert res["steps"] == 3 and res["samples"] == 6 and res["stopped_by_budget"] and len(seen) == 5
+    res = bench.timed_steps(lambda b: 1.0, batches, 2, CPU)
+    assert res["steps"] == 8 and "stopped_by_budget" not in res and res["targets"] == 8 * 2 * 4
+
+
 def test_time_limit_skips_the_optional_configs(tok, synth):
     specs = short_specs(8)
     args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
