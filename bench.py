@@ -55,8 +55,10 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -397,7 +399,10 @@ def base_llm(model):
 
 
 def set_gradient_checkpointing(model, on: bool):
-    llm = base_llm(model)
+    set_gradient_checkpointing_llm(base_llm(model), on)
+
+
+def set_gradient_checkpointing_llm(llm, on: bool):
     if on:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -1090,6 +1095,7 @@ def main(argv=None) -> dict:
 
     def save():
         R["elapsed_s"] = time.perf_counter() - t_all
+        R["summary"] = summary_rows(R)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(R, indent=1, default=str) + "\n")
         od = args.copy_to or os.environ.get("OUT")
@@ -1119,11 +1125,25 @@ def main(argv=None) -> dict:
     save()
 
     gen_specs = make_specs(args.gen_clips, args.seed + 1, tuple(args.frames), (1, 1), args.frames_dist)
-    need_llm = any(s in args.only for s in ("stage1", "gen", "qlora"))
-    llm = None
-    if need_llm:
+    state: dict = {"llm": None}
+
+    def guarded(name, fn):
+        """A section that raises (anything but the OOMs handled inside) is recorded and the run goes on."""
+        failed = None
+        try:
+            fn()
+        except Exception:            # noqa: BLE001
+            failed = traceback.format_exc()
+        if failed:
+            print(failed, file=sys.stderr, flush=True)
+            R.setdefault("errors", {})[name] = failed.strip().splitlines()[-1]
+            log(f"section {name} FAILED ({R['errors'][name][:200]}); going on")
+        free_memory()
+        save()
+
+    def build():
         t = time.perf_counter()
-        llm = build_llm(args.shape, device, dtype, args.seed)
+        state["llm"] = build_llm(args.shape, device, dtype, args.seed)
         log(f"built random {args.shape} LLM on {device} in {time.perf_counter() - t:.1f} s")
 
     def run_gen(model):
@@ -1132,22 +1152,19 @@ def main(argv=None) -> dict:
         tr = Translator(model, tok, model.cfg, device)
         R["generation"] = bench_generation(tr, synth, gen_specs, args, device)
         R["generation"]["model"] = args.gen_model
-        save()
 
-    if "stage1" in args.only:
-        model = assemble_with(llm, sign_config(1, 16), tok, device, dtype)
+    def stage1():
+        model = assemble_with(state["llm"], sign_config(1, 16), tok, device, dtype)
         cast_params_(model, dtype)
         R["stage1"] = {"configs": bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)}
-        del model
-        free_memory()
-        save()
-    if "gen" in args.only and args.gen_model == "bf16":
+
+    def gen_bf16():
         # Translator.load's model: assemble + projectors (left in fp32, as load_projector_state leaves them).
-        model = assemble_with(llm, sign_config(1, 16), tok, device, dtype)
-        run_gen(model)
-        del model
-        free_memory()
-    if "qlora" in args.only or ("gen" in args.only and args.gen_model == "qlora"):
+        run_gen(assemble_with(state["llm"], sign_config(1, 16), tok, device, dtype))
+
+    def qlora():
+        llm = state["llm"]
+        set_gradient_checkpointing_llm(llm, False)
         t = time.perf_counter()
         n = quantize_4bit_(llm, device, dtype)
         R["quantization"] = {"layers": n, "method": llm._bench_quantizer, "time_s": time.perf_counter() - t}
@@ -1156,26 +1173,37 @@ def main(argv=None) -> dict:
         model = assemble_with(llm, sign_config(2, 4), tok, device, dtype, adapter="new")
         cast_params_(model, dtype)
         if "qlora" in args.only:
-            R["qlora"] = {"configs": bench_training("qlora", model, synth, specs, args, device, ctx, lr=2e-4),
-                          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            R["qlora"] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            R["qlora"]["configs"] = bench_training("qlora", model, synth, specs, args, device, ctx, lr=2e-4)
             save()
         if "gen" in args.only and args.gen_model == "qlora":
             run_gen(model)
-        del model
-    del llm
-    free_memory()
 
-    if "loader" in args.only:
+    def loader():
         best1 = next((c for c in R.get("stage1", {}).get("configs", []) if c.get("best")), None)
         bs = args.loader_batch_size or (best1["batch_size"] if best1 else 8)
         lspecs = make_specs(args.loader_clips, args.seed + 2, tuple(args.frames), tuple(args.answer), args.frames_dist)
         R["loader"] = bench_loader(synth, lspecs, args, device, bs)
-        save()
 
-    R["summary"] = summary_rows(R)
+    if any(s in args.only for s in ("stage1", "gen", "qlora")):
+        guarded("build", build)
+    if state["llm"] is not None:
+        if "stage1" in args.only:
+            guarded("stage1", stage1)
+        if "gen" in args.only and args.gen_model == "bf16":
+            guarded("generation", gen_bf16)
+        if "qlora" in args.only or ("gen" in args.only and args.gen_model == "qlora"):
+            guarded("qlora", qlora)
+    state.clear()
+    free_memory()
+    if "loader" in args.only:
+        guarded("loader", loader)
+
     save()
     print()
     print(format_table(R["summary"]))
+    if R.get("errors"):
+        log(f"sections that failed: {', '.join(R['errors'])} (tracebacks above, last lines in the JSON's 'errors')")
     log(f"done in {(time.perf_counter() - t_all) / 60:.1f} min; results in {out_path}")
     R["out_path"] = str(out_path)
     return R

@@ -341,6 +341,19 @@ def test_generation_oom_retries_at_half_the_batch(synth):
 
 
 # ------------------------------------------------------------------------------------------ end to end
+def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("boom in generation")
+    monkeypatch.setattr(bench, "bench_generation", boom)
+    out = tmp_path / "r.json"
+    R = bench.main(["--shape", "tiny", "--device", "cpu", "--only", "gen,loader", "--samples", "8", "--frames", "6,20",
+                    "--loader_clips", "12", "--loader_batches", "2", "--workers", "0", "--out", str(out),
+                    "--tmp_dir", str(tmp_path)])
+    saved = json.loads(out.read_text())
+    assert saved["errors"] == {"generation": "RuntimeError: boom in generation"} == R["errors"]
+    assert saved["loader"]["workers"]["0"]["samples_per_s"] > 0 and "generation" not in saved
+
+
 def test_main_tiny_end_to_end(tmp_path):
     out = tmp_path / "r.json"
     R = bench.main(["--shape", "tiny", "--device", "cpu", "--samples", "48", "--frames", "6,40", "--steps", "2",
