@@ -131,10 +131,11 @@ class SignLLM(nn.Module):
         # learn, they are saved with the projectors, and no weight decay touches the other 128k rows.
         self.marker_embed = nn.Embedding(len(marker_ids), hidden)
         with torch.no_grad():
-            w = emb.weight.float()
+            w = emb.weight.detach().float()
+            mean, std = w.mean(0, keepdim=True).cpu(), w.std().cpu()     # the LLM may already sit on a GPU
             gen = torch.Generator().manual_seed(1234)
-            noise = torch.randn(len(marker_ids), hidden, generator=gen) * w.std() * 0.1
-            self.marker_embed.weight.copy_(w.mean(0, keepdim=True) + noise.to(w.device))
+            noise = torch.randn(len(marker_ids), hidden, generator=gen) * std * 0.1
+            self.marker_embed.weight.copy_(mean + noise)
         self.register_buffer("marker_ids", torch.tensor(marker_ids, dtype=torch.long), persistent=False)
 
     # -- pieces shared by training and generation
