@@ -67,6 +67,16 @@ def build(ctx: Context, cfg: SignConfig, tokenizer, prev):
     return model
 
 
+def default_output_dir(projector: str) -> str:
+    """`runs/x` or `runs/x/checkpoint-N` or `runs/x/checkpoint-N/projectors.safetensors` -> `runs/x-stage2`."""
+    p = Path(projector).resolve()
+    if p.is_file():
+        p = p.parent
+    if p.name.startswith("checkpoint-"):
+        p = p.parent
+    return str(p.with_name(p.name + "-stage2"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--projector", required=True, help="stage-1 output/checkpoint dir, projectors.safetensors, "
@@ -79,8 +89,11 @@ def main(argv=None) -> int:
     g.add_argument("--lora_targets", default="all-linear",
                    help="'all-linear' (every linear layer of the LLM but lm_head: q,k,v,o,gate,up,down for Llama) "
                         "or a comma-separated list of module names")
-    add_common_args(p, lr=2e-4)
+    add_common_args(p, lr=2e-4, output_required=False,
+                    output_help="default: beside the stage-1 run, '<its output dir>-stage2'")
     args = p.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.projector)
     validate_args(p, args)
     return run(args, Stage(2, make_resolve_base(args.projector), build))
 

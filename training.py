@@ -38,7 +38,7 @@ log = logging.getLogger("signllava")
 
 
 # ------------------------------------------------------------------------------------------- flags
-def add_common_args(p: argparse.ArgumentParser, lr: float):
+def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool = True, output_help: str | None = None):
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", help="dataset in the Sign LLaVA layout (default: the built-in demo language, "
                                       "written to OUTPUT_DIR/demo_data)")
@@ -72,7 +72,7 @@ def add_common_args(p: argparse.ArgumentParser, lr: float):
                    help="plain shuffled batches (default groups similar lengths to cut padding)")
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", required=output_required, help=output_help)
     g.add_argument("--deepspeed_config", default=str(Path(__file__).with_name("ds_config_zero2.json")))
     g.add_argument("--save_steps", type=int, default=500)
     g.add_argument("--save_total_limit", type=int, default=3, help="complete checkpoints kept (0: all)")
