@@ -196,5 +196,15 @@ def test_bits16_lora_and_merged_export_match(s1):
     assert not (root / "merged" / "adapter").exists()
 
 
+def test_demo_defaults_need_nothing_but_projector(tmp_path):
+    """No --data_dir, no --model: the demo language and the embedded tiny Llama; stage 2 then needs only
+    --projector (its base model, tokenizer and output dir come from the stage-1 run)."""
+    s1 = tmp_path / "demo_s1"
+    run_script("pretrain.py", "--output_dir", s1, "--max_steps", 1, "--num_workers", 0)
+    assert (s1 / "base_model" / "tokenizer.json").is_file() and (s1 / "demo_data" / "annotation.dev.json").is_file()
+    run_script("finetune.py", "--projector", s1, "--max_steps", 1, "--num_workers", 0)
+    assert (tmp_path / "demo_s1-stage2" / "latest").read_text().strip() == "checkpoint-1"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
