@@ -17,8 +17,10 @@ What is timed (every ratio is against a baseline measured in the same run):
                        checkpointing, and the largest that fits with it ("fits" = one full step on the
                        longest batch of the epoch plan runs without OOM); the faster is "ours";
                    (c) ablation: ours' batch and checkpointing without length grouping;
-                   (d) candidate (not in data.py): batches cut by a padded-token budget instead of a fixed
-                       size, no checkpointing, budget = the longest batch that fitted without it.
+                   (d) ours with a token budget (training's --max_tokens_per_batch N: data.plan_epoch(max_tokens=N)
+                       with the prompt template counted, as training does): batches cut by a padded-token budget
+                       instead of a fixed size, no checkpointing, N = padded tokens of the longest batch that
+                       fitted without checkpointing.
                    QLoRA: nf4 + double quantisation (bitsandbytes, the same modules and Params4bit that
                    from_pretrained(BitsAndBytesConfig) makes, quantised in memory), LoRA r64 a16 dropout 0.05
                    on all linear layers (finetune.py's defaults).
@@ -513,31 +515,11 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
     return res
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, seed: int, grouped: bool) -> list[list[int]]:
+def plan_batches(lengths: np.ndarray, batch_size: int, seed: int, grouped: bool,
+                 max_tokens: int | None = None, overhead: int = 0) -> list[list[int]]:
+    """Epoch 0 of training's plan (data.plan_epoch): fixed batches, or cut by a padded-token budget."""
     from data import plan_epoch
-    return plan_epoch(lengths, batch_size, seed, 0, grouped)
-
-
-def plan_token_budget(lengths: np.ndarray, seq_lens: np.ndarray, max_tokens: int, seed: int,
-                      window: int = 1024) -> list[list[int]]:
-    """NOT in data.py (a candidate change): like plan_epoch's grouping -- shuffle, sort windows by length --
-    but cut batches by padded tokens (B x longest <= max_tokens) instead of a fixed B, so short clips come
-    in large batches and the longest ones in small batches, at the same memory high-water mark."""
-    rng = np.random.default_rng([seed, 0, 7])
-    perm = rng.permutation(len(lengths))
-    batches = []
-    for w in np.array_split(perm, max(1, -(-len(perm) // window))):
-        cur, cur_max = [], 0
-        for i in w[np.argsort(-lengths[w], kind="stable")]:
-            L = int(seq_lens[i])
-            if cur and (len(cur) + 1) * max(cur_max, L) > max_tokens:
-                batches.append(cur)
-                cur, cur_max = [], 0
-            cur.append(int(i))
-            cur_max = max(cur_max, L)
-        if cur:
-            batches.append(cur)
-    return [batches[j] for j in rng.permutation(len(batches))]
+    return plan_epoch(lengths, batch_size, seed, 0, grouped, max_tokens=max_tokens, overhead=overhead)
 
 
 def longest(plan: list[list[int]], seq_lens: np.ndarray) -> list[int]:
@@ -548,8 +530,9 @@ def longest(plan: list[list[int]], seq_lens: np.ndarray) -> list[int]:
 def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, device: torch.device, ctx: dict,
                    lr: float, step_override=None) -> list[dict]:
     """(a) reference style, (b) ours (length-grouped, largest batch that fits, without then with
-    checkpointing), (c) ours without grouping, (d) a token budget instead of a fixed batch (no checkpointing,
-    the budget = padded tokens of the largest batch that fitted without checkpointing)."""
+    checkpointing), (c) ours without grouping, (d) ours with a token budget instead of a fixed batch
+    (data.plan_epoch(max_tokens=) as --max_tokens_per_batch, no checkpointing, the budget = padded tokens of the
+    largest batch that fitted without checkpointing)."""
     trainer = Trainer(model, lr, device)
     step = step_override(trainer) if step_override else None
     lengths = np.asarray([Synth.approx_length(s) for s in specs])
@@ -595,12 +578,13 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                                       device=device, ctx=ctx, step=step))
     no_gc = [r for r in results if r["role"] == "ours" and not r["gradient_checkpointing"] and r["status"] == "ok"]
     if args.token_budget and no_gc and not out_of_time(args, f"{section} (d) token budget", results):
+        from training import prompt_tokens
         budget = no_gc[0]["probe_tokens"]
-        plan = plan_token_budget(lengths, seq_lens, budget, args.seed)
+        plan = plan_batches(lengths, 0, args.seed, True, budget, prompt_tokens(synth.builder, len(synth.modalities)))
         probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
         sizes_ = [len(b) for b in plan]
         log(f"{section}: (d) token budget {budget} (batches of {min(sizes_)}-{max(sizes_)}), no GC")
-        r = run(trainer, f"(d) token budget {budget} noGC", role="candidate", batch_size=0, gc_on=False,
+        r = run(trainer, f"(d) ours: token budget {budget} noGC", role="candidate", batch_size=0, gc_on=False,
                        grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
                        device=device, ctx=ctx, step=step)
         r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
@@ -973,8 +957,8 @@ def format_table(rows: list[dict]) -> str:
                      f"{f(r.get('tokens_per_s'), '.0f'):>10}{f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f'):>7}"
                      f"{f(r.get('mem_gb'), '.1f'):>8}{f(r['ratio'], '.2f'):>8}")
     lines.append("ratio: to the section's baseline in this run -- (a) ref bs1 GC; clip-by-clip; for the loader, "
-                 "to the GPU's stage-1 ours samples/s (>1 keeps up). * = ours (fastest fitting grouped config); "
-                 "(d) needs a change to data.plan_epoch.")
+                 "to the GPU's stage-1 ours samples/s (>1 keeps up). * = ours (fastest fitting grouped fixed-batch config); "
+                 "(d) = training with --max_tokens_per_batch <its budget>.")
     return "\n".join(lines)
 
 
@@ -1025,7 +1009,7 @@ def parse_args(argv=None):
     g.add_argument("--batch_sizes", type=ints, default=[16, 8, 4, 2], help="candidates for ours, largest first")
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
-                   help="skip (d), token-budget batches (a candidate change to data.plan_epoch)")
+                   help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
     g.add_argument("--config_budget_s", type=float, default=45,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")

@@ -218,17 +218,60 @@ class Collator:
                 "meta": [{k: it[k] for k in ("video", "clip", "task", "prompt", "answer")} for it in items]}
 
 
-def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+TOKEN_BUDGET_WINDOW = 1024       # samples sorted together under --max_tokens_per_batch (what bench.py measured)
+_budget_warned: set = set()
+
+
+def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool,
+               max_tokens: int | None = None, overhead: int = 0) -> list[list[int]]:
     """The batches of one training epoch, identical on every rank.
 
     Shuffle, then (optionally) sort within windows of 64 batches by length so that a batch holds
-    samples of similar length and padding stays small, then shuffle the batch order."""
+    samples of similar length and padding stays small, then shuffle the batch order.
+
+    `max_tokens` (> 0): batches are cut by a padded-token budget instead of a fixed size: windows of
+    TOKEN_BUDGET_WINDOW samples, sorted by length when grouping, are cut into consecutive runs whose
+    padded size (run length x (longest `lengths` value in it + `overhead`)) stays within the budget, so
+    short samples come in large batches and long ones in small batches at the same memory high-water
+    mark; a sample longer than the budget on its own is a batch of one (counted in a one-time warning).
+    `overhead`: tokens every sample has on top of its `lengths` value (SignDataset.length leaves out the
+    prompt template). `batch_size` is then unused. The number of batches may differ between epochs.
+    Deterministic in (seed, epoch)."""
+    lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch, 7])
     perm = rng.permutation(len(lengths))
+    if max_tokens:
+        return _plan_token_budget(lengths + overhead, perm, rng, int(max_tokens), group_by_length)
     if group_by_length:
         win = batch_size * 64
         perm = np.concatenate([w[np.argsort(-lengths[w], kind="stable")] for w in np.array_split(perm, max(1, -(-len(perm) // win)))])
     batches = [perm[i:i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[j] for j in order]
+
+
+def _plan_token_budget(lengths: np.ndarray, perm: np.ndarray, rng: np.random.Generator, max_tokens: int,
+                       group_by_length: bool) -> list[list[int]]:
+    over = int((lengths > max_tokens).sum())
+    key = (len(lengths), max_tokens, over)
+    if over and key not in _budget_warned:
+        _budget_warned.add(key)
+        log.warning("%d of %d training samples are longer than --max_tokens_per_batch %d (longest %d); "
+                    "each is a batch of its own", over, len(lengths), max_tokens, int(lengths.max()))
+    batches = []
+    for w in np.array_split(perm, max(1, -(-len(perm) // TOKEN_BUDGET_WINDOW))):
+        if group_by_length:
+            w = w[np.argsort(-lengths[w], kind="stable")]
+        cur, cur_max = [], 0
+        for i in w.tolist():
+            n = int(lengths[i])
+            if cur and (len(cur) + 1) * max(cur_max, n) > max_tokens:
+                batches.append(cur)
+                cur, cur_max = [], 0
+            cur.append(i)
+            cur_max = max(cur_max, n)
+        if cur:
+            batches.append(cur)
     order = rng.permutation(len(batches))
     return [batches[j] for j in order]
 

@@ -162,17 +162,20 @@ def test_grouping_cuts_padding(synth):
 
 
 def test_token_budget_plan(synth):
+    from training import prompt_tokens
     specs = make_specs(700, 0, frames=(50, 600))
     lengths = np.array([Synth.approx_length(s) for s in specs])
     seq = np.array([synth.seq_len(s) for s in specs])
+    overhead = prompt_tokens(synth.builder, len(synth.modalities))
+    assert set((seq - lengths).tolist()) == {overhead}              # training's overhead = the real prompt tokens
     budget = 4 * int(seq.max())
-    plan = bench.plan_token_budget(lengths, seq, budget, 0)
+    plan = bench.plan_batches(lengths, 0, 0, True, budget, overhead)   # data.plan_epoch, as training calls it
     assert sorted(i for b in plan for i in b) == list(range(700))
     assert all(len(b) * seq[b].max() <= budget for b in plan)
     sizes = [len(b) for b in plan]
     assert min(sizes) <= 5 and max(sizes) >= 12          # long clips in small batches, short ones in large
     assert 1 - seq.sum() / sum(len(b) * seq[b].max() for b in plan) < 0.05
-    assert plan == bench.plan_token_budget(lengths, seq, budget, 0)
+    assert plan == bench.plan_batches(lengths, 0, 0, True, budget, overhead)
 
 
 def test_checkpointing_keeps_loss_and_gradients(tok, synth):

@@ -28,6 +28,48 @@ def test_rank_shares_are_disjoint_and_cover_whole_steps():
     assert sorted(seen) == sorted(i for b in batches[:usable] for i in b)
 
 
+def test_token_budget_plan(caplog):
+    from data import plan_epoch, rank_share
+    from training import EpochPlans
+    lengths = np.random.default_rng(0).integers(10, 500, size=3000)
+    lengths[[5, 50]] = [2500, 3000]                                      # longer than the budget on their own
+    budget, overhead = 2000, 20
+    with caplog.at_level("WARNING", logger="signllava"):
+        plans = [plan_epoch(lengths, 4, seed=1, epoch=e, group_by_length=True, max_tokens=budget, overhead=overhead)
+                 for e in range(4)]
+        assert plan_epoch(lengths, 4, 1, 0, True, max_tokens=budget, overhead=overhead) == plans[0]   # deterministic
+    assert sum("longer than --max_tokens_per_batch" in r.getMessage() for r in caplog.records) == 1        # warned once
+    for plan in plans:
+        assert sorted(i for b in plan for i in b) == list(range(3000))   # every sample once
+        for b in plan:
+            assert len(b) * (lengths[b].max() + overhead) <= budget or len(b) == 1
+        assert [5] in plan and [50] in plan
+        sizes = [len(b) for b in plan]
+        assert min(sizes) <= 3 and max(sizes) >= 30                      # long samples in small batches, short in large
+        pad = 1 - (lengths + overhead).sum() / sum(len(b) * (lengths[b].max() + overhead) for b in plan)
+        assert pad < 0.05
+    assert plans[0] != plans[1]
+    counts = [len(p) for p in plans]
+    assert len(set(counts)) > 1, counts                                  # the number of batches varies by epoch
+    # No budget: exactly the fixed-size plan.
+    assert plan_epoch(lengths, 4, 1, 2, True, max_tokens=None) == plan_epoch(lengths, 4, 1, 2, True) == \
+        plan_epoch(lengths, 4, 1, 2, True, max_tokens=0)
+    # Ranks share budget plans as they share fixed ones: disjoint, whole steps.
+    shares = [rank_share(plans[1], r, 2, 4) for r in range(2)]
+    seen = [i for s in shares for b in s for i in b]
+    assert len(seen) == len(set(seen)) and len(shares[0]) == len(shares[1]) and len(shares[0]) % 2 == 0
+    # Steps per epoch follow each epoch's own plan; step -> (epoch, step in epoch) walks them.
+    ep = EpochPlans(lengths, 4, 1, True, budget, per_step=4, overhead=overhead)
+    steps = [ep.steps(e) for e in range(4)]
+    assert steps == [c // 4 for c in counts]
+    for e in range(4):
+        start = sum(steps[:e])
+        assert ep.locate(start) == (e, 0) and ep.locate(start + steps[e] - 1) == (e, steps[e] - 1)
+    assert ep.total(2) == steps[0] + steps[1] and ep.total(1.5) == steps[0] + steps[1] // 2
+    fixed = EpochPlans(lengths, 4, 1, True, 0, per_step=4)
+    assert fixed.steps(3) == 750 // 4 and fixed.locate(400) == divmod(400, 187) and fixed.total(1.5) == int(1.5 * 187)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("mr")
@@ -64,6 +106,21 @@ def test_two_ranks_equal_one_rank_at_same_global_batch(tiny, script, zero):
     assert max_diff(one / "checkpoint-5", two / "checkpoint-5", "projectors.safetensors") < 1e-5
     if script == "finetune.py":
         assert max_diff(one / "checkpoint-5", two / "checkpoint-5", "adapter/adapter_model.safetensors") < 1e-5
+
+
+def test_two_ranks_equal_one_rank_under_token_budget(tiny):
+    """Token-budget batches differ in size within a step (ranks hold different sample counts); the loss is
+    normalised by the global target-token count, so 2 ranks x G=1 still equal 1 rank x G=2. Budget 580 on
+    the tiny data: batches of 3-5 clips, 5 steps an epoch, so 6 steps cross into epoch 1."""
+    root, data, llm = tiny
+    budget = ("--max_tokens_per_batch", 580, "--save_steps", 6)
+    one, two = root / "budget-1", root / "budget-2"
+    run_script("pretrain.py", *train_args(data, llm, one, 6, "--grad_accum", 2, *budget))
+    run_script("pretrain.py", *train_args(data, llm, two, 6, "--grad_accum", 1, *budget),
+               launcher=True, ranks=2, env=script_env(OMP_NUM_THREADS=1))
+    a, b = curve(one), curve(two)
+    assert len(a) == len(b) == 6 and np.allclose(a, b, atol=1e-5), (a, b)
+    assert max_diff(one / "checkpoint-6", two / "checkpoint-6", "projectors.safetensors") < 1e-5
 
 
 if __name__ == "__main__":

@@ -175,6 +175,38 @@ def test_exact_resume_after_sigkill_and_kill_during_save(tiny):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
+def test_exact_resume_under_token_budget(tiny):
+    """--max_tokens_per_batch: epochs of different lengths (seed 48, budget 600, no grouping: 11, 10, 10
+    steps), SIGKILL after checkpoint-22 (epoch 2, one step in; dividing by epoch 0's 11 steps would put it at
+    the start of epoch 2), then --resume must give the weights of the uninterrupted 30-step run."""
+    from data import DataOptions, SignDataset
+    from prompts import PromptBuilder, special_ids
+    from training import EpochPlans, prompt_tokens
+    root, data, llm = tiny
+    tok = load_tok(llm)
+    ids = special_ids(tok)
+    builder = PromptBuilder(tok, ids["markers"], ids["pad"])
+    ds = SignDataset(data, "train", builder, DataOptions(), train=True)
+    plans = EpochPlans(np.asarray([ds.length(i) for i in range(len(ds))]), 4, 48, False, 600, 1,
+                       prompt_tokens(builder, len(ds.modalities)))
+    assert [plans.steps(e) for e in range(3)] == [11, 10, 10] and plans.locate(22) == (2, 1)
+
+    common = ("--max_tokens_per_batch", 600, "--no_group_by_length", "--seed", 48, "--save_steps", 11,
+              "--min_lr_ratio", 0.5)
+    ref, out = root / "budget_ref", root / "budget_kill"
+    run_script("pretrain.py", *train_args(data, llm, ref, 30, *common))
+    res = run_script("pretrain.py", *train_args(data, llm, out, 30, *common), env=script_env(SIGNLLAVA_FAULT="after_save:22"),
+                     check=False)
+    assert res.returncode == -9 and (out / "latest").read_text().strip() == "checkpoint-22"
+    run_script("pretrain.py", *train_args(data, llm, out, 30, *common, "--resume"))
+    a = load_file(str(ref / "checkpoint-30" / "projectors.safetensors"))
+    b = load_file(str(out / "checkpoint-30" / "projectors.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # The flag is part of the data position: resuming without it (a fixed-batch plan) is refused.
+    res = run_script("pretrain.py", *train_args(data, llm, out, 40, "--seed", 48, "--resume"), check=False)
+    assert res.returncode == 2 and "token budget 600" in res.stderr and "Traceback" not in res.stderr
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_dims_mismatch_is_one_clear_line(tiny):
     root, data, llm = tiny

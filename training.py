@@ -8,6 +8,10 @@ Batch plan. Each epoch is a list of micro-batches computed from (seed, epoch) al
 consumes global micro-batches [s*W*G, (s+1)*W*G) (W ranks, G accumulation steps); rank r takes every
 W-th. So 1 rank x G=2 and 2 ranks x G=1 see the same samples per step, and the data position of a
 checkpoint is just its step.
+
+With --max_tokens_per_batch the micro-batches are cut by a padded-token budget, so their number (and
+with it the steps of an epoch) can change from epoch to epoch; `EpochPlans` recomputes each epoch's count
+from its plan, so step -> (epoch, step within the epoch) still follows from (seed, flags) alone.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
                   rank_share)
 from layout import DataError
 from model import ADAPTER_DIR, CheckpointError, SignConfig, SignLLM, compute_dtype, save_projectors
-from prompts import PromptBuilder, special_ids
+from prompts import PromptBuilder, special_ids, translation_prompt
 
 log = logging.getLogger("signllava")
 
@@ -64,7 +68,15 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--warmup_ratio", type=float, default=0.03)
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--batch_size", type=int, default=8, help="micro-batch per rank")
+    g.add_argument("--batch_size", type=int, default=8, help="micro-batch per rank (ignored for training batches "
+                                                              "when --max_tokens_per_batch is on)")
+    g.add_argument("--max_tokens_per_batch", type=int, default=0,
+                   help="cut training micro-batches by a padded-token budget instead of a fixed --batch_size: "
+                        "batch size x the longest clip's approximate tokens (prompt template + frames + 2 markers "
+                        "per modality + target characters / 4 + end of turn; context sentences not counted) stays "
+                        "within N, so short clips come in large batches and long ones in small; a clip longer than "
+                        "N is a batch of its own. --batch_size is then ignored for training (dev batches keep "
+                        "--eval_batch_size). 0: off")
     g.add_argument("--grad_accum", type=int, default=1)
     g.add_argument("--max_steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=1.0)
@@ -89,7 +101,7 @@ def validate_args(p: argparse.ArgumentParser, args):
     for name in ("batch_size", "grad_accum", "eval_batch_size", "save_steps", "eval_steps", "logging_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1")
-    for name in ("max_steps", "max_frames", "context_window", "prelude_window", "num_workers"):
+    for name in ("max_steps", "max_frames", "context_window", "prelude_window", "num_workers", "max_tokens_per_batch"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be >= 0")
     if args.max_steps == 0 and args.epochs <= 0:
@@ -187,13 +199,19 @@ def target_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def deepspeed_config(path: str, args, world: int, dtype: torch.dtype) -> dict:
+def deepspeed_config(path: str, args, world: int, dtype: torch.dtype, micro_batch: int | None = None) -> dict:
     with open(path) as f:
         cfg = json.load(f)
     # Batch geometry, precision and clipping come from our flags, so they cannot disagree with the loop.
-    cfg["train_micro_batch_size_per_gpu"] = args.batch_size
+    # The loop feeds DeepSpeed its own micro-batches and counts accumulation itself through
+    # gradient_accumulation_steps; train_micro_batch_size_per_gpu only feeds DeepSpeed's bookkeeping (its
+    # own dataloader, which we do not use, and its samples/throughput counters). Under a token budget the
+    # micro-batch size varies, so the caller passes a representative size (the mean of epoch 0), and
+    # train_batch_size is derived from it so that DeepSpeed's consistency check holds.
+    micro = micro_batch or args.batch_size
+    cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = args.grad_accum
-    cfg["train_batch_size"] = args.batch_size * args.grad_accum * world
+    cfg["train_batch_size"] = micro * args.grad_accum * world
     cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
     cfg["fp16"] = {"enabled": False}
     cfg["gradient_clipping"] = args.max_grad_norm
@@ -239,6 +257,61 @@ def export_trainable(state: dict[str, torch.Tensor], model: SignLLM, cfg: SignCo
     if lora:
         model.llm.save_pretrained(str(directory / ADAPTER_DIR), state_dict=lora, safe_serialization=True)
     cfg.save(directory)
+
+
+def prompt_tokens(builder: PromptBuilder, n_modalities: int) -> int:
+    """Tokens of a training sequence that SignDataset.length leaves out: the chat template and the
+    translation instruction around the modality segments (markers excluded: length counts them) and
+    the end-of-turn token after the answer. Context sentences (--context_window) are not counted."""
+    ids, _, _ = builder.build([0] * n_modalities, translation_prompt([]), None)
+    return len(ids) - 2 * n_modalities + 1
+
+
+class EpochPlans:
+    """Each epoch's micro-batch plan and how many optimizer steps it makes, from (seed, epoch) alone.
+
+    Fixed --batch_size: every epoch has ceil(N / batch_size) micro-batches, so the same number of steps.
+    --max_tokens_per_batch: the count depends on how the epoch's shuffle falls into windows, so it is
+    recomputed per epoch from the plan (the tail that would not fill a whole step on every rank is
+    dropped, as rank_share does). `locate(step)` walks the epochs' counts: a resumed run needs nothing
+    but its step to find its exact data position."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool, max_tokens: int,
+                 per_step: int, overhead: int = 0):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+        self.max_tokens, self.per_step, self.overhead = max_tokens, per_step, overhead
+        self._steps: dict[int, int] = {}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return plan_epoch(self.lengths, self.batch_size, self.seed, epoch, self.group, max_tokens=self.max_tokens or None,
+                          overhead=self.overhead)
+
+    def steps(self, epoch: int) -> int:
+        if not self.max_tokens:
+            return -(-len(self.lengths) // self.batch_size) // self.per_step
+        if epoch not in self._steps:
+            self._steps[epoch] = len(self.batches(epoch)) // self.per_step
+        return self._steps[epoch]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """Optimizer step -> (epoch, steps already taken in that epoch)."""
+        if not self.max_tokens:
+            return divmod(step, self.steps(0))
+        epoch, empty = 0, 0
+        while step >= self.steps(epoch):
+            empty = empty + 1 if self.steps(epoch) == 0 else 0
+            if empty > 1000:
+                raise DataError("1000 epochs in a row make no optimizer step under this token budget")
+            step -= self.steps(epoch)
+            epoch += 1
+        return epoch, step
+
+    def total(self, epochs: float) -> int:
+        """Optimizer steps of `epochs` epochs (a fraction takes that share of the last epoch's steps)."""
+        if not self.max_tokens:
+            return max(1, int(epochs * self.steps(0)))
+        whole = int(epochs)
+        return max(1, sum(self.steps(e) for e in range(whole)) + int((epochs - whole) * self.steps(whole)))
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -317,19 +390,27 @@ def _run(args, stage: Stage) -> int:
     # Plan.
     per_step = world * args.grad_accum
     lengths = np.asarray([train_ds.length(i) for i in range(len(train_ds))])
-    n_batches = -(-len(train_ds) // args.batch_size)
-    steps_per_epoch = n_batches // per_step
-    if steps_per_epoch == 0:
+    plans = EpochPlans(lengths, args.batch_size, args.seed, args.group_by_length, args.max_tokens_per_batch, per_step,
+                       overhead=prompt_tokens(builder, len(train_ds.modalities)))
+    micro_batch = None
+    if plans.steps(0) == 0:
+        batch = f"token budget {args.max_tokens_per_batch}" if args.max_tokens_per_batch else f"batch {args.batch_size}"
         raise DataError(f"{data_dir}: {len(train_ds)} training clips make fewer than one optimizer step "
-                        f"(batch {args.batch_size} x accumulation {args.grad_accum} x {world} ranks)")
-    total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+                        f"({batch} x accumulation {args.grad_accum} x {world} ranks)")
+    if args.max_tokens_per_batch:
+        sizes = [len(b) for b in plans.batches(0)]
+        micro_batch = max(1, round(len(train_ds) / len(sizes)))
+        log.info("token budget %d (clip length + %d prompt tokens): epoch 0 has %d micro-batches of %d-%d clips "
+                 "(mean %.1f), %d optimizer steps", args.max_tokens_per_batch, plans.overhead, len(sizes), min(sizes),
+                 max(sizes), len(train_ds) / len(sizes), plans.steps(0))
+    total = args.max_steps or plans.total(args.epochs)
     warmup = int(args.warmup_ratio * total)
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.999),
                                   eps=1e-8, **({"fused": True} if device_type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup, args.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(args.deepspeed_config, args, world, dtype))
+                                           config=deepspeed_config(args.deepspeed_config, args, world, dtype, micro_batch))
     step = 0
     best_dev = None
     if resume_from is not None:
@@ -337,10 +418,14 @@ def _run(args, stage: Stage) -> int:
         if state.get("stage") != stage.number:
             raise CheckpointError(f"{resume_from}: a stage-{state.get('stage')} checkpoint; cannot resume stage {stage.number} from it")
         saved_global = state["world_size"] * state["grad_accum"]
-        if saved_global != per_step or state["batch_size"] != args.batch_size:
-            raise CheckpointError(f"{resume_from}: saved with batch {state['batch_size']} x {state['grad_accum']} accumulation x "
-                                  f"{state['world_size']} ranks; resume needs the same global batch (now {args.batch_size} x "
-                                  f"{args.grad_accum} x {world})")
+        saved_budget = state.get("max_tokens_per_batch", 0)
+        if (saved_global != per_step or saved_budget != args.max_tokens_per_batch
+                or (not args.max_tokens_per_batch and state["batch_size"] != args.batch_size)):
+            def geometry(bs, budget, gas, w):
+                return f"{f'token budget {budget}' if budget else f'batch {bs}'} x {gas} accumulation x {w} ranks"
+            raise CheckpointError(f"{resume_from}: saved with {geometry(state['batch_size'], saved_budget, state['grad_accum'], state['world_size'])}; "
+                                  f"resume needs the same global batch (now "
+                                  f"{geometry(args.batch_size, args.max_tokens_per_batch, args.grad_accum, world)})")
         load_path, _ = engine.load_checkpoint(str(resume_from), tag="deepspeed", load_module_strict=False)
         if load_path is None:
             raise CheckpointError(f"{resume_from}: DeepSpeed state missing or unreadable")
@@ -396,7 +481,8 @@ def _run(args, stage: Stage) -> int:
         if rank == 0:
             export_trainable(state, model, cfg, tmp)
             ckpt.write_state(tmp, {"step": step, "stage": stage.number, "world_size": world, "grad_accum": args.grad_accum,
-                                   "batch_size": args.batch_size, "seed": args.seed, "dev_loss": dev_loss,
+                                   "batch_size": args.batch_size,
+                                   "max_tokens_per_batch": args.max_tokens_per_batch, "seed": args.seed, "dev_loss": dev_loss,
                                    "best_dev_loss": best_dev, "total_steps": total})
         barrier()
         ckpt.fault_point("mid_save", step)
@@ -411,12 +497,11 @@ def _run(args, stage: Stage) -> int:
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"stage {stage.number}")
     t0, tok_count, sample_count, log_loss, log_tok = time.time(), 0, 0, 0.0, 0.0
     dev_loss = None
+    epoch, k0 = plans.locate(step)
     while step < total:
-        epoch, k0 = divmod(step, steps_per_epoch)
-        batches = plan_epoch(lengths, args.batch_size, args.seed, epoch, args.group_by_length)
-        mine = [[(i, epoch) for i in b] for b in rank_share(batches, rank, world, per_step)]
+        mine = [[(i, epoch) for i in b] for b in rank_share(plans.batches(epoch), rank, world, per_step)]
         it = iter(make_loader(train_ds, mine[k0 * args.grad_accum:], collate, args.num_workers, device_type == "cuda"))
-        for _ in range(k0, steps_per_epoch):
+        for _ in range(k0, plans.steps(epoch)):
             if step >= total:
                 break
             micro = [next(it) for _ in range(args.grad_accum)]
@@ -455,6 +540,7 @@ def _run(args, stage: Stage) -> int:
                     record({"step": step, "dev_loss": dev_loss})
             if step % args.save_steps == 0 or step == total:
                 save(step, dev_loss)
+        epoch, k0 = epoch + 1, 0
     bar.close()
     if writer:
         writer.close()
