@@ -1,4 +1,4 @@
-"""Translate a split with a trained checkpoint (batched beam search on the KV cache) and score it.
+"""Translate a split with a trained checkpoint (batched beam search from a shared prefill) and score it.
 
     python generate.py --checkpoint C --data_dir D --split dev --output OUT.json --metrics_out METRICS.json
                        [--num_beams 5] [--max_new_tokens 64] [--batch_size 16]
@@ -64,11 +64,24 @@ def _as_list(items):
     return items
 
 
+def _cache_kwarg(decoder) -> str:
+    """The KV-cache argument's name: transformers 5.2x calls it `cache`, earlier 5.x `past_key_values`;
+    generate() reads a given cache under the name forward() takes."""
+    import inspect
+    from transformers.generation.utils import GenerationMixin
+    # Without _prefill, generate() would run the whole of inputs_embeds again on top of the cache: wrong output.
+    if not hasattr(GenerationMixin, "_prefill"):
+        raise RuntimeError("this transformers cannot continue generate() from a filled cache with inputs_embeds "
+                           "(5.17 and 5.24 can)")
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 class Translator:
     """A loaded checkpoint, ready to generate. Build it with `from_checkpoint`.
 
     Every generation -- `translate()` for one clip, `generate_items()` for a batch of dataset samples --
-    goes through `generate_ids`: left-padded batch -> SignLLM.embed -> llm.generate on the KV cache."""
+    goes through `generate_ids`: left-padded batch -> SignLLM.embed -> the prompt prefilled once per clip
+    into a KV cache -> llm.generate (beam search) continuing from that cache."""
 
     def __init__(self, model, tokenizer, cfg: SignConfig, device: torch.device, checkpoint: Path | None = None):
         from data import Collator
@@ -104,7 +117,14 @@ class Translator:
     @torch.inference_mode()
     def generate_ids(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
         """New token ids (up to, not including, the end-of-turn token) for each sample, in order.
-        A sample is a dict like SignDataset's: input_ids, labels, segments, features (one per modality), modalities."""
+        A sample is a dict like SignDataset's: input_ids, labels, segments, features (one per modality), modalities.
+
+        Shared prefill: HF beam search repeats every prompt num_beams times before its prefill, and our prompts
+        are mostly video frames (hundreds to thousands of positions), so the prefill would dominate. Instead the
+        prompt minus its last position runs through the decoder once per clip into a KV cache (no logits), the
+        cache is repeated per beam, and generate() continues from it: it feeds only the uncached last prompt
+        position, whose logits give the first new token. The same path for num_beams == 1."""
+        from transformers import DynamicCache
         if not items:
             return []
         batch = self.collate(items)
@@ -112,17 +132,23 @@ class Translator:
         mask = batch["attention_mask"].to(dev)
         emb = self.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
                                {m: t.to(dev) for m, t in batch["frame_index"].items()})
-        # Left padding + inputs_embeds: generate() derives position ids from the attention mask
-        # (cumsum - 1), so every row starts at position 0 whatever its padding, and only new tokens come back.
+        decoder = self.model.decoder()       # the base model's, LoRA layers (if any) inside it
+        key = _cache_kwarg(decoder)
+        # Left padding: positions are generate()'s own rule (mask cumsum - 1, pads at 0), so every row starts at
+        # position 0 whatever its padding, and the cached prefix agrees with what generate() gives the last position.
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=decoder.config)
+        decoder(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
+                **{key: cache})
+        if num_beams > 1:
+            cache.batch_repeat_interleave(num_beams)    # generate() expands embeds and mask, but not a given cache
+        # The full embeds and mask go in: generate() slices the embeds to what the cache lacks (the last position)
+        # and takes the mask over the whole prompt; only new tokens come back.
         out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
                                       max_new_tokens=max_new_tokens, eos_token_id=self.ids["eot"],
-                                      pad_token_id=self.ids["pad"], use_cache=True)
-        res = []
-        for row in out.tolist():
-            if self.ids["eot"] in row:
-                row = row[:row.index(self.ids["eot"])]
-            res.append(row)
-        return res
+                                      pad_token_id=self.ids["pad"], use_cache=True, **{key: cache})
+        eot = self.ids["eot"]
+        return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

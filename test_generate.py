@@ -167,6 +167,42 @@ def manual_beam(tr: Translator, item: dict, num_beams: int, max_new: int) -> lis
     return best[:-1] if best[-1] == eot else best
 
 
+@torch.inference_mode()
+def hf_generate_ids(tr: Translator, items: list[dict], num_beams: int, max_new: int) -> list[list[int]]:
+    """generate_ids without the shared prefill (the path before it): plain HF generate() on the left-padded
+    batch's embeddings, which repeats every prompt num_beams times and prefills each copy."""
+    b = tr.collate(items)
+    emb = tr.model.embed(b["input_ids"], b["features"], b["frame_index"])
+    eot = tr.ids["eot"]
+    out = tr.model.llm.generate(inputs_embeds=emb, attention_mask=b["attention_mask"], num_beams=num_beams,
+                                do_sample=False, max_new_tokens=max_new, eos_token_id=eot, pad_token_id=tr.ids["pad"],
+                                use_cache=True)
+    return [r[:r.index(eot)] if eot in r else r for r in out.tolist()]
+
+
+def stage2_translators(env, tmp: Path, bits: int = 16) -> tuple[Translator, Translator]:
+    """A stage-2 model (random non-zero LoRA on q, v; nf4 base if bits == 4): (Translator of its checkpoint
+    written to `tmp` and loaded back, Translator of the model in memory)."""
+    from model import ADAPTER_DIR, SignConfig, assemble, load_tokenizer, read_projector_file, save_projectors
+    cfg = SignConfig.load(env["ckpt"])
+    cfg.stage, cfg.bits = 2, bits
+    cfg.lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    tok, _ = load_tokenizer(cfg.tokenizer)
+    torch.manual_seed(1)
+    model = assemble(cfg, tok, torch.device("cpu"), torch.float32, adapter="new")
+    model.load_projector_state(read_projector_file(env["ckpt"] / "projectors.safetensors"), "stage 1")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    tmp.mkdir()
+    save_projectors(model.projector_state(), tmp)
+    model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+    cfg.save(tmp)
+    model.eval()
+    return Translator.from_checkpoint(tmp, device="cpu"), Translator(model, tok, cfg, torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------------ tests
 def test_greedy_matches_manual_forward(env):
     tr, items = env["tr"], env["items"]
@@ -194,6 +230,26 @@ def test_batched_equals_one_at_a_time(env, num_beams):
     assert tr.generate_ids(items, num_beams, 10) == single
     assert tr.generate_ids(items[::-1], num_beams, 10) == single[::-1]
     assert tr.generate_items(items, num_beams, 10) == [tr.decode(s) for s in single]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_shared_prefill_equals_plain_hf_generate(env, num_beams):
+    tr, items = env["tr"], env["items"]
+    assert len({len(it["input_ids"]) for it in items}) > 3                        # real left padding
+    assert tr.model.llm.dtype == torch.float32
+    ref = hf_generate_ids(tr, items, num_beams, 10)
+    assert tr.generate_ids(items, num_beams, 10) == ref
+    assert any(len(r) < 10 for r in ref) and any(len(r) == 10 for r in ref)    # eot handled, and not always
+
+
+def test_shared_prefill_4bit_lora(env, tmp_path):
+    """The stage-2 model as trained: nf4 base (bitsandbytes) under a peft LoRA adapter."""
+    tr, _ = stage2_translators(env, tmp_path / "s2q", bits=4)
+    assert type(tr.model.llm).__name__.startswith("Peft")
+    assert any("4bit" in type(m).__name__ for m in tr.model.llm.modules())
+    items = env["items"]
+    for num_beams in (1, 3):
+        assert tr.generate_ids(items, num_beams, 8) == hf_generate_ids(tr, items, num_beams, 8)
 
 
 def test_output_json_and_metrics(env, tmp_path):
@@ -313,29 +369,12 @@ def test_predicted_context_in_clip_order(env, tmp_path, monkeypatch):
 
 
 def test_stage2_adapter_is_loaded(env, tmp_path):
-    from model import ADAPTER_DIR, SignConfig, assemble, load_tokenizer, read_projector_file, save_projectors
-    cfg = SignConfig.load(env["ckpt"])
-    cfg.stage, cfg.lora = 2, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    tok, _ = load_tokenizer(cfg.tokenizer)
-    torch.manual_seed(1)
-    model = assemble(cfg, tok, torch.device("cpu"), torch.float32, adapter="new")
-    model.load_projector_state(read_projector_file(env["ckpt"] / "projectors.safetensors"), "stage 1")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    d = tmp_path / "s2"
-    d.mkdir()
-    save_projectors(model.projector_state(), d)
-    model.llm.save_pretrained(str(d / ADAPTER_DIR))
-    cfg.save(d)
-    tr2 = Translator.from_checkpoint(d, device="cpu")
-    model.eval()
-    ref = Translator(model, tok, cfg, torch.device("cpu"))
+    tr2, ref = stage2_translators(env, tmp_path / "s2")
     items = env["items"]
     got = tr2.generate_ids(items, 1, 8)
     assert got == [manual_greedy(ref, it, 8) for it in items]
     assert got != env["tr"].generate_ids(items, 1, 8)                           # the adapter changes the output
+    assert tr2.generate_ids(items, 3, 8) == hf_generate_ids(tr2, items, 3, 8)    # LoRA: shared prefill == plain HF
 
 
 def test_bad_checkpoint_exits_2(env, tmp_path, capsys):
