@@ -123,5 +123,30 @@ def test_two_ranks_equal_one_rank_under_token_budget(tiny):
     assert max_diff(one / "checkpoint-6", two / "checkpoint-6", "projectors.safetensors") < 1e-5
 
 
+def test_resume_across_world_size_and_zero_stage(tiny):
+    """A checkpoint of 2 ranks resumes on 1 and the reverse (also from ZeRO-2 into ZeRO-3), through the
+    portable optimizer state, ending with the weights of the uninterrupted run."""
+    root, data, llm = tiny
+    common = ("--save_steps", 3)
+    ref = root / "xw_ref"
+    run_script("pretrain.py", *train_args(data, llm, ref, 6, *common, "--grad_accum", 2))
+    kill = script_env(SIGNLLAVA_FAULT="after_save:3", OMP_NUM_THREADS=1)
+
+    two_to_one = root / "xw_2to1"
+    res = run_script("pretrain.py", *train_args(data, llm, two_to_one, 6, *common, "--grad_accum", 1),
+                     launcher=True, ranks=2, env=kill, check=False)
+    assert res.returncode != 0 and (two_to_one / "latest").read_text().strip() == "checkpoint-3"
+    res = run_script("pretrain.py", *train_args(data, llm, two_to_one, 6, *common, "--grad_accum", 2, "--resume"))
+    assert "through the portable optimizer state" in res.stderr
+    assert max_diff(ref / "checkpoint-6", two_to_one / "checkpoint-6", "projectors.safetensors") < 1e-5
+
+    one_to_two = root / "xw_1to2"
+    res = run_script("pretrain.py", *train_args(data, llm, one_to_two, 6, *common, "--grad_accum", 2), env=kill, check=False)
+    assert res.returncode == -9
+    run_script("pretrain.py", *train_args(data, llm, one_to_two, 6, *common, "--grad_accum", 1, "--resume", zero=3),
+               launcher=True, ranks=2, env=script_env(OMP_NUM_THREADS=1))
+    assert max_diff(ref / "checkpoint-6", one_to_two / "checkpoint-6", "projectors.safetensors") < 1e-5
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt
+import portable_state
 from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch,
                   rank_share)
 from layout import DataError
@@ -238,18 +239,6 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
-def trainable_fp32_state(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 values of every trainable parameter (the optimizer's master copy under bf16),
-    gathered across ranks. Collective: every rank must call it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
-    return out
-
-
 def export_trainable(state: dict[str, torch.Tensor], model: SignLLM, cfg: SignConfig, directory: Path):
     """Portable weights: projectors.safetensors (+ adapter/ in PEFT format) + config.json."""
     save_projectors({k: v for k, v in state.items() if k.startswith(("projectors.", "marker_embed."))}, directory)
@@ -426,9 +415,15 @@ def _run(args, stage: Stage) -> int:
             raise CheckpointError(f"{resume_from}: saved with {geometry(state['batch_size'], saved_budget, state['grad_accum'], state['world_size'])}; "
                                   f"resume needs the same global batch (now "
                                   f"{geometry(args.batch_size, args.max_tokens_per_batch, args.grad_accum, world)})")
-        load_path, _ = engine.load_checkpoint(str(resume_from), tag="deepspeed", load_module_strict=False)
-        if load_path is None:
-            raise CheckpointError(f"{resume_from}: DeepSpeed state missing or unreadable")
+        if state["world_size"] == world and state.get("zero_stage") == zero_stage:
+            load_path, _ = engine.load_checkpoint(str(resume_from), tag="deepspeed", load_module_strict=False)
+            if load_path is None:
+                raise CheckpointError(f"{resume_from}: DeepSpeed state missing or unreadable")
+        else:
+            # DeepSpeed's partitions only load into the same world size and ZeRO stage.
+            log.info("resuming %d ranks / ZeRO-%s from %d ranks / ZeRO-%s through the portable optimizer state",
+                     world, zero_stage, state["world_size"], state.get("zero_stage"))
+            portable_state.restore(engine, resume_from)
         step, best_dev = state["step"], state.get("best_dev_loss")
         rng_file = resume_from / f"rng_state_{rank % state['world_size']}.pt"
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -476,13 +471,15 @@ def _run(args, stage: Stage) -> int:
         tmp = ckpt.begin(out, step) if rank == 0 else out / f"checkpoint-{step}.tmp"
         barrier()
         engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-        state = trainable_fp32_state(engine)
+        portable = portable_state.gather(engine)          # collective: full fp32 trainables + Adam moments
+        state = portable["params"]
         torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
         if rank == 0:
             export_trainable(state, model, cfg, tmp)
+            portable_state.save(portable, tmp)
             ckpt.write_state(tmp, {"step": step, "stage": stage.number, "world_size": world, "grad_accum": args.grad_accum,
                                    "batch_size": args.batch_size,
-                                   "max_tokens_per_batch": args.max_tokens_per_batch, "seed": args.seed, "dev_loss": dev_loss,
+                                   "max_tokens_per_batch": args.max_tokens_per_batch, "seed": args.seed, "zero_stage": zero_stage, "dev_loss": dev_loss,
                                    "best_dev_loss": best_dev, "total_steps": total})
         barrier()
         ckpt.fault_point("mid_save", step)
