@@ -207,6 +207,17 @@ def test_exact_resume_under_token_budget(tiny):
     assert res.returncode == 2 and "token budget 600" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_unseen_layout_trains_with_only_data_dir(tiny):
+    """Odd dims, a subset of modalities, shards, text-ordered names, missing clips: nothing but --data_dir
+    (and where to write); the embedded LLM and tokenizer are built from this data's sentences."""
+    root, data, _ = tiny
+    out = root / "only_data_dir"
+    res = run_script("pretrain.py", "--data_dir", data, "--output_dir", out, "--max_steps", 2, "--num_workers", 0)
+    assert "2 of 44 clips have no pose features" in res.stderr and "sorted naturally" in res.stderr
+    cfg = json.loads((out / "checkpoint-2" / "config.json").read_text())
+    assert cfg["dims"] == {"mae": 12, "dino": 9, "pose": 6} and cfg["base_model"] == "../base_model"
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_dims_mismatch_is_one_clear_line(tiny):
     root, data, llm = tiny
