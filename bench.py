@@ -15,12 +15,17 @@ What is timed (every ratio is against a baseline measured in the same run):
                    (a) reference style: batch 1, gradient checkpointing, no grouping;
                    (b) ours: data.plan_epoch length-grouped batches, the largest batch that fits without
                        checkpointing, and the largest that fits with it ("fits" = one full step on the
-                       longest batch of the epoch plan runs without OOM); the faster is "ours";
-                   (c) ablation: ours' batch and checkpointing without length grouping;
+                       longest batch of the epoch plan runs without OOM);
+                   (c) ablation: the faster (b)'s batch and checkpointing without length grouping;
                    (d) ours with a token budget (training's --max_tokens_per_batch N: data.plan_epoch(max_tokens=N)
                        with the prompt template counted, as training does): batches cut by a padded-token budget
                        instead of a fixed size, no checkpointing, N = padded tokens of the longest batch that
-                       fitted without checkpointing.
+                       fitted without checkpointing;
+                   * = ours: the fastest configuration that ran among (b), (d) (and (e)).
+                   QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
+                   stays within 24 GiB (a 24 GB card); if none does, (e) times up to two more checkpointed
+                   configurations: a token budget sized by a linear fit of peak memory to padded tokens over the
+                   checkpointed runs, then the largest grouped fixed batch estimated to fit (cuda only).
                    QLoRA: nf4 + double quantisation (bitsandbytes, the same modules and Params4bit that
                    from_pretrained(BitsAndBytesConfig) makes, quantised in memory), LoRA r64 a16 dropout 0.05
                    on all linear layers (finetune.py's defaults).
@@ -29,10 +34,11 @@ What is timed (every ratio is against a baseline measured in the same run):
                    fairly; raw samples/s is in the JSON. MFU = 4 * matmul_params * real_tokens_per_s / peak,
                    matmul_params = the decoder's linear weights (6.98 B for 8B; lm_head, projectors and
                    attention scores not counted), peak = best measured bf16 8192^2 torch.mm in this run.
-  generation       generate.Translator.generate_ids (left padding, inputs_embeds, HF beam search on the KV
-                   cache) over length-sorted batches of --gen_batch_size like generate_split, vs the same call
-                   one clip at a time; plus a prototype (generate_ids_shared_prefill below) that prefills each prompt
-                   once instead of once per beam. A systematic sample of the batches of a --gen_clips
+  generation       (baseline) generate.Translator.generate_ids one clip at a time; (ablation) the previous path,
+                   plain HF generate() on a left-padded batch's inputs_embeds, which repeats every prompt
+                   num_beams times and prefills each copy; (ours) Translator.generate_ids on the same batches,
+                   which prefills each prompt once into a KV cache and repeats the cache per beam. Batches are
+                   length-sorted, --gen_batch_size, like generate_split. A systematic sample of the batches of a --gen_clips
                    population is timed (the longest batch always runs first, as the OOM probe); clips/s and
                    the projected time for all --gen_clips clips are reported.
   loader           SignDataset + Collator + DataLoader (training's make_loader, pin_memory on cuda) over
@@ -140,6 +146,16 @@ def out_of_time(args, what: str, into: list | dict | None = None) -> bool:
     elif isinstance(into, dict):
         into.setdefault("skipped", []).append(what)
     return True
+
+
+def reset_peak_mem(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mem_gb(device: torch.device) -> float | None:
+    """Peak allocated memory since reset_peak_mem, GiB; None where the device keeps no such count (cpu)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def is_oom(e: BaseException) -> bool:
@@ -480,8 +496,8 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
     set_gradient_checkpointing(trainer.model, gc_on)
     trainer.model.train()
     free_memory()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_mem(device)
+    res["max_batch_tokens"] = max(batch_stats(b)["padded"] for b in batches + ([probe] if probe is not None else []))
     failed = None
     try:
         if probe is not None:
@@ -505,8 +521,9 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
         res["pop_samples_per_s"] = res["real_tokens_per_s"] / ctx["mean_real_tokens"]
         res["pad_fraction"] = 1 - res["real"] / res["padded"]
         res["mfu"] = mfu(ctx["matmul_params"], res["real_tokens_per_s"], ctx["peak_flops"])
-    if device.type == "cuda":
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    mem = peak_mem_gb(device)
+    if mem is not None:
+        res["peak_mem_gb"] = mem
     set_gradient_checkpointing(trainer.model, False)
     log(f"  {name}: " + (f"{res['pop_samples_per_s']:.2f} samples/s, {res['real_tokens_per_s']:.0f} tok/s, "
                          f"MFU {100 * res['mfu']:.1f}%, pad {100 * res['pad_fraction']:.0f}%"
@@ -528,7 +545,7 @@ def longest(plan: list[list[int]], seq_lens: np.ndarray) -> list[int]:
 
 
 def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, device: torch.device, ctx: dict,
-                   lr: float, step_override=None) -> list[dict]:
+                   lr: float, step_override=None, mem_target_gb: float | None = None) -> list[dict]:
     """(a) reference style, (b) ours (length-grouped, largest batch that fits, without then with
     checkpointing), (c) ours without grouping, (d) ours with a token budget instead of a fixed batch
     (data.plan_epoch(max_tokens=) as --max_tokens_per_batch, no checkpointing, the budget = padded tokens of the
@@ -547,7 +564,7 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     results.append(run(trainer, "(a) ref: bs1 GC", role="baseline", batch_size=1, gc_on=True, grouped=False,
                               batches=mk(plan), probe=None, warmup=args.warmup, device=device, ctx=ctx, step=step))
 
-    best = None
+    best = None                         # fastest fixed-batch (b): what (c) ablates and (d)'s budget comes from
     sizes = sorted(set(args.batch_sizes), reverse=True)
     for gc_on in (False, True):
         if gc_on and best is not None and best["batch_size"] == sizes[0]:
@@ -565,50 +582,125 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                 if best is None or r["pop_samples_per_s"] > best["pop_samples_per_s"]:
                     best = r
                 break
-    if best is not None:
-        best["best"] = True
-        if args.ablation and not out_of_time(args, f"{section} (c) ablation", results):
-            bs, gc_on = best["batch_size"], best["gradient_checkpointing"]
-            plan = plan_batches(lengths, bs, args.seed, False)
-            probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
-            log(f"{section}: (c) ours without grouping, bs{bs} {'GC' if gc_on else 'no GC'}")
-            results.append(run(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
-                                      batch_size=bs, gc_on=gc_on, grouped=False,
-                                      batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
-                                      device=device, ctx=ctx, step=step))
-    no_gc = [r for r in results if r["role"] == "ours" and not r["gradient_checkpointing"] and r["status"] == "ok"]
-    if args.token_budget and no_gc and not out_of_time(args, f"{section} (d) token budget", results):
-        from training import prompt_tokens
-        budget = no_gc[0]["probe_tokens"]
-        plan = plan_batches(lengths, 0, args.seed, True, budget, prompt_tokens(synth.builder, len(synth.modalities)))
+    if best is not None and args.ablation and not out_of_time(args, f"{section} (c) ablation", results):
+        bs, gc_on = best["batch_size"], best["gradient_checkpointing"]
+        plan = plan_batches(lengths, bs, args.seed, False)
+        probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+        log(f"{section}: (c) ours without grouping, bs{bs} {'GC' if gc_on else 'no GC'}")
+        results.append(run(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
+                                  batch_size=bs, gc_on=gc_on, grouped=False,
+                                  batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
+                                  device=device, ctx=ctx, step=step))
+    from training import prompt_tokens
+    overhead = prompt_tokens(synth.builder, len(synth.modalities))
+
+    def token_budget(budget: int, gc_on: bool, label: str) -> dict:
+        plan = plan_batches(lengths, 0, args.seed, True, budget, overhead)
         probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
         sizes_ = [len(b) for b in plan]
-        log(f"{section}: (d) token budget {budget} (batches of {min(sizes_)}-{max(sizes_)}), no GC")
-        r = run(trainer, f"(d) ours: token budget {budget} noGC", role="candidate", batch_size=0, gc_on=False,
+        tag = "GC" if gc_on else "noGC"
+        log(f"{section}: {label} token budget {budget} (batches of {min(sizes_)}-{max(sizes_)}), {tag}")
+        r = run(trainer, f"{label} ours: token budget {budget} {tag}", role="ours", batch_size=0, gc_on=gc_on,
                        grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
                        device=device, ctx=ctx, step=step)
         r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
         results.append(r)
+        return r
+
+    no_gc = [r for r in results if r["role"] == "ours" and not r["gradient_checkpointing"] and r["status"] == "ok"]
+    if args.token_budget and no_gc and not out_of_time(args, f"{section} (d) token budget", results):
+        token_budget(no_gc[0]["probe_tokens"], False, "(d)")
+
+    def fixed_gc(bs: int) -> dict:
+        plan = plan_batches(lengths, bs, args.seed, True)
+        probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+        log(f"{section}: (e) grouped bs{bs} GC (for the memory target)")
+        r = run(trainer, f"(e) ours: grouped bs{bs} GC", role="ours", batch_size=bs, gc_on=True, grouped=True,
+                       batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup, device=device,
+                       ctx=ctx, step=step)
+        results.append(r)
+        return r
+
+    def grouped_tokens(bs: int) -> int:
+        plan = plan_batches(lengths, bs, args.seed, True)
+        return len(longest(plan, seq_lens)) * int(seq_lens[longest(plan, seq_lens)].max())
+
+    if mem_target_gb:
+        fit_memory(section, results, mem_target_gb, args, sizes,
+                   lambda b: token_budget(b, True, "(e)"), fixed_gc, grouped_tokens)
+    mark_best(results, mem_target_gb)
     del trainer
     free_memory()
     return results
 
 
+def fits(r: dict, limit_gb: float) -> bool:
+    return r["status"] == "ok" and r.get("peak_mem_gb") is not None and r["peak_mem_gb"] <= limit_gb
+
+
+def mark_best(results: list[dict], mem_target_gb: float | None = None):
+    """best: the fastest "ours" candidate that ran ((b), (d), (e)); best_mem: the fastest whose peak memory
+    is within mem_target_gb."""
+    ok = [r for r in results if r["role"] == "ours" and r["status"] == "ok"]
+    if ok:
+        max(ok, key=lambda r: r["pop_samples_per_s"])["best"] = True
+    fit = [r for r in ok if mem_target_gb and fits(r, mem_target_gb)]
+    if fit:
+        max(fit, key=lambda r: r["pop_samples_per_s"])["best_mem"] = True
+
+
+def linear_mem(results: list[dict]) -> tuple[float, float] | None:
+    """(intercept GiB, GiB per padded token) of peak memory with checkpointing, through the checkpointed runs
+    with the fewest and most tokens in a batch (the batch-1 reference and the largest (b) GC); None if < 2."""
+    pts = sorted({(r["max_batch_tokens"], r["peak_mem_gb"]) for r in results
+                  if r["status"] == "ok" and r["gradient_checkpointing"] and r.get("peak_mem_gb") is not None
+                  and r.get("max_batch_tokens")})
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0] or pts[-1][1] <= pts[0][1]:
+        return None
+    (t0, m0), (t1, m1) = pts[0], pts[-1]
+    slope = (m1 - m0) / (t1 - t0)
+    return m0 - slope * t0, slope
+
+
+def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: list[int], run_budget_gc,
+               run_fixed_gc, grouped_tokens, margin: float = 0.9, max_tries: int = 2):
+    """Unless an "ours" candidate already peaked within limit_gb: up to max_tries more configurations with
+    checkpointing, until one fits -- a token budget sized by a linear fit of checkpointed peak memory to padded
+    tokens (aimed at margin x limit), then the largest grouped fixed batch whose estimate fits (or the smallest)."""
+    ours = [r for r in results if r["role"] == "ours"]
+    if any(fits(r, limit_gb) for r in ours):
+        return
+    if not any(r.get("peak_mem_gb") is not None for r in results):
+        log(f"{section}: no peak-memory count on this device; no <= {limit_gb:g} GiB configuration sought")
+        return
+    tried = {r["batch_size"] for r in ours if r["gradient_checkpointing"]}
+    for k in range(max_tries):
+        if out_of_time(args, f"{section} (e) <= {limit_gb:g} GiB", results):
+            return
+        fit = linear_mem(results)
+        r = None
+        if k == 0 and fit is not None and args.token_budget:
+            a, slope = fit
+            budget = int((margin * limit_gb - a) / slope)
+            if budget > 0:
+                r = run_budget_gc(budget)
+        if r is None:
+            left = [bs for bs in sizes if bs not in tried]
+            if not left:
+                return
+            ok = [bs for bs in left if fit is None or fit[0] + fit[1] * grouped_tokens(bs) <= margin * limit_gb]
+            bs = ok[0] if ok else left[-1]
+            tried.add(bs)
+            r = run_fixed_gc(bs)
+        if fits(r, limit_gb):
+            return
+
+
 # ------------------------------------------------------------------------------------------ generation
-def _cache_kwarg(llm) -> str:
-    import inspect
-    from transformers import LlamaModel
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
-def generate_ids_shared_prefill(tr, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
-    """Translator.generate_ids with one change: HF beam search repeats every prompt num_beams times
-    before the prefill, so the prompt (hundreds to thousands of frame positions) runs through the LLM
-    num_beams times. Here the first L-1 positions are prefilled once per clip, the KV cache is repeated
-    per beam, and generate() continues from that cache (it slices inputs_embeds to the uncached tail).
-    Positions follow generate()'s rule for left padding (mask cumsum - 1)."""
-    from transformers import DynamicCache
+def generate_ids_plain_hf(tr, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
+    """The previous generation path (the ablation): plain HF generate() on the left-padded batch's embeddings,
+    which repeats every prompt num_beams times and prefills each copy (test_generate.hf_generate_ids)."""
     if not items:
         return []
     batch = tr.collate(items)
@@ -616,48 +708,11 @@ def generate_ids_shared_prefill(tr, items: list[dict], num_beams: int = 5, max_n
     mask = batch["attention_mask"].to(dev)
     emb = tr.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
                          {m: t.to(dev) for m, t in batch["frame_index"].items()})
-    llm = tr.model.llm
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    key = _cache_kwarg(llm)
-    cache = DynamicCache(config=base_llm(tr.model).config)
-    # Decoder only: no logits for the prefix at all.
-    tr.model.decoder()(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                       use_cache=True, **{key: cache})
-    cache.batch_repeat_interleave(num_beams)
-    out = llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
-                       max_new_tokens=max_new_tokens, eos_token_id=tr.ids["eot"], pad_token_id=tr.ids["pad"],
-                       use_cache=True, **{key: cache})
     eot = tr.ids["eot"]
+    out = tr.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=eot, pad_token_id=tr.ids["pad"],
+                                use_cache=True)
     return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
-
-
-def shared_prefill_supported() -> str | None:
-    """None if this transformers continues generate() from a filled cache with inputs_embeds (it slices
-    them to the uncached tail: GenerationMixin._prefill, transformers >= 5.2x); else why not."""
-    from transformers.generation.utils import GenerationMixin
-    return None if hasattr(GenerationMixin, "_prefill") else "this transformers has no cache continuation from inputs_embeds"
-
-
-@torch.inference_mode()
-def shared_prefill_rel_err(tr, items: list[dict]) -> float:
-    """Relative difference between the last prompt position's hidden state computed in one pass and
-    computed from the cache of the first L-1 positions -- the step the prototype relies on. fp32 gives
-    ~1e-7 and bf16 ~1e-2; a wrong padding mask or cache gives ~0.7 (a uniform position shift would not
-    show, but RoPE is relative, so it changes nothing)."""
-    from transformers import DynamicCache
-    batch = tr.collate(items)
-    dev = tr.device
-    mask = batch["attention_mask"].to(dev)
-    emb = tr.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
-                         {m: t.to(dev) for m, t in batch["frame_index"].items()})
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    dec, key = tr.model.decoder(), _cache_kwarg(tr.model.llm)
-    full = dec(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, -1].float()
-    cache = DynamicCache(config=base_llm(tr.model).config)
-    dec(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True, **{key: cache})
-    last = dec(inputs_embeds=emb[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], use_cache=True,
-               **{key: cache}).last_hidden_state[:, -1].float()
-    return float((full - last).norm() / full.norm())
 
 
 def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.device) -> dict:
@@ -747,7 +802,7 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
 
     log(f"generation: batched Translator.generate_ids, bs{args.gen_batch_size}, {args.num_beams} beams, "
         f"{args.max_new_tokens} new tokens, {args.gen_batches} batches of {-(-n // args.gen_batch_size)} timed")
-    batched, batched_out = run_batched("batched (Translator.generate_ids)", tr.generate_ids, args.gen_budget_s)
+    batched, batched_out = run_batched("ours: batched generate_ids", tr.generate_ids, args.gen_budget_s)
     timed_batches = batched.pop("_timed")
     out["batched"] = batched
 
@@ -759,7 +814,7 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
         serial_ids += [b[p] for p in systematic(len(b), per)]
     serial_ids = serial_ids[:args.gen_serial]
     log(f"generation: clip by clip, {len(serial_ids)} clips")
-    res = {"name": "clip-by-clip (generate_ids, batch 1)", "status": "ok", "clips": 0, "time_s": 0.0}
+    res = {"name": "clip-by-clip generate_ids", "status": "ok", "clips": 0, "time_s": 0.0}
     same = []
     failed = None
     if device.type == "cuda":
@@ -798,28 +853,21 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
         log(f"  clip by clip: {res['clips_per_s']:.2f} clips/s, projected {res['projected_total_s'] / 60:.1f} min for {n} clips")
     out["serial"] = res
 
-    why_not = shared_prefill_supported() if args.shared_prefill else "--no_shared_prefill"
-    if why_not:
-        out["shared_prefill_skipped"] = why_not
-    elif not out_of_time(args, "generation shared-prefill prototype", out):
-        log("generation: batched, prompt prefilled once per clip, not once per beam (prototype)")
-        check = items_of(order[n // 2:n // 2 + 4])
+    if args.plain_hf and not out_of_time(args, "generation plain-HF ablation", out):
+        log("generation: batched, plain HF generate (prompt repeated per beam, the previous path)")
         try:
-            err = shared_prefill_rel_err(tr, check)
-            shared, shared_out = run_batched("batched + shared prefill (prototype)",
-                                             lambda items, **k: generate_ids_shared_prefill(tr, items, **k),
-                                             args.gen_budget_s)
-        except Exception as e:      # noqa: BLE001 -- a prototype that breaks must not sink the run
-            err, shared, shared_out = None, {"name": "batched + shared prefill (prototype)", "status": "error",
-                                             "error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"}, {}
-            log(f"  shared prefill: FAILED {shared['error']}")
-        shared.pop("_timed", None)
-        shared["prefill_rel_err"] = err
-        common = [i for i in shared_out if i in batched_out]
+            plain, plain_out = run_batched("plain HF generate, prompt x beams",
+                                           lambda items, **k: generate_ids_plain_hf(tr, items, **k), args.gen_budget_s)
+        except Exception as e:      # noqa: BLE001 -- an ablation that breaks must not sink the run
+            plain, plain_out = {"name": "plain HF generate, prompt x beams", "status": "error",
+                                "error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"}, {}
+            log(f"  plain HF: FAILED {plain['error']}")
+        plain.pop("_timed", None)
+        common = [i for i in plain_out if i in batched_out]
         # Informative: random weights make near-flat distributions where rounding can flip a beam.
-        shared["same_output_as_batched"] = (sum(shared_out[i] == batched_out[i] for i in common) / len(common)
-                                            if common else None)
-        out["shared_prefill"] = shared
+        plain["same_output_as_batched"] = (sum(plain_out[i] == batched_out[i] for i in common) / len(common)
+                                           if common else None)
+        out["plain_hf"] = plain
 
     return out
 
@@ -921,11 +969,19 @@ def summary_rows(R: dict) -> list[dict]:
                          "tokens_per_s": c.get("real_tokens_per_s"), "mfu": c.get("mfu"), "mem_gb": c.get("peak_mem_gb"),
                          "status": c["status"],
                          "ratio": c["pop_samples_per_s"] / base["pop_samples_per_s"] if ok and base else None})
+        lim = R.get(sec, {}).get("mem_target_gb")
+        if lim:
+            c = next((c for c in cfgs if c.get("best_mem")), None)
+            rows.append({"section": sec, "config": f"ours <= {lim:g} GiB: " + (c["name"] if c else "none fitted"),
+                         "metric": "samples/s", "value": c and c["pop_samples_per_s"],
+                         "tokens_per_s": c and c.get("real_tokens_per_s"), "mfu": c and c.get("mfu"),
+                         "mem_gb": c and c.get("peak_mem_gb"), "status": "ok" if c else "none",
+                         "ratio": c["pop_samples_per_s"] / base["pop_samples_per_s"] if c and base else None})
     g = R.get("generation")
     if g:
         base = g.get("serial", {})
         bv = base.get("clips_per_s")
-        for key in ("serial", "batched", "shared_prefill"):
+        for key in ("serial", "plain_hf", "batched"):
             c = g.get(key)
             if not c:
                 continue
@@ -957,8 +1013,9 @@ def format_table(rows: list[dict]) -> str:
                      f"{f(r.get('tokens_per_s'), '.0f'):>10}{f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f'):>7}"
                      f"{f(r.get('mem_gb'), '.1f'):>8}{f(r['ratio'], '.2f'):>8}")
     lines.append("ratio: to the section's baseline in this run -- (a) ref bs1 GC; clip-by-clip; for the loader, "
-                 "to the GPU's stage-1 ours samples/s (>1 keeps up). * = ours (fastest fitting grouped fixed-batch config); "
-                 "(d) = training with --max_tokens_per_batch <its budget>.")
+                 "to the GPU's stage-1 ours samples/s (>1 keeps up). * = ours: the fastest config that ran among (b) grouped "
+                 "fixed batches, (d)/(e) token budgets (training's --max_tokens_per_batch <budget>) and (e) extra GC "
+                 "configs; 'ours <= N GiB' = the fastest of those peaking within N GiB (cuda only).")
     return "\n".join(lines)
 
 
@@ -1010,6 +1067,9 @@ def parse_args(argv=None):
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
+    g.add_argument("--qlora_mem_gb", type=float, default=24,
+                   help="QLoRA: also report the fastest ours config peaking within this many GiB, timing up to two "
+                        "more checkpointed configs (token budget, then grouped fixed batch) if none did (0: off; cuda only)")
     g.add_argument("--config_budget_s", type=float, default=45,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")
@@ -1023,7 +1083,8 @@ def parse_args(argv=None):
                                                       "(default 60, quick 30)")
     g.add_argument("--gen_model", choices=["bf16", "qlora"], default="bf16",
                    help="generate with the stage-1 bf16 LLM (before quantisation) or the 4-bit + LoRA one")
-    g.add_argument("--no_shared_prefill", dest="shared_prefill", action="store_false")
+    g.add_argument("--no_plain_hf", dest="plain_hf", action="store_false",
+                   help="skip the ablation: batched plain HF generate (prompt repeated per beam)")
     g = p.add_argument_group("loader")
     g.add_argument("--loader_clips", type=int, help="clips written to h5 (default 2000, quick 800)")
     g.add_argument("--loader_batches", type=int, help="batches read per worker count (default 60, quick 25)")
@@ -1031,7 +1092,8 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=ints, default=[0, 2, 4, 8])
     g.add_argument("--tmp_dir", help="where the loader's h5 files go (default: the system temp dir)")
     p.add_argument("--time_limit_s", type=float, default=450,
-                   help="past this many seconds, optional pieces ((c), (d), the generation prototype) are skipped")
+                   help="past this many seconds, optional pieces ((c), (d), (e), the plain-HF generation ablation) "
+                        "are skipped")
     p.add_argument("--out", help="JSON path (default bench/results-<device>-<shape>-<date>.json)")
     p.add_argument("--copy_to", metavar="DIR", help="also copy the JSON into DIR after every section "
                                                     "(default: $OUT when that is a directory)")
@@ -1158,14 +1220,17 @@ def main(argv=None) -> dict:
         cast_params_(model, dtype)
         if "qlora" in args.only:
             R["qlora"] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-            R["qlora"]["configs"] = bench_training("qlora", model, synth, specs, args, device, ctx, lr=2e-4)
+            R["qlora"]["mem_target_gb"] = args.qlora_mem_gb if device.type == "cuda" else None
+            R["qlora"]["configs"] = bench_training("qlora", model, synth, specs, args, device, ctx, lr=2e-4,
+                                                   mem_target_gb=R["qlora"]["mem_target_gb"])
             save()
         if "gen" in args.only and args.gen_model == "qlora":
             run_gen(model)
 
     def loader():
         best1 = next((c for c in R.get("stage1", {}).get("configs", []) if c.get("best")), None)
-        bs = args.loader_batch_size or (best1["batch_size"] if best1 else 8)
+        bs = args.loader_batch_size or ((best1["batch_size"] or max(1, round(best1["samples"] / best1["steps"])))
+                                        if best1 else 8)     # a token-budget best: its mean batch
         lspecs = make_specs(args.loader_clips, args.seed + 2, tuple(args.frames), tuple(args.answer), args.frames_dist)
         R["loader"] = bench_loader(synth, lspecs, args, device, bs)
 
