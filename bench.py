@@ -697,17 +697,22 @@ def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: 
 
 
 # ------------------------------------------------------------------------------------------ generation
+def end_timing(res: dict, failed: str | None, device: torch.device):
+    """Close a timed generation row: mark an OOM, record peak memory, free the cache."""
+    if failed:
+        res["status"], res["error"] = "OOM", failed
+    if device.type == "cuda":
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    free_memory()
+
+
 @torch.inference_mode()
 def generate_ids_plain_hf(tr, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
     """The previous generation path (the ablation): plain HF generate() on the left-padded batch's embeddings,
     which repeats every prompt num_beams times and prefills each copy (test_generate.hf_generate_ids)."""
     if not items:
         return []
-    batch = tr.collate(items)
-    dev = tr.device
-    mask = batch["attention_mask"].to(dev)
-    emb = tr.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
-                         {m: t.to(dev) for m, t in batch["frame_index"].items()})
+    emb, mask = tr.embed_batch(items)
     eot = tr.ids["eot"]
     out = tr.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
                                 max_new_tokens=max_new_tokens, eos_token_id=eot, pad_token_id=tr.ids["pad"],
@@ -783,11 +788,7 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
             if not is_oom(e):
                 raise
             failed = f"OOM ({str(e).splitlines()[0][:160]})"
-        if failed:
-            res["status"], res["error"] = "OOM", failed
-        if device.type == "cuda":
-            res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        free_memory()
+        end_timing(res, failed, device)
         if res["status"] == "ok" and res["batches"]:
             mean_batch = res["time_s"] / res["batches"]
             res["projected_total_s"] = mean_batch * len(batches)
@@ -839,11 +840,7 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
         if not is_oom(e):
             raise
         failed = f"OOM ({str(e).splitlines()[0][:160]})"
-    if failed:
-        res["status"], res["error"] = "OOM", failed
-    if device.type == "cuda":
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    free_memory()
+    end_timing(res, failed, device)
     if res["status"] == "ok" and res["clips"]:
         res["projected_total_s"] = res["time_s"] / res["clips"] * n
         res["clips_per_s"] = res["clips"] / res["time_s"]

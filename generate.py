@@ -113,6 +113,14 @@ class Translator:
         model.eval()
         return cls(model, tokenizer, cfg, device, ckpt)
 
+    def embed_batch(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded batch of samples -> (inputs_embeds with frames spliced in, attention_mask), on the device."""
+        batch = self.collate(items)
+        dev = self.device
+        emb = self.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
+                               {m: t.to(dev) for m, t in batch["frame_index"].items()})
+        return emb, batch["attention_mask"].to(dev)
+
     # -- the one generation path
     @torch.inference_mode()
     def generate_ids(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
@@ -127,11 +135,7 @@ class Translator:
         from transformers import DynamicCache
         if not items:
             return []
-        batch = self.collate(items)
-        dev = self.device
-        mask = batch["attention_mask"].to(dev)
-        emb = self.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
-                               {m: t.to(dev) for m, t in batch["frame_index"].items()})
+        emb, mask = self.embed_batch(items)
         decoder = self.model.decoder()       # the base model's, LoRA layers (if any) inside it
         key = _cache_kwarg(decoder)
         # Left padding: positions are generate()'s own rule (mask cumsum - 1, pads at 0), so every row starts at
