@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layout import (DataError, FeatureStore, KNOWN_MODALITY_ORDER, discover_modalities, load_annotation,
-                    modality_rank, read_json)
+from layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
 from prompts import TASKS, PromptBuilder, context_ids, make_task, translation_prompt
 
 log = logging.getLogger("signllava")

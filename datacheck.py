@@ -28,8 +28,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from layout import (SPLITS, DataError, find_metadata, load_annotation, modality_rank, natural_key, read_json,
-                    shard_path, where)
+from layout import (SPLITS, DataError, find_metadata, load_annotation, modality_rank, natural_key, parse_metadata,
+                    read_json, shard_path, where)
 
 CHUNK_BYTES = 64 << 20        # finite check reads at most this much of one array at a time
 MAX_LISTED = 20               # per-clip warnings printed per split and modality before "... and N more"
@@ -107,19 +107,7 @@ def _read_json(path: Path, rep: Report):
 def _read_metadata(meta: Path, rep: Report) -> tuple[dict[str, str], set[str]] | None:
     """(video -> shard, videos with a malformed entry), or None if the file is unusable."""
     raw = _read_json(meta, rep)
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        rep.fault(f"{meta}: malformed metadata (must be an object video -> shard)")
-        return None
-    out, bad = {}, set()
-    for video, shard in raw.items():
-        if not isinstance(shard, (int, str)) or isinstance(shard, bool):
-            rep.fault(f"{where(meta, video)}: malformed metadata (shard must be an int or string, got {shard!r:.40})")
-            bad.add(video)
-            continue
-        out[video] = str(shard)
-    return out, bad
+    return None if raw is None else parse_metadata(raw, meta, on_fault=rep.fault)
 
 
 def _count_nonfinite(ds: h5py.Dataset) -> tuple[int, int]:

@@ -166,6 +166,27 @@ def modality_rank(m: str):
     return (KNOWN_MODALITY_ORDER.index(m), "") if m in KNOWN_MODALITY_ORDER else (len(KNOWN_MODALITY_ORDER), m)
 
 
+def parse_metadata(raw, path: Path, on_fault=None) -> tuple[dict[str, str], set[str]] | None:
+    """A metadata file's content -> (video -> shard as text, videos with a malformed entry).
+    Raises DataError at the first fault, or, given `on_fault`, reports every fault through it and
+    returns None when the file as a whole is unusable."""
+    def fault(msg):
+        if on_fault is None:
+            raise DataError(msg)
+        on_fault(msg)
+    if not isinstance(raw, dict):
+        fault(f"{path}: malformed metadata (must be an object video -> shard)")
+        return None
+    out, bad = {}, set()
+    for video, shard in raw.items():
+        if not isinstance(shard, (int, str)) or isinstance(shard, bool):
+            fault(f"{where(path, video)}: malformed metadata (shard must be an int or string, got {shard!r:.40})")
+            bad.add(video)
+            continue
+        out[video] = str(shard)
+    return out, bad
+
+
 class FeatureStore:
     """Per-modality sharded h5 features of one split.
 
@@ -175,14 +196,7 @@ class FeatureStore:
     def __init__(self, modality: str, metadata: Path):
         self.modality = modality
         self.metadata = metadata
-        raw = read_json(metadata)
-        if not isinstance(raw, dict):
-            raise DataError(f"{metadata}: malformed metadata (must be an object video -> shard)")
-        self.video_shard: dict[str, str] = {}
-        for video, shard in raw.items():
-            if not isinstance(shard, (int, str)) or isinstance(shard, bool):
-                raise DataError(f"{where(metadata, video)}: malformed metadata (shard must be an int or string)")
-            self.video_shard[video] = str(shard)
+        self.video_shard, _ = parse_metadata(read_json(metadata), metadata)
         self._handles: dict[str, h5py.File] = {}
 
     def shard_file(self, video: str) -> Path:

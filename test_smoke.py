@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testkit import REPO, build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
+from testkit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -467,7 +467,6 @@ def _run(args, stage: Stage) -> int:
         return tot / max(cnt, 1.0)
 
     def save(step: int, dev_loss):
-        nonlocal best_dev
         tmp = ckpt.begin(out, step) if rank == 0 else out / f"checkpoint-{step}.tmp"
         barrier()
         engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
