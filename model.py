@@ -153,7 +153,8 @@ class SignLLM(nn.Module):
             if m not in self.projectors:
                 raise CheckpointError(f"modality {m!r} has no projector (model knows {', '.join(self.projectors)})")
             proj = self.projectors[m]
-            dtype = next(proj.parameters()).dtype if any(True for _ in proj.parameters()) else emb.dtype
+            weight = next(proj.parameters(), None)      # None for the identity projector
+            dtype = weight.dtype if weight is not None else emb.dtype
             out = proj(feats.to(device=emb.device, dtype=dtype)).to(emb.dtype)
             flat = flat.index_copy(0, frame_index[m].to(emb.device), out)
         return flat.view(B, L, H)
