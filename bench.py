@@ -21,11 +21,17 @@ What is timed (every ratio is against a baseline measured in the same run):
                        with the prompt template counted, as training does): batches cut by a padded-token budget
                        instead of a fixed size, no checkpointing, N = padded tokens of the longest batch that
                        fitted without checkpointing;
-                   * = ours: the fastest configuration that ran among (b), (d) (and (e)).
+                   (f) ours packed (training's default): the token budget's batches as one row each, samples
+                       end to end without padding, attention within each sample (attention.py: the varlen
+                       flash kernel), the budget counting real tokens; first at (d)'s budget, then at 1.5x if
+                       that peaked under 70 % of the device's memory. Before timing, the packed and padded
+                       losses of one batch are compared (packing_check in the JSON);
+                   * = ours: the fastest configuration that ran among (b), (d), (f) (and (e)).
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
                    stays within 24 GiB (a 24 GB card); if none does, (e) times up to two more checkpointed
-                   configurations: a token budget sized by a linear fit of peak memory to padded tokens over the
-                   checkpointed runs, then the largest grouped fixed batch estimated to fit (cuda only).
+                   configurations: a token budget (packed unless --no_packing) sized by a linear fit of peak
+                   memory to batch tokens over the checkpointed runs, then the largest grouped fixed batch
+                   estimated to fit (cuda only).
                    QLoRA: nf4 + double quantisation (bitsandbytes, the same modules and Params4bit that
                    from_pretrained(BitsAndBytesConfig) makes, quantised in memory), LoRA r64 a16 dropout 0.05
                    on all linear layers (finetune.py's defaults).
@@ -488,21 +494,24 @@ def timed_steps(step, batches: list[dict], warmup: int, device: torch.device, bu
 
 def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on: bool, grouped: bool,
                batches: list[dict], probe: dict | None, warmup: int, device: torch.device, ctx: dict,
-               step=None, budget_s: float = math.inf) -> dict:
-    """Time one configuration; an OOM (in the probe or the timed steps) is recorded, never raised."""
+               step=None, budget_s: float = math.inf, packed: bool = False) -> dict:
+    """Time one configuration; an OOM (in the probe or the timed steps) is recorded, never raised.
+    `packed`: the model packs each batch into one row (SignLLM.packing); the batch tokens are then its real ones."""
     step = step or trainer.step
     res = {"name": name, "role": role, "batch_size": batch_size, "gradient_checkpointing": gc_on,
-           "grouped": grouped, "status": "ok"}
+           "grouped": grouped, "packed": packed, "status": "ok"}
     set_gradient_checkpointing(trainer.model, gc_on)
+    trainer.model.packing = packed
     trainer.model.train()
     free_memory()
     reset_peak_mem(device)
-    res["max_batch_tokens"] = max(batch_stats(b)["padded"] for b in batches + ([probe] if probe is not None else []))
+    cost = "real" if packed else "padded"
+    res["max_batch_tokens"] = max(batch_stats(b)[cost] for b in batches + ([probe] if probe is not None else []))
     failed = None
     try:
         if probe is not None:
             p = batch_stats(probe)
-            res["probe_tokens"] = p["padded"]
+            res["probe_tokens"] = p[cost]
             step(probe)
         res.update(timed_steps(step, batches, warmup, device, budget_s))
     except Exception as e:         # noqa: BLE001 -- OOM is data; anything else is re-raised below
@@ -519,12 +528,15 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
         res["samples_per_s"] = res["samples"] / dt
         res["real_tokens_per_s"] = res["real"] / dt
         res["pop_samples_per_s"] = res["real_tokens_per_s"] / ctx["mean_real_tokens"]
+        if packed:
+            res["padded"] = res["real"]                  # a packed row computes real tokens only
         res["pad_fraction"] = 1 - res["real"] / res["padded"]
         res["mfu"] = mfu(ctx["matmul_params"], res["real_tokens_per_s"], ctx["peak_flops"])
     mem = peak_mem_gb(device)
     if mem is not None:
         res["peak_mem_gb"] = mem
     set_gradient_checkpointing(trainer.model, False)
+    trainer.model.packing = False
     log(f"  {name}: " + (f"{res['pop_samples_per_s']:.2f} samples/s, {res['real_tokens_per_s']:.0f} tok/s, "
                          f"MFU {100 * res['mfu']:.1f}%, pad {100 * res['pad_fraction']:.0f}%"
                          if res["status"] == "ok" else res["error"])
@@ -533,15 +545,41 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
 
 
 def plan_batches(lengths: np.ndarray, batch_size: int, seed: int, grouped: bool,
-                 max_tokens: int | None = None, overhead: int = 0) -> list[list[int]]:
-    """Epoch 0 of training's plan (data.plan_epoch): fixed batches, or cut by a padded-token budget."""
+                 max_tokens: int | None = None, overhead: int = 0, packed: bool = False) -> list[list[int]]:
+    """Epoch 0 of training's plan (data.plan_epoch): fixed batches, or cut by a token budget (padded or packed)."""
     from data import plan_epoch
-    return plan_epoch(lengths, batch_size, seed, 0, grouped, max_tokens=max_tokens, overhead=overhead)
+    return plan_epoch(lengths, batch_size, seed, 0, grouped, max_tokens=max_tokens, overhead=overhead, packed=packed)
 
 
-def longest(plan: list[list[int]], seq_lens: np.ndarray) -> list[int]:
-    """The batch of the plan with the most padded tokens (B x max L): the memory high-water mark of an epoch."""
-    return max(plan, key=lambda b: len(b) * int(seq_lens[b].max()))
+def longest(plan: list[list[int]], seq_lens: np.ndarray, packed: bool = False) -> list[int]:
+    """The batch of the plan with the most tokens computed (padded B x max L, or packed sum L): the memory
+    high-water mark of an epoch."""
+    return max(plan, key=lambda b: int(seq_lens[b].sum()) if packed else len(b) * int(seq_lens[b].max()))
+
+
+def packing_check(model, synth: Synth, specs: list[Spec], device: torch.device, n: int = 6) -> dict:
+    """The packed path's loss and trainable-parameter gradients against the padded path's on one batch of n
+    samples, on this device and dtype (on the GPU: the varlen flash kernel against SDPA over padded rows)."""
+    from attention import varlen_available
+    from training import to_device
+    batch = to_device({k: v for k, v in collate(synth, specs, list(range(n))).items() if k != "meta"}, device)
+    out = {}
+    for packed in (False, True):
+        model.packing = packed
+        model.zero_grad(set_to_none=True)
+        loss_sum, cnt = model(**batch)
+        (loss_sum / cnt).backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+        out[packed] = (loss_sum.item() / cnt.item(), grads)
+    model.packing = False
+    model.zero_grad(set_to_none=True)
+    (lp, gp), (lu, gu) = out[True], out[False]
+    res = {"samples": n, "loss_padded": lu, "loss_packed": lp, "loss_rel_diff": abs(lp - lu) / abs(lu),
+           "grad_rel_diff": float((gp - gu).norm() / gu.norm().clamp_min(1e-30)),
+           "kernel": "varlen flash" if varlen_available(device) else "SDPA per sample"}
+    log(f"packing check ({res['kernel']}): loss {lu:.5f} padded vs {lp:.5f} packed (rel {res['loss_rel_diff']:.1e}), "
+        f"gradient rel diff {res['grad_rel_diff']:.1e}")
+    return res
 
 
 def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, device: torch.device, ctx: dict,
@@ -594,15 +632,16 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     from training import prompt_tokens
     overhead = prompt_tokens(synth.builder, len(synth.modalities))
 
-    def token_budget(budget: int, gc_on: bool, label: str) -> dict:
-        plan = plan_batches(lengths, 0, args.seed, True, budget, overhead)
-        probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+    def token_budget(budget: int, gc_on: bool, label: str, packed: bool = False) -> dict:
+        plan = plan_batches(lengths, 0, args.seed, True, budget, overhead, packed)
+        probe = collate(synth, specs, longest(plan, seq_lens, packed), pin=pin)
         sizes_ = [len(b) for b in plan]
         tag = "GC" if gc_on else "noGC"
-        log(f"{section}: {label} token budget {budget} (batches of {min(sizes_)}-{max(sizes_)}), {tag}")
-        r = run(trainer, f"{label} ours: token budget {budget} {tag}", role="ours", batch_size=0, gc_on=gc_on,
+        kind = "packed token budget" if packed else "token budget"
+        log(f"{section}: {label} {kind} {budget} (batches of {min(sizes_)}-{max(sizes_)}), {tag}")
+        r = run(trainer, f"{label} ours: {kind} {budget} {tag}", role="ours", batch_size=0, gc_on=gc_on,
                        grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
-                       device=device, ctx=ctx, step=step)
+                       device=device, ctx=ctx, step=step, packed=packed)
         r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
         results.append(r)
         return r
@@ -610,6 +649,13 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     no_gc = [r for r in results if r["role"] == "ours" and not r["gradient_checkpointing"] and r["status"] == "ok"]
     if args.token_budget and no_gc and not out_of_time(args, f"{section} (d) token budget", results):
         token_budget(no_gc[0]["probe_tokens"], False, "(d)")
+    if args.packing and no_gc and not out_of_time(args, f"{section} (f) packed", results):
+        budget = no_gc[0]["probe_tokens"]
+        r = token_budget(budget, False, "(f)", packed=True)
+        total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+        if (r["status"] == "ok" and total_gb and r.get("peak_mem_gb", total_gb) < 0.7 * total_gb
+                and not out_of_time(args, f"{section} (f) packed, larger budget", results)):
+            token_budget(int(1.5 * budget), False, "(f)", packed=True)
 
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)
@@ -627,7 +673,7 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
 
     if mem_target_gb:
         fit_memory(section, results, mem_target_gb, args, sizes,
-                   lambda b: token_budget(b, True, "(e)"), fixed_gc, grouped_tokens)
+                   lambda b: token_budget(b, True, "(e)", packed=args.packing), fixed_gc, grouped_tokens)
     mark_best(results, mem_target_gb)
     del trainer
     free_memory()
@@ -1062,6 +1108,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, help="untimed steps before timing (default 2, quick 1)")
     g.add_argument("--batch_sizes", type=ints, default=[16, 8, 4, 2], help="candidates for ours, largest first")
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
+    g.add_argument("--no_packing", dest="packing", action="store_false", help="skip (f) packed rows; (e) padded")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
     g.add_argument("--qlora_mem_gb", type=float, default=24,
@@ -1199,7 +1246,8 @@ def main(argv=None) -> dict:
     def stage1():
         model = assemble_with(state["llm"], sign_config(1, 16), tok, device, dtype)
         cast_params_(model, dtype)
-        R["stage1"] = {"configs": bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)}
+        R["stage1"] = {"packing_check": packing_check(model, synth, specs, device)} if args.packing else {}
+        R["stage1"]["configs"] = bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)
 
     def gen_bf16():
         # Translator.load's model: assemble + projectors (left in fp32, as load_projector_state leaves them).

@@ -222,7 +222,7 @@ _budget_warned: set = set()
 
 
 def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool,
-               max_tokens: int | None = None, overhead: int = 0) -> list[list[int]]:
+               max_tokens: int | None = None, overhead: int = 0, packed: bool = False) -> list[list[int]]:
     """The batches of one training epoch, identical on every rank.
 
     Shuffle, then (optionally) sort within windows of 64 batches by length so that a batch holds
@@ -234,13 +234,14 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, grou
     short samples come in large batches and long ones in small batches at the same memory high-water
     mark; a sample longer than the budget on its own is a batch of one (counted in a one-time warning).
     `overhead`: tokens every sample has on top of its `lengths` value (SignDataset.length leaves out the
-    prompt template). `batch_size` is then unused. The number of batches may differ between epochs.
+    prompt template). `packed`: a batch costs the sum of its lengths (a packed row has no padding) rather than
+    rows x longest. `batch_size` is then unused. The number of batches may differ between epochs.
     Deterministic in (seed, epoch)."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch, 7])
     perm = rng.permutation(len(lengths))
     if max_tokens:
-        return _plan_token_budget(lengths + overhead, perm, rng, int(max_tokens), group_by_length)
+        return _plan_token_budget(lengths + overhead, perm, rng, int(max_tokens), group_by_length, packed)
     if group_by_length:
         win = batch_size * 64
         perm = np.concatenate([w[np.argsort(-lengths[w], kind="stable")] for w in np.array_split(perm, max(1, -(-len(perm) // win)))])
@@ -250,7 +251,7 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, grou
 
 
 def _plan_token_budget(lengths: np.ndarray, perm: np.ndarray, rng: np.random.Generator, max_tokens: int,
-                       group_by_length: bool) -> list[list[int]]:
+                       group_by_length: bool, packed: bool) -> list[list[int]]:
     over = int((lengths > max_tokens).sum())
     key = (len(lengths), max_tokens, over)
     if over and key not in _budget_warned:
@@ -261,14 +262,15 @@ def _plan_token_budget(lengths: np.ndarray, perm: np.ndarray, rng: np.random.Gen
     for w in np.array_split(perm, max(1, -(-len(perm) // TOKEN_BUDGET_WINDOW))):
         if group_by_length:
             w = w[np.argsort(-lengths[w], kind="stable")]
-        cur, cur_max = [], 0
+        cur, cur_max, cur_sum = [], 0, 0
         for i in w.tolist():
             n = int(lengths[i])
-            if cur and (len(cur) + 1) * max(cur_max, n) > max_tokens:
+            cost = cur_sum + n if packed else (len(cur) + 1) * max(cur_max, n)
+            if cur and cost > max_tokens:
                 batches.append(cur)
-                cur, cur_max = [], 0
+                cur, cur_max, cur_sum = [], 0, 0
             cur.append(i)
-            cur_max = max(cur_max, n)
+            cur_max, cur_sum = max(cur_max, n), cur_sum + n
         if cur:
             batches.append(cur)
     order = rng.permutation(len(batches))

@@ -123,6 +123,9 @@ class SignLLM(nn.Module):
         self.llm = llm
         self.cfg = cfg
         self.label_smoothing = label_smoothing
+        # Packed: a micro-batch's samples run end to end in one row with no padding (attention.py); needs the
+        # LLM on attention.ATTENTION, which assemble() sets. Off: padded rows under SDPA. Training sets it.
+        self.packing = False
         emb = llm.get_input_embeddings()
         hidden = emb.weight.shape[1]
         self.projectors = nn.ModuleDict({m: build_projector(cfg.projector_types[m], cfg.dims[m], hidden)
@@ -166,13 +169,31 @@ class SignLLM(nn.Module):
         """Returns (sum of token losses, number of target tokens). The caller normalises, so the loss
         is a per-token mean over the whole (accumulated, all-rank) batch rather than a mean of means."""
         emb = self.embed(input_ids, features, frame_index)
-        hidden = self.decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
+        if self.packing:
+            hidden, target = self._packed_hidden(emb, attention_mask, labels)
+        else:
+            hidden = self.decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden, target = hidden[:, :-1], labels[:, 1:]
         sel = target != -100
         # Logits only where there is a target: never materialise vocab-sized logits over frames.
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
+        logits = self.llm.get_output_embeddings()(hidden[sel]).float()
         loss = F.cross_entropy(logits, target[sel], reduction="sum", label_smoothing=self.label_smoothing)
         return loss, sel.sum()
+
+    def _packed_hidden(self, emb, attention_mask, labels):
+        """The padded batch's real positions end to end in one row: positions restart at 0 per sample and
+        attention stays within each sample (cumulative lengths), so every sample sees exactly what it sees
+        padded. Returns hidden states [N-1, H] and their next-token targets [N-1]."""
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        positions = (keep.long().cumsum(1) - 1)[keep].unsqueeze(0)
+        hidden = self.decoder()(inputs_embeds=emb[keep].unsqueeze(0), position_ids=positions, attention_mask=None,
+                                use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                max_length_q=int(lengths.max()), max_length_k=int(lengths.max())).last_hidden_state
+        target = labels[keep][1:].clone()
+        target[cu[1:-1].long() - 1] = -100      # a sample's last position does not predict the next sample
+        return hidden[0, :-1], target
 
     # -- trainable state by name
     def projector_state(self) -> dict[str, torch.Tensor]:
@@ -303,9 +324,12 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
              label_smoothing: float = 0.0) -> SignLLM:
     """Build the whole model from a config: base LLM (4-bit if cfg.bits == 4), frozen; then LoRA —
     new (`adapter="new"`, from cfg.lora) or loaded from a PEFT directory — and the projectors.
-    Only projectors, marker rows and LoRA weights require grad."""
+    Only projectors, marker rows and LoRA weights require grad. The LLM runs on attention.ATTENTION (SDPA
+    unless a forward passes packed boundaries); packed training is SignLLM.packing."""
+    from attention import use_packed_attention
     from prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
+    use_packed_attention(llm)       # SDPA unless a forward passes packed boundaries
     fit_embeddings(llm, tokenizer)
     llm.requires_grad_(False)
     disable_dropout(llm)

@@ -281,9 +281,10 @@ def test_oom_is_recorded_and_the_next_size_tried(tok, synth):
     abl = [r for r in res if r["role"] == "ablation"]
     assert len(abl) == 1 and abl[0]["status"] == "ok" and abl[0]["batch_size"] == 2 and not abl[0]["grouped"]
     assert "out of memory" in by[(8, False, "ours")]["error"].lower()
-    cand = [r for r in res if r.get("max_tokens")]      # (d): budget = bs2's longest batch: may hold > 2 clips
-    assert len(cand) == 1 and cand[0]["role"] == "ours" and cand[0]["status"] in ("ok", "OOM")
-    assert not cand[0]["gradient_checkpointing"]
+    # (d) padded and (f) packed at one budget = bs2's longest batch: they may hold > 2 clips
+    cand = [r for r in res if r.get("max_tokens")]
+    assert [r["packed"] for r in cand] == [False, True] and len({r["max_tokens"] for r in cand}) == 1
+    assert all(r["role"] == "ours" and r["status"] in ("ok", "OOM") and not r["gradient_checkpointing"] for r in cand)
     ok = [r for r in res if r["role"] == "ours" and r["status"] == "ok"]
     assert next(r for r in res if r.get("best")) is max(ok, key=lambda r: r["pop_samples_per_s"])
 
@@ -339,8 +340,7 @@ def test_time_limit_skips_the_optional_configs(tok, synth):
     args.t0 = 0.0                           # long past
     ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
     res = bench.bench_training("stage1", stage1_model(tok), synth, specs, args, CPU, ctx, lr=1e-3)
-    assert [(r["role"], r["status"]) for r in res] == [("baseline", "ok"), ("ours", "ok"), ("skipped", "skipped"),
-                                                       ("skipped", "skipped")]
+    assert [(r["role"], r["status"]) for r in res] == [("baseline", "ok"), ("ours", "ok")] + [("skipped", "skipped")] * 3
     assert all(r["ratio"] is None for r in bench.summary_rows({"stage1": {"configs": res}}) if r["status"] != "ok")
 
 
@@ -403,9 +403,12 @@ def test_main_tiny_end_to_end(tmp_path):
     assert saved["summary"] == json.loads(json.dumps(R["summary"]))
     for sec in ("stage1", "qlora"):
         cfgs = saved[sec]["configs"]
-        assert [c["role"] for c in cfgs] == ["baseline", "ours", "ablation", "ours"]
+        assert [c["role"] for c in cfgs] == ["baseline", "ours", "ablation", "ours", "ours"]
+        assert [c["packed"] for c in cfgs] == [False] * 4 + [True]          # (f) packed, at (d)'s budget
         assert all(c["status"] == "ok" for c in cfgs)
         assert all(c["samples"] > 0 and c["real_tokens_per_s"] > 0 and 0 < c["mfu"] for c in cfgs)
+    chk = saved["stage1"]["packing_check"]
+    assert chk["kernel"] == "SDPA per sample" and chk["loss_rel_diff"] < 1e-5 and chk["grad_rel_diff"] < 1e-4
     g = saved["generation"]
     assert g["clips"] == 24 and g["batched"]["n_batches"] == 6 and g["batched"]["batches"] == 2
     for k in ("batched", "plain_hf", "serial"):

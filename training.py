@@ -9,7 +9,10 @@ consumes global micro-batches [s*W*G, (s+1)*W*G) (W ranks, G accumulation steps)
 W-th. So 1 rank x G=2 and 2 ranks x G=1 see the same samples per step, and the data position of a
 checkpoint is just its step.
 
-With --max_tokens_per_batch the micro-batches are cut by a padded-token budget, so their number (and
+Packing (default; --no_packing turns it off): each micro-batch runs as one row of its samples end to end,
+no padding, attention kept within each sample (model.SignLLM.packing, attention.py).
+
+With --max_tokens_per_batch the micro-batches are cut by a token budget, so their number (and
 with it the steps of an epoch) can change from epoch to epoch; `EpochPlans` recomputes each epoch's count
 from its plan, so step -> (epoch, step within the epoch) still follows from (seed, flags) alone.
 """
@@ -62,6 +65,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--projector_type", default="mlp2x_gelu",
                    help="linear | identity | mlpNx_gelu; per modality: 'mlp2x_gelu,pose=linear'")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--no_packing", dest="packing", action="store_false",
+                   help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
+                        "row, no padding, attention within each sample: the varlen flash kernel on GPU)")
     g.add_argument("--label_smoothing", type=float, default=0.0)
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", "--lr", type=float, default=lr)
@@ -72,10 +78,11 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--batch_size", type=int, default=8, help="micro-batch per rank (ignored for training batches "
                                                               "when --max_tokens_per_batch is on)")
     g.add_argument("--max_tokens_per_batch", type=int, default=0,
-                   help="cut training micro-batches by a padded-token budget instead of a fixed --batch_size: "
-                        "batch size x the longest clip's approximate tokens (prompt template + frames + 2 markers "
-                        "per modality + target characters / 4 + end of turn; context sentences not counted) stays "
-                        "within N, so short clips come in large batches and long ones in small; a clip longer than "
+                   help="cut training micro-batches by a token budget instead of a fixed --batch_size: the clips' "
+                        "approximate tokens (prompt template + frames + 2 markers per modality + target characters "
+                        "/ 4 + end of turn; context sentences not counted) stay within N -- summed when packing, "
+                        "batch size x the longest without it -- so short clips come in large batches and long ones "
+                        "in small; a clip longer than "
                         "N is a batch of its own. --batch_size is then ignored for training (dev batches keep "
                         "--eval_batch_size). 0: off")
     g.add_argument("--grad_accum", type=int, default=1)
@@ -266,14 +273,14 @@ class EpochPlans:
     but its step to find its exact data position."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool, max_tokens: int,
-                 per_step: int, overhead: int = 0):
+                 per_step: int, overhead: int = 0, packed: bool = False):
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
-        self.max_tokens, self.per_step, self.overhead = max_tokens, per_step, overhead
+        self.max_tokens, self.per_step, self.overhead, self.packed = max_tokens, per_step, overhead, packed
         self._steps: dict[int, int] = {}
 
     def batches(self, epoch: int) -> list[list[int]]:
         return plan_epoch(self.lengths, self.batch_size, self.seed, epoch, self.group, max_tokens=self.max_tokens or None,
-                          overhead=self.overhead)
+                          overhead=self.overhead, packed=self.packed)
 
     def steps(self, epoch: int) -> int:
         if not self.max_tokens:
@@ -372,6 +379,7 @@ def _run(args, stage: Stage) -> int:
                      added_tokens=added, context_window=args.context_window, prelude_window=args.prelude_window,
                      max_frames=args.max_frames, frame_cap=args.frame_cap)
     model = stage.build(ctx, cfg, tokenizer, prev_state)
+    model.packing = args.packing
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("trainable parameters: %s (%s)", f"{n_train:,}",
              ", ".join(sorted({n.split(".")[0] if not n.startswith("llm.") else "lora" for n, p in model.named_parameters() if p.requires_grad})))
@@ -380,7 +388,7 @@ def _run(args, stage: Stage) -> int:
     per_step = world * args.grad_accum
     lengths = np.asarray([train_ds.length(i) for i in range(len(train_ds))])
     plans = EpochPlans(lengths, args.batch_size, args.seed, args.group_by_length, args.max_tokens_per_batch, per_step,
-                       overhead=prompt_tokens(builder, len(train_ds.modalities)))
+                       overhead=prompt_tokens(builder, len(train_ds.modalities)), packed=args.packing)
     micro_batch = None
     if plans.steps(0) == 0:
         batch = f"token budget {args.max_tokens_per_batch}" if args.max_tokens_per_batch else f"batch {args.batch_size}"
@@ -408,13 +416,18 @@ def _run(args, stage: Stage) -> int:
             raise CheckpointError(f"{resume_from}: a stage-{state.get('stage')} checkpoint; cannot resume stage {stage.number} from it")
         saved_global = state["world_size"] * state["grad_accum"]
         saved_budget = state.get("max_tokens_per_batch", 0)
+        saved_packing = state.get("packing", False)
+        # A token budget counts tokens differently packed and padded, so the plan depends on packing too.
         if (saved_global != per_step or saved_budget != args.max_tokens_per_batch
-                or (not args.max_tokens_per_batch and state["batch_size"] != args.batch_size)):
-            def geometry(bs, budget, gas, w):
-                return f"{f'token budget {budget}' if budget else f'batch {bs}'} x {gas} accumulation x {w} ranks"
-            raise CheckpointError(f"{resume_from}: saved with {geometry(state['batch_size'], saved_budget, state['grad_accum'], state['world_size'])}; "
+                or (not args.max_tokens_per_batch and state["batch_size"] != args.batch_size)
+                or (args.max_tokens_per_batch and saved_packing != args.packing)):
+            def geometry(bs, budget, gas, w, packed):
+                batch = f"{'packed' if packed else 'padded'} token budget {budget}" if budget else f"batch {bs}"
+                return f"{batch} x {gas} accumulation x {w} ranks"
+            raise CheckpointError(f"{resume_from}: saved with "
+                                  f"{geometry(state['batch_size'], saved_budget, state['grad_accum'], state['world_size'], saved_packing)}; "
                                   f"resume needs the same global batch (now "
-                                  f"{geometry(args.batch_size, args.max_tokens_per_batch, args.grad_accum, world)})")
+                                  f"{geometry(args.batch_size, args.max_tokens_per_batch, args.grad_accum, world, args.packing)})")
         if state["world_size"] == world and state.get("zero_stage") == zero_stage:
             load_path, _ = engine.load_checkpoint(str(resume_from), tag="deepspeed", load_module_strict=False)
             if load_path is None:
@@ -478,7 +491,7 @@ def _run(args, stage: Stage) -> int:
             portable_state.save(portable, tmp)
             ckpt.write_state(tmp, {"step": step, "stage": stage.number, "world_size": world, "grad_accum": args.grad_accum,
                                    "batch_size": args.batch_size,
-                                   "max_tokens_per_batch": args.max_tokens_per_batch, "seed": args.seed, "zero_stage": zero_stage, "dev_loss": dev_loss,
+                                   "max_tokens_per_batch": args.max_tokens_per_batch, "packing": args.packing, "seed": args.seed, "zero_stage": zero_stage, "dev_loss": dev_loss,
                                    "best_dev_loss": best_dev, "total_steps": total})
         barrier()
         ckpt.fault_point("mid_save", step)

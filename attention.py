@@ -1,0 +1,119 @@
+"""Attention for packed batches: the samples of a micro-batch laid end to end in one row, no padding.
+
+Training batches mix clips of 100 to 2,000 positions. Padded, they pay for pad positions and for SDPA with a
+mask (which rules out the flash kernel); packed, every position is real and attention runs per sample through
+the variable-length flash kernel (`torch.nn.attention.varlen.varlen_attn`), given the samples' boundaries as
+cumulative lengths (`cu_seq_lens_q/k`, the names transformers forwards to attention functions).
+
+`ATTENTION` is registered with transformers as an attention implementation that is SDPA whenever no boundaries
+are given (padded training, dev loss, generation with its KV cache), so one model serves every path. Where the
+varlen kernel is missing (CPU, older torch) packed attention runs SDPA sample by sample: exact, just slower.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION = "signllava_packed"
+
+log = logging.getLogger("signllava")
+
+
+def _varlen_kernel():
+    """(function, causal kwargs, takes enable_gqa) for this torch's varlen_attn, or None. Its signature moved
+    between releases (is_causal=True, later window_size=(-1, 0)), so it is read rather than assumed."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_KERNEL = _varlen_kernel()
+_reported: set[str] = set()
+
+
+def _report(path: str):
+    if path not in _reported:
+        _reported.add(path)
+        log.info("packed attention: %s", path)
+
+
+def varlen_available(device: torch.device) -> bool:
+    return _KERNEL is not None and device.type == "cuda"
+
+
+def packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scaling: float | None):
+    """Causal attention within each packed sample. query [1, Hq, N, D], key/value [1, Hkv, N, D] (one row);
+    cu_seq_lens [S+1] int32 from 0 to N. Returns [1, N, Hq, D], the layout attention functions return."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))      # [N, H, D]
+    groups = q.shape[1] // k.shape[1]
+    if varlen_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+        fn, causal, takes_gqa = _KERNEL
+        kw = dict(causal, scale=scaling)
+        if groups > 1:
+            if takes_gqa:
+                kw["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        _report("varlen flash kernel")
+        cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+        out = fn(q, k, v, cu, cu, max_length, max_length, **kw)
+        return out.unsqueeze(0)
+    _report("SDPA per sample (no varlen kernel for this device/dtype)")
+    bounds = cu_seq_lens.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))   # [1, H, n, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, 0).unsqueeze(0)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' attention-function contract. Packed when the caller passed `cu_seq_lens_q`;
+    otherwise exactly transformers' SDPA."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError("packed attention takes one row and no attention mask")
+    return packed_attention(query, key, value, cu, int(kwargs["max_length_q"]), scaling), None
+
+
+def attention_mask(*args, **kwargs):
+    """The mask builder for ATTENTION: none for a packed row (no padding, no cache: the boundaries do the
+    masking and transformers would otherwise build an N x N block mask), SDPA's everywhere else."""
+    from transformers.masking_utils import sdpa_mask
+    if (kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+            and not kwargs.get("q_offset") and not kwargs.get("kv_offset")):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register():
+    """Make ATTENTION known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(ATTENTION, attention_forward)
+    AttentionMaskInterface.register(ATTENTION, attention_mask)
+
+
+def use_packed_attention(llm):
+    """Switch a loaded model (or a PeftModel around one) to ATTENTION."""
+    register()
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base.set_attn_implementation(ATTENTION)

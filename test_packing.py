@@ -1,0 +1,106 @@
+"""Packed training rows (SignLLM.packing, attention.py) compute what padded batches compute, on CPU.
+
+    DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m pytest -q test_packing.py
+
+On CPU packed attention runs SDPA sample by sample (the varlen flash kernel is CUDA-only; bench.py checks it
+against the padded path on the GPU); the packing itself -- positions, boundaries, targets -- is the same code.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+from bench import SHAPES, Synth, assemble_with, build_llm, collate, make_specs, make_tokenizer, quantize_4bit_, sign_config
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+KEYS = ("input_ids", "attention_mask", "labels", "features", "frame_index")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(0)
+
+
+@pytest.fixture(scope="module")
+def synth(tok):
+    return Synth(tok, SHAPES["tiny"]["vocab_size"], seed=0)
+
+
+def loss_and_grads(model, batch, packing: bool):
+    model.packing = packing
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = model(**{k: batch[k] for k in KEYS})
+    (loss_sum / n).backward()
+    return loss_sum.item(), int(n), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(a, b):
+    assert a[1] == b[1]                                  # the same target tokens
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert a[2].keys() == b[2].keys() and a[2]
+    for k in a[2]:
+        torch.testing.assert_close(a[2][k], b[2][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_stage1_equals_padded(tok, synth, padding_side, checkpointing):
+    specs = make_specs(5, 11, frames=(6, 60), answer=(5, 30))      # very different lengths: lots of padding
+    batch = collate(synth, specs, list(range(5)), padding_side)
+    torch.manual_seed(0)
+    model = assemble_with(build_llm("tiny", CPU, F32), sign_config(1, 16), tok, CPU, F32).train()
+    bench.set_gradient_checkpointing(model, checkpointing)
+    assert_same(loss_and_grads(model, batch, True), loss_and_grads(model, batch, False))
+
+
+def test_packed_equals_one_sample_at_a_time(tok, synth):
+    """Nothing leaks across a packed boundary: the packed row's loss is the sum of the samples' own losses."""
+    specs = make_specs(4, 2, frames=(6, 40), answer=(5, 30))
+    model = assemble_with(build_llm("tiny", CPU, F32), sign_config(1, 16), tok, CPU, F32).eval()
+    model.packing = True
+    with torch.no_grad():
+        whole = model(**{k: v for k, v in collate(synth, specs, [0, 1, 2, 3]).items() if k in KEYS})
+        parts = [model(**{k: v for k, v in collate(synth, specs, [i]).items() if k in KEYS}) for i in range(4)]
+    assert int(whole[1]) == sum(int(n) for _, n in parts) == sum(s.answer + 1 for s in specs)
+    assert whole[0].item() == pytest.approx(sum(l.item() for l, _ in parts), rel=1e-5)
+
+
+def test_packed_qlora_equals_padded(tok, synth):
+    specs = make_specs(4, 5, frames=(6, 40), answer=(5, 30))
+    batch = collate(synth, specs, [0, 1, 2, 3])
+    llm = build_llm("tiny", CPU, F32)
+    quantize_4bit_(llm, CPU, F32)
+    model = assemble_with(llm, sign_config(2, 4), tok, CPU, F32, adapter="new").eval()   # eval: no LoRA dropout
+    packed, padded = loss_and_grads(model, batch, True), loss_and_grads(model, batch, False)
+    assert any(".lora_" in k for k in packed[2])
+    assert_same(packed, padded)
+
+
+def test_packed_token_budget_plan_counts_real_tokens(synth):
+    """Packed, a micro-batch costs its real tokens, not rows x longest: the same budget holds more samples."""
+    from data import plan_epoch
+    from training import prompt_tokens
+    specs = make_specs(600, 0, frames=(50, 600))
+    lengths = np.array([Synth.approx_length(s) for s in specs])
+    seq = np.array([synth.seq_len(s) for s in specs])
+    overhead = prompt_tokens(synth.builder, len(synth.modalities))
+    budget = 4 * int(seq.max())
+    for grouped in (True, False):
+        packed = plan_epoch(lengths, 0, 0, 0, grouped, max_tokens=budget, overhead=overhead, packed=True)
+        padded = plan_epoch(lengths, 0, 0, 0, grouped, max_tokens=budget, overhead=overhead)
+        assert sorted(i for b in packed for i in b) == list(range(600))
+        assert all(seq[b].sum() <= budget for b in packed)
+        assert len(packed) < len(padded)
+        # full batches: every batch but the last of each window leaves less than one sample of room
+        assert np.mean([seq[b].sum() for b in packed]) > 0.8 * budget
