@@ -21,6 +21,7 @@ What is timed (every ratio is against a baseline measured in the same run):
                        with the prompt template counted, as training does): batches cut by a padded-token budget
                        instead of a fixed size, no checkpointing, N = padded tokens of the longest batch that
                        fitted without checkpointing;
+                   (c) also: the fastest (f) with transformers' own RMSNorm and MLP forward (fused_ops.unfuse);
                    (f) ours packed (training's default): the token budget's batches as one row each, samples
                        end to end without padding, attention within each sample (attention.py: the varlen
                        flash kernel), the budget counting real tokens; first at (d)'s budget, then at 1.5x if
@@ -632,14 +633,15 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     from training import prompt_tokens
     overhead = prompt_tokens(synth.builder, len(synth.modalities))
 
-    def token_budget(budget: int, gc_on: bool, label: str, packed: bool = False) -> dict:
+    def token_budget(budget: int, gc_on: bool, label: str, packed: bool = False, role: str = "ours",
+                     note: str = "") -> dict:
         plan = plan_batches(lengths, 0, args.seed, True, budget, overhead, packed)
         probe = collate(synth, specs, longest(plan, seq_lens, packed), pin=pin)
         sizes_ = [len(b) for b in plan]
         tag = "GC" if gc_on else "noGC"
         kind = "packed token budget" if packed else "token budget"
         log(f"{section}: {label} {kind} {budget} (batches of {min(sizes_)}-{max(sizes_)}), {tag}")
-        r = run(trainer, f"{label} ours: {kind} {budget} {tag}", role="ours", batch_size=0, gc_on=gc_on,
+        r = run(trainer, f"{label} {role}: {kind} {budget} {tag}{note}", role=role, batch_size=0, gc_on=gc_on,
                        grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
                        device=device, ctx=ctx, step=step, packed=packed)
         r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
@@ -656,6 +658,15 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
         if (r["status"] == "ok" and total_gb and r.get("peak_mem_gb", total_gb) < 0.7 * total_gb
                 and not out_of_time(args, f"{section} (f) packed, larger budget", results)):
             token_budget(int(1.5 * budget), False, "(f)", packed=True)
+        f_best = max((r for r in results if r.get("packed") and r["status"] == "ok"),
+                     key=lambda r: r["pop_samples_per_s"], default=None)
+        if f_best and args.ablation and not out_of_time(args, f"{section} (c) packed, stock ops", results):
+            import fused_ops
+            fused_ops.unfuse(model)       # transformers' own RMSNorm and MLP forward (ablation of fused_ops)
+            try:
+                token_budget(f_best["max_tokens"], False, "(c)", packed=True, role="ablation", note=", stock ops")
+            finally:
+                fused_ops.fuse(base_llm(model))
 
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)

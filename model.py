@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import fused_ops
+
 from prompts import MARKER_TOKENS, SYSTEM_PROMPT
 
 CONFIG_NAME = "config.json"
@@ -330,6 +332,7 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     from prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
     use_packed_attention(llm)       # SDPA unless a forward passes packed boundaries
+    fused_ops.fuse(llm)             # fused RMSNorm and SiLU-gate: same maths, less memory and traffic
     fit_embeddings(llm, tokenizer)
     llm.requires_grad_(False)
     disable_dropout(llm)

@@ -278,11 +278,11 @@ def test_oom_is_recorded_and_the_next_size_tried(tok, synth):
     assert [by[(b, False, "ours")]["status"] for b in (8, 4, 2)] == ["OOM", "OOM", "ok"]
     assert [by[(b, True, "ours")]["status"] for b in (8, 4, 2)] == ["OOM", "OOM", "ok"]
     assert sum(bool(r.get("best")) for r in res) == 1
-    abl = [r for r in res if r["role"] == "ablation"]
+    abl = [r for r in res if r["role"] == "ablation" and not r["packed"]]     # the packed one: fused-ops ablation
     assert len(abl) == 1 and abl[0]["status"] == "ok" and abl[0]["batch_size"] == 2 and not abl[0]["grouped"]
     assert "out of memory" in by[(8, False, "ours")]["error"].lower()
     # (d) padded and (f) packed at one budget = bs2's longest batch: they may hold > 2 clips
-    cand = [r for r in res if r.get("max_tokens")]
+    cand = [r for r in res if r.get("max_tokens") and r["role"] == "ours"]
     assert [r["packed"] for r in cand] == [False, True] and len({r["max_tokens"] for r in cand}) == 1
     assert all(r["role"] == "ours" and r["status"] in ("ok", "OOM") and not r["gradient_checkpointing"] for r in cand)
     ok = [r for r in res if r["role"] == "ours" and r["status"] == "ok"]
@@ -403,8 +403,10 @@ def test_main_tiny_end_to_end(tmp_path):
     assert saved["summary"] == json.loads(json.dumps(R["summary"]))
     for sec in ("stage1", "qlora"):
         cfgs = saved[sec]["configs"]
-        assert [c["role"] for c in cfgs] == ["baseline", "ours", "ablation", "ours", "ours"]
-        assert [c["packed"] for c in cfgs] == [False] * 4 + [True]          # (f) packed, at (d)'s budget
+        assert [c["role"] for c in cfgs] == ["baseline", "ours", "ablation", "ours", "ours", "ablation"]
+        # (f) packed at (d)'s budget, then its ablation with transformers' own norm and MLP forward
+        assert [c["packed"] for c in cfgs] == [False] * 4 + [True, True]
+        assert cfgs[-1]["name"].endswith("stock ops") and cfgs[-1]["max_tokens"] == cfgs[-2]["max_tokens"]
         assert all(c["status"] == "ok" for c in cfgs)
         assert all(c["samples"] > 0 and c["real_tokens_per_s"] > 0 and 0 < c["mfu"] for c in cfgs)
     chk = saved["stage1"]["packing_check"]

@@ -104,3 +104,30 @@ def test_packed_token_budget_plan_counts_real_tokens(synth):
         assert len(packed) < len(padded)
         # full batches: every batch but the last of each window leaves less than one sample of room
         assert np.mean([seq[b].sum() for b in packed]) > 0.8 * budget
+
+
+# ------------------------------------------------------------------------------------------ fused_ops
+def test_silu_mul_gradients():
+    from fused_ops import SiluMul
+    gate = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluMul.apply, (gate, up))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fused_ops_equal_stock_llama(tok, synth, stage):
+    """assemble() swaps in fused_ops; transformers' own forward gives the same loss and gradients."""
+    import fused_ops
+    specs = make_specs(3, 4, frames=(6, 40), answer=(5, 30))
+    batch = collate(synth, specs, [0, 1, 2])
+    llm = build_llm("tiny", CPU, F32)
+    if stage == 2:
+        quantize_4bit_(llm, CPU, F32)
+    model = assemble_with(llm, sign_config(stage, 16 if stage == 1 else 4), tok, CPU, F32,
+                          adapter="new" if stage == 2 else None).eval()
+    n_layers = SHAPES["tiny"]["num_hidden_layers"]
+    fused = loss_and_grads(model, batch, True)
+    assert fused_ops.unfuse(model) == 2 * n_layers + 1 + n_layers      # two norms a layer, the final norm, MLPs
+    stock = loss_and_grads(model, batch, True)
+    assert fused_ops.fuse(model) == {"rms_norm": 2 * n_layers + 1, "silu_mul": n_layers}
+    assert_same(fused, stock)
