@@ -130,9 +130,12 @@ class Translator:
         Shared prefill: HF beam search repeats every prompt num_beams times before its prefill, and our prompts
         are mostly video frames (hundreds to thousands of positions), so the prefill would dominate. Instead the
         prompt minus its last position runs through the decoder once per clip into a KV cache (no logits), the
-        cache is repeated per beam, and generate() continues from it: it feeds only the uncached last prompt
-        position, whose logits give the first new token. The same path for num_beams == 1."""
+        cache is repeated per beam into buffers that new tokens fill in place (beam_cache.PromptSharedLayer),
+        and generate() continues from it: it feeds only the uncached last prompt position, whose logits give the
+        first new token. The same path for num_beams == 1."""
         from transformers import DynamicCache
+
+        from beam_cache import expand_for_beams
         if not items:
             return []
         emb, mask = self.embed_batch(items)
@@ -144,8 +147,9 @@ class Translator:
         cache = DynamicCache(config=decoder.config)
         decoder(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
                 **{key: cache})
-        if num_beams > 1:
-            cache.batch_repeat_interleave(num_beams)    # generate() expands embeds and mask, but not a given cache
+        # generate() expands embeds and mask per beam, but not a given cache: the cache serves num_beams rows per
+        # clip itself, its prompt part written once and never copied again (beam_cache.py).
+        expand_for_beams(cache, num_beams, max_new_tokens + 1)
         # The full embeds and mask go in: generate() slices the embeds to what the cache lacks (the last position)
         # and takes the mask over the whole prompt; only new tokens come back.
         out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,

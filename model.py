@@ -332,7 +332,7 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     from prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
     use_packed_attention(llm)       # SDPA unless a forward passes packed boundaries
-    fused_ops.fuse(llm)             # fused RMSNorm and SiLU-gate: same maths, less memory and traffic
+    fused_ops.fuse(llm)             # fused RMSNorm: same maths, less memory and traffic
     fit_embeddings(llm, tokenizer)
     llm.requires_grad_(False)
     disable_dropout(llm)

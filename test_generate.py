@@ -402,3 +402,27 @@ def test_dim_mismatch_exits_2_one_line(env, tmp_path):
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "pose" in errors[0] and "data 4 vs checkpoint 5" in errors[0], r.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_prompt_shared_cache_layer_matches_dynamic_layer():
+    """Same keys/values as transformers' DynamicLayer through prefill, updates, beam reorders and growth."""
+    from transformers.cache_utils import DynamicLayer
+
+    from beam_cache import PromptSharedLayer
+    g = torch.Generator().manual_seed(0)
+    B, beams, H, L, D = 2, 3, 2, 5, 4
+    k0, v0 = torch.randn(B, H, L, D, generator=g), torch.randn(B, H, L, D, generator=g)
+    ref = DynamicLayer()
+    ref.update(k0, v0)
+    ref.batch_repeat_interleave(beams)
+    ours = PromptSharedLayer(k0, v0, beams, new_tokens=2)          # too small on purpose: it must grow
+    for step in range(5):
+        k, v = torch.randn(B * beams, H, 1, D, generator=g), torch.randn(B * beams, H, 1, D, generator=g)
+        rk, rv = ref.update(k, v)
+        ok, ov = ours.update(k, v)
+        assert torch.equal(rk, ok) and torch.equal(rv, ov) and ours.get_seq_length() == L + step + 1
+        # a beam reorder within each clip, as beam search makes
+        idx = torch.cat([b * beams + torch.randint(beams, (beams,), generator=g) for b in range(B)])
+        ref.reorder_cache(idx)
+        ours.reorder_cache(idx)
+        assert torch.equal(ref.keys, ours.keys) and torch.equal(ref.values, ours.values)

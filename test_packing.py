@@ -107,13 +107,6 @@ def test_packed_token_budget_plan_counts_real_tokens(synth):
 
 
 # ------------------------------------------------------------------------------------------ fused_ops
-def test_silu_mul_gradients():
-    from fused_ops import SiluMul
-    gate = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(SiluMul.apply, (gate, up))
-
-
 @pytest.mark.parametrize("stage", [1, 2])
 def test_fused_ops_equal_stock_llama(tok, synth, stage):
     """assemble() swaps in fused_ops; transformers' own forward gives the same loss and gradients."""
@@ -127,7 +120,7 @@ def test_fused_ops_equal_stock_llama(tok, synth, stage):
                           adapter="new" if stage == 2 else None).eval()
     n_layers = SHAPES["tiny"]["num_hidden_layers"]
     fused = loss_and_grads(model, batch, True)
-    assert fused_ops.unfuse(model) == 2 * n_layers + 1 + n_layers      # two norms a layer, the final norm, MLPs
+    assert fused_ops.unfuse(model) == 2 * n_layers + 1                  # two norms a layer and the final norm
     stock = loss_and_grads(model, batch, True)
-    assert fused_ops.fuse(model) == {"rms_norm": 2 * n_layers + 1, "silu_mul": n_layers}
+    assert fused_ops.fuse(model) == 2 * n_layers + 1
     assert_same(fused, stock)
