@@ -191,8 +191,9 @@ def test_exact_resume_under_token_budget(tiny):
                        prompt_tokens(builder, len(ds.modalities)))
     assert [plans.steps(e) for e in range(3)] == [11, 10, 10] and plans.locate(22) == (2, 1)
 
+    # Padded (--no_packing): a padded budget makes epochs of different step counts; a packed one is regular.
     common = ("--max_tokens_per_batch", 600, "--no_group_by_length", "--seed", 48, "--save_steps", 11,
-              "--min_lr_ratio", 0.5)
+              "--min_lr_ratio", 0.5, "--no_packing")
     ref, out = root / "budget_ref", root / "budget_kill"
     run_script("pretrain.py", *train_args(data, llm, ref, 30, *common))
     res = run_script("pretrain.py", *train_args(data, llm, out, 30, *common), env=script_env(SIGNLLAVA_FAULT="after_save:22"),
@@ -203,8 +204,25 @@ def test_exact_resume_under_token_budget(tiny):
     b = load_file(str(out / "checkpoint-30" / "projectors.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     # The flag is part of the data position: resuming without it (a fixed-batch plan) is refused.
-    res = run_script("pretrain.py", *train_args(data, llm, out, 40, "--seed", 48, "--resume"), check=False)
+    res = run_script("pretrain.py", *train_args(data, llm, out, 40, "--seed", 48, "--resume", "--no_packing"), check=False)
     assert res.returncode == 2 and "token budget 600" in res.stderr and "Traceback" not in res.stderr
+    # So is packing under a budget: it counts tokens differently, so it plans other batches.
+    res = run_script("pretrain.py", *train_args(data, llm, out, 40, *common[:-1], "--resume"), check=False)
+    assert res.returncode == 2 and "padded token budget 600" in res.stderr and "packed token budget 600" in res.stderr
+
+
+def test_packed_and_padded_training_give_the_same_run(tiny):
+    """Training's default (packed rows) and --no_packing: the same batches, the same losses and weights."""
+    root, data, llm = tiny
+    runs = {}
+    for name, extra in (("packed", ()), ("padded", ("--no_packing",))):
+        out = root / f"pack_{name}"
+        run_script("pretrain.py", *train_args(data, llm, out, 4, "--save_steps", 4, *extra))
+        losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        runs[name] = losses, load_file(str(out / "checkpoint-4" / "projectors.safetensors"))
+    assert len(runs["packed"][0]) == 4 and runs["packed"][0] == pytest.approx(runs["padded"][0], rel=1e-5)
+    a, b = runs["packed"][1], runs["padded"][1]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
 def test_unseen_layout_trains_with_only_data_dir(tiny):
