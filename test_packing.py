@@ -12,29 +12,12 @@ import pytest
 import torch
 
 import bench
-from bench import SHAPES, Synth, assemble_with, build_llm, collate, make_specs, make_tokenizer, quantize_4bit_, sign_config
+from bench import SHAPES, Synth, assemble_with, build_llm, collate, make_specs, quantize_4bit_, sign_config
+from test_bench import one_thread, synth, tok  # noqa: F401 -- shared fixtures: one CPU thread, tiny tokenizer
 
 CPU = torch.device("cpu")
 F32 = torch.float32
 KEYS = ("input_ids", "attention_mask", "labels", "features", "frame_index")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer(0)
-
-
-@pytest.fixture(scope="module")
-def synth(tok):
-    return Synth(tok, SHAPES["tiny"]["vocab_size"], seed=0)
 
 
 def loss_and_grads(model, batch, packing: bool):
