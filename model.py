@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fused_ops
-
 from prompts import MARKER_TOKENS, SYSTEM_PROMPT
 
 CONFIG_NAME = "config.json"
@@ -190,9 +189,10 @@ class SignLLM(nn.Module):
         lengths = keep.sum(1)
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         positions = (keep.long().cumsum(1) - 1)[keep].unsqueeze(0)
+        longest = int(lengths.max())
         hidden = self.decoder()(inputs_embeds=emb[keep].unsqueeze(0), position_ids=positions, attention_mask=None,
                                 use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                max_length_q=int(lengths.max()), max_length_k=int(lengths.max())).last_hidden_state
+                                max_length_q=longest, max_length_k=longest).last_hidden_state
         target = labels[keep][1:].clone()
         target[cu[1:-1].long() - 1] = -100      # a sample's last position does not predict the next sample
         return hidden[0, :-1], target
