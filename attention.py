@@ -94,7 +94,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     return packed_attention(query, key, value, cu, int(kwargs["max_length_q"]), scaling), None
 
 
-def attention_mask(*args, **kwargs):
+def build_mask(*args, **kwargs):
     """The mask builder for ATTENTION: none for a packed row (no padding, no cache: the boundaries do the
     masking and transformers would otherwise build an N x N block mask), SDPA's everywhere else."""
     from transformers.masking_utils import sdpa_mask
@@ -109,7 +109,7 @@ def register():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(ATTENTION, attention_forward)
-    AttentionMaskInterface.register(ATTENTION, attention_mask)
+    AttentionMaskInterface.register(ATTENTION, build_mask)
 
 
 def use_packed_attention(llm):
