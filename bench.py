@@ -169,6 +169,13 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
+def oom_message(e: BaseException) -> str:
+    """An out-of-memory error as the one-line status a timed configuration records; anything else re-raised."""
+    if not is_oom(e):
+        raise e
+    return f"OOM ({str(e).splitlines()[0][:160]})"
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, trials: int = 5) -> dict:
     """Best-of-`trials` throughput of an n x n x n matmul (2 n^3 FLOP each)."""
     n = n or (8192 if device.type == "cuda" else 1024)
@@ -516,9 +523,7 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
             step(probe)
         res.update(timed_steps(step, batches, warmup, device, budget_s))
     except Exception as e:         # noqa: BLE001 -- OOM is data; anything else is re-raised below
-        if not is_oom(e):
-            raise
-        failed = f"OOM ({str(e).splitlines()[0][:160]})"
+        failed = oom_message(e)
     if failed:
         res["status"] = "OOM"
         res["error"] = failed
@@ -849,9 +854,7 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
                 res["new_tokens"] += sum(len(r) for r in ids)
                 outputs.update({i: r for i, r in zip(batches[bi], ids)})
         except Exception as e:      # noqa: BLE001
-            if not is_oom(e):
-                raise
-            failed = f"OOM ({str(e).splitlines()[0][:160]})"
+            failed = oom_message(e)
         end_timing(res, failed, device)
         if res["status"] == "ok" and res["batches"]:
             mean_batch = res["time_s"] / res["batches"]
@@ -901,9 +904,7 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
             if i in batched_out:
                 same.append(ids == batched_out[i])
     except Exception as e:          # noqa: BLE001
-        if not is_oom(e):
-            raise
-        failed = f"OOM ({str(e).splitlines()[0][:160]})"
+        failed = oom_message(e)
     end_timing(res, failed, device)
     if res["status"] == "ok" and res["clips"]:
         res["projected_total_s"] = res["time_s"] / res["clips"] * n
