@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
-from prompts import TASKS, PromptBuilder, context_ids, make_task, translation_prompt
+from signllava.layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
+from signllava.prompts import TASKS, PromptBuilder, context_ids, make_task, translation_prompt
 
 log = logging.getLogger("signllava")
 
@@ -139,11 +139,15 @@ class SignDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def frame_tokens(self, i: int) -> int:
+        """Positions of the clip's modality segments: frames after --max_frames plus two markers each."""
+        v, c, _ = self.items[i]
+        return sum(capped_len(self.frames[m][(v, c)], self.opts.max_frames) + 2 for m in self.modalities)
+
     def length(self, i: int) -> int:
         """Approximate token count, for length-grouped batching (no tokenisation needed)."""
         v, c, _ = self.items[i]
-        frames = sum(capped_len(self.frames[m][(v, c)], self.opts.max_frames) + 2 for m in self.modalities)
-        return frames + len(self.annotation.clips[(v, c)].translation) // 4
+        return self.frame_tokens(i) + len(self.annotation.clips[(v, c)].translation) // 4
 
     def context_for(self, video: str, position: int) -> list[str]:
         order = self.annotation.videos[video]
@@ -217,7 +221,7 @@ class Collator:
                 "meta": [{k: it[k] for k in ("video", "clip", "task", "prompt", "answer")} for it in items]}
 
 
-TOKEN_BUDGET_WINDOW = 1024       # samples sorted together under --max_tokens_per_batch (what bench.py measured)
+TOKEN_BUDGET_WINDOW = 1024       # samples sorted together under --max_tokens_per_batch (what bench/benchmark.py measured)
 _budget_warned: set = set()
 
 
@@ -309,13 +313,13 @@ def main(argv=None):
     p.add_argument("--modalities", help="comma-separated subset of modality folders")
     args = p.parse_args(argv)
     if args.make_demo:
-        from demo_language import make_demo
+        from signllava.demo import make_demo
         make_demo(args.make_demo, seed=args.seed)
         print(f"demo language written to {args.make_demo}")
         return 0
     if not args.data_dir:
         p.error("give --data_dir D (check a dataset) or --make_demo DIR")
-    from datacheck import check_dataset
+    from signllava.datacheck import check_dataset
     return check_dataset(Path(args.data_dir), args.split, args.modalities.split(",") if args.modalities else None)
 
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from model import ADAPTER_DIR, PROJECTORS_NAME, CheckpointError, SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
+from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
+from signllava.errors import CheckpointError, run_command
+from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
 
 log = logging.getLogger("signllava")
 
 
 def export(checkpoint: str, output_dir: str, dtype: torch.dtype) -> Path:
-    from checkpoint import resolve_checkpoint
+    from signllava.checkpoint import resolve_checkpoint
     ckpt = resolve_checkpoint(checkpoint)
     cfg = SignConfig.load(ckpt)
     if not cfg.lora or not (ckpt / ADAPTER_DIR).is_dir():
@@ -54,12 +56,11 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        out = export(args.checkpoint, args.output_dir, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: merge(args))
+
+
+def merge(args) -> int:
+    out = export(args.checkpoint, args.output_dir, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     log.info("merged model written to %s", out)
     return 0
 

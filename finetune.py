@@ -12,15 +12,16 @@ import logging
 import sys
 from pathlib import Path
 
-from model import CONFIG_NAME, PROJECTORS_NAME, CheckpointError, SignConfig, read_projector_file, read_reference_states
-from training import Context, Stage, add_common_args, run, validate_args
+from model import SignConfig, assemble, load_tokenizer, read_projector_file, read_reference_states
+from signllava.checkpoint import CONFIG_NAME, PROJECTORS_NAME, resolve_checkpoint
+from signllava.errors import CheckpointError, run_command
+from training import add_common_args, fit, load_data, model_config, setup_run, validate_args
 
 log = logging.getLogger("signllava")
 
 
 def read_projector_source(path: str) -> tuple[SignConfig | None, dict, str]:
     """-> (config of the stage-1 run if known, projector state by our names, a description)."""
-    from checkpoint import resolve_checkpoint
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"--projector {p}: no such file or directory")
@@ -33,38 +34,43 @@ def read_projector_source(path: str) -> tuple[SignConfig | None, dict, str]:
     return SignConfig.load(d), read_projector_file(d / PROJECTORS_NAME), str(d / PROJECTORS_NAME)
 
 
-def make_resolve_base(projector: str):
-    def resolve_base(ctx: Context):
-        prev_cfg, state, source = read_projector_source(projector)
-        log.info("stage-1 projectors from %s", source)
-        if ctx.args.model:
-            base, tok = ctx.args.model, ctx.args.model
-        elif prev_cfg is not None:
-            base, tok = prev_cfg.base_model, prev_cfg.tokenizer
-        else:
-            raise CheckpointError(f"{source}: carries no config.json naming its base model; pass --model")
-        if prev_cfg is None and not ctx.args.modalities:
-            # A bare weights file says which modalities it has through its key names.
-            mods = sorted({k.split(".")[1] for k in state if k.startswith("projectors.")})
-            ctx.args.modalities = ",".join(mods)
-        return base, tok, prev_cfg, (state, source)
-    return resolve_base
+def stage1_modalities(args, prev_cfg: SignConfig | None, state: dict) -> list[str] | None:
+    """--modalities, else the stage-1 run's; a bare weights file names its modalities through its keys."""
+    if args.modalities:
+        return None                                   # load_data reads --modalities itself
+    if prev_cfg is not None:
+        return prev_cfg.modalities
+    return sorted({k.split(".")[1] for k in state if k.startswith("projectors.")})
 
 
-def build(ctx: Context, cfg: SignConfig, tokenizer, prev):
-    from model import assemble
-    state, source = prev
-    a = ctx.args
-    cfg.bits = a.bits
-    targets = a.lora_targets if a.lora_targets == "all-linear" else [t.strip() for t in a.lora_targets.split(",")]
-    cfg.lora = {"r": a.lora_r, "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "target_modules": targets}
-    model = assemble(cfg, tokenizer, ctx.device, ctx.dtype, zero3=ctx.zero3, adapter="new",
-                     gradient_checkpointing=a.gradient_checkpointing, label_smoothing=a.label_smoothing)
+def lora_config(args) -> dict:
+    targets = args.lora_targets if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
+    return {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "target_modules": targets}
+
+
+def train(args) -> int:
+    env = setup_run(args)
+    prev_cfg, state, source = read_projector_source(args.projector)
+    log.info("stage-1 projectors from %s", source)
+    if args.model:
+        base, tok_path = args.model, args.model
+    elif prev_cfg is not None:
+        base, tok_path = prev_cfg.base_model, prev_cfg.tokenizer
+    else:
+        raise CheckpointError(f"{source}: carries no config.json naming its base model; pass --model")
+    tokenizer, added = load_tokenizer(tok_path)
+    data = load_data(env, tokenizer, stage1_modalities(args, prev_cfg, state),
+                     expected_dims=prev_cfg.dims if prev_cfg else None)
+    cfg = model_config(env, data, stage=2, base_model=base, tokenizer_path=tok_path, added_tokens=added,
+                       projector_types=prev_cfg.projector_types if prev_cfg else None, bits=args.bits,
+                       lora=lora_config(args))
+    model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3, adapter="new",
+                     gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing)
     if "marker_embed.weight" not in state:
         log.warning("%s has no marker rows (trained with frozen embeddings): they start from their init", source)
         state = {**state, "marker_embed.weight": model.marker_embed.weight.detach().cpu()}
     model.load_projector_state(state, source)
-    return model
+    return fit(env, model, cfg, data)
 
 
 def default_output_dir(projector: str) -> str:
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.projector)
     validate_args(p, args)
-    return run(args, Stage(2, make_resolve_base(args.projector), build))
+    return run_command(lambda: train(args))
 
 
 if __name__ == "__main__":

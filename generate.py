@@ -39,9 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layout import DataError, load_annotation
-from model import ADAPTER_DIR, PROJECTORS_NAME, CheckpointError, SignConfig, compute_dtype
-from prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
+from model import SignConfig, compute_dtype
+from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
+from signllava.errors import CheckpointError, DataError, range_problems, run_command
+from signllava.layout import load_annotation
+from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
 
 log = logging.getLogger("signllava")
 YES_NO_TASKS = ("one_word_present", "multi_word_present", "is_reversed")
@@ -50,7 +52,7 @@ YES_NO_TASKS = ("one_word_present", "multi_word_present", "is_reversed")
 # ------------------------------------------------------------------------------------------- model
 def load_config(path) -> tuple[Path, SignConfig]:
     """(checkpoint dir, its config) for a checkpoint dir or an output dir."""
-    from checkpoint import resolve_checkpoint
+    from signllava.checkpoint import resolve_checkpoint
     ckpt = resolve_checkpoint(path)
     return ckpt, SignConfig.load(ckpt)
 
@@ -135,7 +137,7 @@ class Translator:
         first new token. The same path for num_beams == 1."""
         from transformers import DynamicCache
 
-        from beam_cache import expand_for_beams
+        from signllava.beam_cache import expand_for_beams
         if not items:
             return []
         emb, mask = self.embed_batch(items)
@@ -262,11 +264,10 @@ def format_table(m: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the split
-def _approx_len(ds, i: int) -> int:
-    from data import capped_len
-    v, c, pos = ds.items[i]
-    frames = sum(capped_len(ds.frames[m][(v, c)], ds.opts.max_frames) + 2 for m in ds.modalities)
-    return frames + sum(len(t) for t in ds.context_for(v, pos)) // 4
+def prompt_length(ds, i: int) -> int:
+    """Approximate prompt tokens of clip i: its segments and its context sentences (about 4 characters a token)."""
+    v, _, pos = ds.items[i]
+    return ds.frame_tokens(i) + sum(len(t) for t in ds.context_for(v, pos)) // 4
 
 
 def plan_rounds(ds, indices: list[int], predicted: bool) -> list[list[int]]:
@@ -292,7 +293,7 @@ def generate_split(tr: Translator, ds, indices: list[int], *, task: str, predict
     bar = tqdm(total=len(indices), desc="generate", dynamic_ncols=True, file=sys.stderr)
     for rnd in plan_rounds(ds, indices, predicted):
         # Lengths are read now: in predicted mode the context of this round only exists now.
-        order = sorted(rnd, key=lambda i: -_approx_len(ds, i))
+        order = sorted(rnd, key=lambda i: -prompt_length(ds, i))
         batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
         if num_workers > 0:           # h5 handles must not cross the fork: each worker opens its own
             for store in ds.stores.values():
@@ -424,23 +425,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--bleurt_checkpoint", metavar="PATH", help="also score BLEURT with this checkpoint (needs the bleurt package)")
     args = p.parse_args(argv)
-    problems = []
-    for name in ("num_beams", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    for name in ("context_window", "prelude_window", "limit", "num_workers"):
-        if (getattr(args, name) or 0) < 0:
-            problems.append(f"--{name} must be >= 0")
+    problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"),
+                              non_negative=("context_window", "prelude_window", "limit", "num_workers"))
     if args.context not in ("none", "gold", "predicted") and not Path(args.context).is_file():
         problems.append(f"--context {args.context}: not none, gold, predicted or an existing output JSON")
     if problems:
         p.error("; ".join(problems))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return run(args)
-    except (DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

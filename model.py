@@ -18,17 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import fused_ops
-from prompts import MARKER_TOKENS, SYSTEM_PROMPT
-
-CONFIG_NAME = "config.json"
-PROJECTORS_NAME = "projectors.safetensors"
-ADAPTER_DIR = "adapter"
-
-
-class CheckpointError(Exception):
-    """A checkpoint or projector file that does not fit the model; one line, naming the file."""
-
+from signllava import kernels
+from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
+from signllava.errors import CheckpointError
+from signllava.prompts import MARKER_TOKENS, SYSTEM_PROMPT
 
 # ------------------------------------------------------------------------------------------ config
 @dataclass
@@ -125,7 +118,7 @@ class SignLLM(nn.Module):
         self.cfg = cfg
         self.label_smoothing = label_smoothing
         # Packed: a micro-batch's samples run end to end in one row with no padding (attention.py); needs the
-        # LLM on attention.ATTENTION, which assemble() sets. Off: padded rows under SDPA. Training sets it.
+        # LLM on kernels.ATTENTION, which assemble() sets. Off: padded rows under SDPA. Training sets it.
         self.packing = False
         emb = llm.get_input_embeddings()
         hidden = emb.weight.shape[1]
@@ -286,7 +279,7 @@ def load_llm(name_or_path: str, bits: int, dtype: torch.dtype, device: torch.dev
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
-    from prompts import setup_special_tokens
+    from signllava.prompts import setup_special_tokens
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
@@ -326,13 +319,13 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
              label_smoothing: float = 0.0) -> SignLLM:
     """Build the whole model from a config: base LLM (4-bit if cfg.bits == 4), frozen; then LoRA —
     new (`adapter="new"`, from cfg.lora) or loaded from a PEFT directory — and the projectors.
-    Only projectors, marker rows and LoRA weights require grad. The LLM runs on attention.ATTENTION (SDPA
+    Only projectors, marker rows and LoRA weights require grad. The LLM runs on kernels.ATTENTION (SDPA
     unless a forward passes packed boundaries); packed training is SignLLM.packing."""
-    from attention import use_packed_attention
-    from prompts import special_ids
+    from signllava.kernels import use_packed_attention
+    from signllava.prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
     use_packed_attention(llm)       # SDPA unless a forward passes packed boundaries
-    fused_ops.fuse(llm)             # fused RMSNorm: same maths, less memory and traffic
+    kernels.fuse_rms_norm(llm)             # fused RMSNorm: same maths, less memory and traffic
     fit_embeddings(llm, tokenizer)
     llm.requires_grad_(False)
     disable_dropout(llm)

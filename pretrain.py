@@ -11,30 +11,36 @@ import argparse
 import logging
 import sys
 
-from training import Context, Stage, add_common_args, barrier, run, validate_args
+from model import assemble, load_tokenizer
+from signllava.errors import run_command
+from training import RunEnv, add_common_args, barrier, fit, load_data, model_config, setup_run, validate_args
 
 log = logging.getLogger("signllava")
 
 
-def resolve_base(ctx: Context):
-    if ctx.args.model:
-        return ctx.args.model, ctx.args.model, None, None
-    base = ctx.out / "base_model"
-    if ctx.rank == 0 and not base.exists():
-        from layout import load_annotation
-        from tiny_llm import build_default_llm
-        ann = load_annotation(ctx.data_dir / "annotation.train.json")
+def embedded_base(env: RunEnv) -> str:
+    """The tiny Llama and tokenizer in O/base_model, built once (by rank 0) from the training sentences."""
+    base = env.out / "base_model"
+    if env.rank == 0 and not base.exists():
+        from signllava.demo import build_default_llm
+        from signllava.layout import load_annotation
+        ann = load_annotation(env.data_dir / "annotation.train.json")
         texts = [t for c in ann.clips.values() for t in [c.translation, *c.paraphrases]]
         log.info("no --model: building the embedded tiny Llama and tokenizer into %s", base)
-        build_default_llm(base, texts, seed=ctx.args.seed)
+        build_default_llm(base, texts, seed=env.args.seed)
     barrier()
-    return str(base.resolve()), str(base.resolve()), None, None
+    return str(base.resolve())
 
 
-def build(ctx: Context, cfg, tokenizer, _prev_state):
-    from model import assemble
-    return assemble(cfg, tokenizer, ctx.device, ctx.dtype, zero3=ctx.zero3,
-                    gradient_checkpointing=ctx.args.gradient_checkpointing, label_smoothing=ctx.args.label_smoothing)
+def train(args) -> int:
+    env = setup_run(args)
+    base = args.model or embedded_base(env)
+    tokenizer, added = load_tokenizer(base)
+    data = load_data(env, tokenizer)
+    cfg = model_config(env, data, stage=1, base_model=base, tokenizer_path=base, added_tokens=added)
+    model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,
+                     gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing)
+    return fit(env, model, cfg, data)
 
 
 def main(argv=None) -> int:
@@ -42,7 +48,7 @@ def main(argv=None) -> int:
     add_common_args(p, lr=1e-3)
     args = p.parse_args(argv)
     validate_args(p, args)
-    return run(args, Stage(1, resolve_base, build))
+    return run_command(lambda: train(args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testkit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
+from tests.kit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def load_tok(llm):
 
 # ------------------------------------------------------------------------------------------ prompt
 def test_prompt_ids_and_label_mask(tiny):
-    from prompts import PromptBuilder, SYSTEM_PROMPT, TRANSLATE, special_ids
+    from signllava.prompts import PromptBuilder, SYSTEM_PROMPT, TRANSLATE, special_ids
     _, _, llm = tiny
     tok = load_tok(llm)
     ids = special_ids(tok)
@@ -61,7 +61,7 @@ def test_prompt_ids_and_label_mask(tiny):
 
 def test_dataset_reads_layout(tiny):
     from data import DataOptions, SignDataset
-    from prompts import PromptBuilder, special_ids
+    from signllava.prompts import PromptBuilder, special_ids
     _, data, llm = tiny
     tok = load_tok(llm)
     ids = special_ids(tok)
@@ -117,7 +117,7 @@ def test_stage1_zero3(tiny):
 def test_loss_falls_on_fixed_batch(tiny):
     from data import Collator, DataOptions, SignDataset
     from model import SignConfig, assemble
-    from prompts import PromptBuilder, special_ids
+    from signllava.prompts import PromptBuilder, special_ids
     _, data, llm = tiny
     tok = load_tok(llm)
     ids = special_ids(tok)
@@ -166,7 +166,7 @@ def test_exact_resume_after_sigkill_and_kill_during_save(tiny):
     res = run_script("pretrain.py", *train_args(data, llm, out, 8, *common), env=script_env(SIGNLLAVA_FAULT="mid_save:6"), check=False)
     assert res.returncode == -9
     assert (out / "checkpoint-6.tmp").is_dir() and not (out / "checkpoint-6").exists()
-    from checkpoint import latest_checkpoint, resolve_checkpoint
+    from signllava.checkpoint import latest_checkpoint, resolve_checkpoint
     assert latest_checkpoint(out).name == "checkpoint-4" and resolve_checkpoint(out).name == "checkpoint-4"
     with pytest.raises(Exception, match="incomplete"):
         resolve_checkpoint(out / "checkpoint-6.tmp")
@@ -180,7 +180,7 @@ def test_exact_resume_under_token_budget(tiny):
     steps), SIGKILL after checkpoint-22 (epoch 2, one step in; dividing by epoch 0's 11 steps would put it at
     the start of epoch 2), then --resume must give the weights of the uninterrupted 30-step run."""
     from data import DataOptions, SignDataset
-    from prompts import PromptBuilder, special_ids
+    from signllava.prompts import PromptBuilder, special_ids
     from training import EpochPlans, prompt_tokens
     root, data, llm = tiny
     tok = load_tok(llm)

@@ -1,8 +1,13 @@
 """The one training loop, used by both stages: explicit DeepSpeed engine, token-normalised loss,
 exact resume, complete-or-invisible checkpoints.
 
-A stage (pretrain.py, finetune.py) supplies only `Stage`: which base model and tokenizer, and how to
-build the model with the right parameters trainable. Everything else lives here.
+A stage script (pretrain.py, finetune.py) reads its flags, then runs top to bottom:
+
+    env = setup_run(args)                       # distributed init, device, seed, output and data dirs
+    data = load_data(env, tokenizer)            # train / dev splits; their dims size the projectors
+    cfg = model_config(env, data, stage, ...)   # what every checkpoint saves to rebuild the model
+    model = assemble(cfg, ...)                  # only the stage's parameters require grad
+    return fit(env, model, cfg, data)           # plan -> engine -> resume -> train (evaluate, save)
 
 Batch plan. Each epoch is a list of micro-batches computed from (seed, epoch) alone. Optimizer step s
 consumes global micro-batches [s*W*G, (s+1)*W*G) (W ranks, G accumulation steps); rank r takes every
@@ -10,7 +15,7 @@ W-th. So 1 rank x G=2 and 2 ranks x G=1 see the same samples per step, and the d
 checkpoint is just its step.
 
 Packing (default; --no_packing turns it off): each micro-batch runs as one row of its samples end to end,
-no padding, attention kept within each sample (model.SignLLM.packing, attention.py).
+no padding, attention kept within each sample (model.SignLLM.packing, signllava/kernels.py).
 
 With --max_tokens_per_batch the micro-batches are cut by a token budget, so their number (and
 with it the steps of an epoch) can change from epoch to epoch; `EpochPlans` recomputes each epoch's count
@@ -25,22 +30,20 @@ import math
 import os
 import random
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-import checkpoint as ckpt
-import portable_state
 from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch,
                   rank_share)
-from layout import DataError
-from model import ADAPTER_DIR, CheckpointError, SignConfig, SignLLM, compute_dtype, save_projectors
-from prompts import PromptBuilder, special_ids, translation_prompt
+from model import SignConfig, SignLLM, compute_dtype, parse_projector_types, save_projectors
+from signllava import checkpoint, portable_state
+from signllava.checkpoint import ADAPTER_DIR
+from signllava.errors import CheckpointError, DataError, range_problems
+from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
 log = logging.getLogger("signllava")
 
@@ -105,13 +108,11 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
 
 
 def validate_args(p: argparse.ArgumentParser, args):
-    problems = []
-    for name in ("batch_size", "grad_accum", "eval_batch_size", "save_steps", "eval_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    for name in ("max_steps", "max_frames", "context_window", "prelude_window", "num_workers", "max_tokens_per_batch"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name} must be >= 0")
+    """Every flag problem at once, as argparse's one-line usage error (exit status 2)."""
+    problems = range_problems(args, at_least_one=("batch_size", "grad_accum", "eval_batch_size", "save_steps",
+                                                  "eval_steps", "logging_steps"),
+                              non_negative=("max_steps", "max_frames", "context_window", "prelude_window",
+                                            "num_workers", "max_tokens_per_batch"))
     if args.max_steps == 0 and args.epochs <= 0:
         problems.append("give --max_steps N or --epochs E > 0")
     if not 0 <= args.label_smoothing < 1:
@@ -121,33 +122,11 @@ def validate_args(p: argparse.ArgumentParser, args):
     if not Path(args.deepspeed_config).is_file():
         problems.append(f"--deepspeed_config {args.deepspeed_config}: no such file")
     try:
-        args.task_weight_map = parse_task_weights(args.task_weights)
+        parse_task_weights(args.task_weights)
     except ValueError as e:
         problems.append(f"--task_weights: {e}")
     if problems:
         p.error("; ".join(problems))
-
-
-# ------------------------------------------------------------------------------------------- stage
-@dataclass
-class Context:
-    args: argparse.Namespace
-    out: Path
-    data_dir: Path
-    device: torch.device
-    dtype: torch.dtype
-    zero3: bool
-    rank: int
-    world: int
-
-
-@dataclass
-class Stage:
-    number: int
-    # -> (base_model, tokenizer path, projector config or None, projector state or None)
-    resolve_base: Callable[[Context], tuple]
-    # (ctx, cfg, tokenizer, projector state) -> model with only its trainable parameters requiring grad
-    build: Callable
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -246,8 +225,8 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
-def export_trainable(state: dict[str, torch.Tensor], model: SignLLM, cfg: SignConfig, directory: Path):
-    """Portable weights: projectors.safetensors (+ adapter/ in PEFT format) + config.json."""
+def write_trainable_weights(state: dict[str, torch.Tensor], model: SignLLM, cfg: SignConfig, directory: Path):
+    """What a checkpoint is used for later: projectors.safetensors (+ adapter/ in PEFT format) + config.json."""
     save_projectors({k: v for k, v in state.items() if k.startswith(("projectors.", "marker_embed."))}, directory)
     lora = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
     if lora:
@@ -310,253 +289,352 @@ class EpochPlans:
         return max(1, sum(self.steps(e) for e in range(whole)) + int((epochs - whole) * self.steps(whole)))
 
 
-# ------------------------------------------------------------------------------------------- run
-def run(args, stage: Stage) -> int:
-    """Entry point of both stages: clear one-line errors for user mistakes, tracebacks for bugs."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return _run(args, stage)
-    except (DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+# ------------------------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class RunEnv:
+    """Where this process runs: the parsed flags (read, never written), the output and data directories,
+    device, precision and its place among the ranks."""
+    args: argparse.Namespace
+    out: Path
+    data_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    zero_stage: int
+    rank: int
+    world: int
+
+    @property
+    def zero3(self) -> bool:
+        return self.zero_stage == 3
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches in one optimizer step, over all ranks."""
+        return self.world * self.args.grad_accum
 
 
-def _run(args, stage: Stage) -> int:
-    import deepspeed
+def setup_run(args) -> RunEnv:
+    """Distributed init, device and seed; refuse to overwrite a finished run; write the demo data if no
+    --data_dir was given."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed(device_type)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    dtype = compute_dtype(device)
     seed_everything(args.seed)
     out = Path(args.output_dir)
-
-    resume_from = ckpt.latest_checkpoint(out) if args.resume else None
-    if not args.resume and ckpt.complete_checkpoints(out) and not args.overwrite_output_dir:
+    if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
         raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
-    if args.resume and resume_from is None:
-        log.info("--resume: %s holds no complete checkpoint, starting from scratch", out)
-
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir) if args.data_dir else out / "demo_data"
     if not args.data_dir and rank == 0 and not (data_dir / "annotation.train.json").exists():
-        from demo_language import make_demo
+        from signllava.demo import make_demo
         log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
         make_demo(str(data_dir))
     barrier()
-
     with open(args.deepspeed_config) as f:
         zero_stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
-    ctx = Context(args, out, data_dir, device, dtype, zero_stage == 3, rank, world)
+    return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world)
 
-    # Base model and tokenizer, then the data (its dims size the projectors), then the model.
-    base_model, tok_path, prev_cfg, prev_state = stage.resolve_base(ctx)
-    from model import load_tokenizer
-    tokenizer, added = load_tokenizer(tok_path)
+
+@dataclass
+class Data:
+    """The tokenizer's prompt layout and the train / dev splits built with it."""
+    tokenizer: object
+    builder: PromptBuilder
+    pad_id: int
+    train: SignDataset
+    dev: SignDataset | None
+
+
+def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
+              expected_dims: dict[str, int] | None = None) -> Data:
+    """Train and dev splits of --data_dir. `modalities` (default: --modalities, else every folder) and
+    `expected_dims` come from a stage-1 checkpoint when there is one."""
+    a = env.args
     ids = special_ids(tokenizer)
-    opts = DataOptions(modalities=args.modalities.split(",") if args.modalities else (prev_cfg.modalities if prev_cfg else None),
-                       max_frames=args.max_frames, frame_cap=args.frame_cap, context_window=args.context_window,
-                       prelude_window=args.prelude_window, use_paraphrases=args.use_paraphrases,
-                       task_weights=args.task_weight_map, max_num_words=args.max_num_words, seed=args.seed)
+    if a.modalities:
+        modalities = a.modalities.split(",")
+    opts = DataOptions(modalities=modalities, max_frames=a.max_frames, frame_cap=a.frame_cap,
+                       context_window=a.context_window, prelude_window=a.prelude_window,
+                       use_paraphrases=a.use_paraphrases, task_weights=parse_task_weights(a.task_weights),
+                       max_num_words=a.max_num_words, seed=a.seed)
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"])
-    expected = prev_cfg.dims if prev_cfg else None
-    train_ds = SignDataset(data_dir, "train", builder, opts, train=True, expected_dims=expected)
-    has_dev = (data_dir / "annotation.dev.json").exists()
-    dev_ds = SignDataset(data_dir, "dev", builder, opts, train=False, expected_dims=train_ds.dims) if has_dev else None
-    log.info("train: %d clips, modalities %s, dims %s%s", len(train_ds), ",".join(train_ds.modalities), train_ds.dims,
-             f"; dev: {len(dev_ds)} clips" if dev_ds else "; no dev split")
+    train = SignDataset(env.data_dir, "train", builder, opts, train=True, expected_dims=expected_dims)
+    has_dev = (env.data_dir / "annotation.dev.json").exists()
+    dev = SignDataset(env.data_dir, "dev", builder, opts, train=False, expected_dims=train.dims) if has_dev else None
+    log.info("train: %d clips, modalities %s, dims %s%s", len(train), ",".join(train.modalities), train.dims,
+             f"; dev: {len(dev)} clips" if dev else "; no dev split")
+    return Data(tokenizer, builder, ids["pad"], train, dev)
 
-    from model import parse_projector_types
-    ptypes = prev_cfg.projector_types if prev_cfg else parse_projector_types(args.projector_type, train_ds.modalities)
-    cfg = SignConfig(base_model=base_model, tokenizer=tok_path, modalities=train_ds.modalities, dims=train_ds.dims,
-                     projector_types={m: ptypes[m] for m in train_ds.modalities}, stage=stage.number,
-                     added_tokens=added, context_window=args.context_window, prelude_window=args.prelude_window,
-                     max_frames=args.max_frames, frame_cap=args.frame_cap)
-    model = stage.build(ctx, cfg, tokenizer, prev_state)
-    model.packing = args.packing
+
+def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer_path: str, added_tokens: bool,
+                 projector_types: dict[str, str] | None = None, **extra) -> SignConfig:
+    """The SignConfig saved with every checkpoint: enough to rebuild the model without any flag."""
+    a = env.args
+    mods = data.train.modalities
+    ptypes = projector_types or parse_projector_types(a.projector_type, mods)
+    return SignConfig(base_model=base_model, tokenizer=tokenizer_path, modalities=mods, dims=data.train.dims,
+                      projector_types={m: ptypes[m] for m in mods}, stage=stage, added_tokens=added_tokens,
+                      context_window=a.context_window, prelude_window=a.prelude_window, max_frames=a.max_frames,
+                      frame_cap=a.frame_cap, **extra)
+
+
+@dataclass
+class TrainState:
+    """What the phases of `fit` share. `step` and `best_dev_loss` are all that a resume restores beyond
+    DeepSpeed's own state: the data position follows from the step (EpochPlans)."""
+    env: RunEnv
+    model: SignLLM
+    cfg: SignConfig
+    data: Data
+    plans: EpochPlans
+    total: int
+    engine: object = None
+    scheduler: object = None
+    writer: object = None
+    step: int = 0
+    best_dev_loss: float | None = None
+    dev_loss: float | None = None
+
+
+def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
+    """The shared loop of both stages: plan, engine, resume, train, summary."""
+    model.packing = env.args.packing
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("trainable parameters: %s (%s)", f"{n_train:,}",
-             ", ".join(sorted({n.split(".")[0] if not n.startswith("llm.") else "lora" for n, p in model.named_parameters() if p.requires_grad})))
-
-    # Plan.
-    per_step = world * args.grad_accum
-    lengths = np.asarray([train_ds.length(i) for i in range(len(train_ds))])
-    plans = EpochPlans(lengths, args.batch_size, args.seed, args.group_by_length, args.max_tokens_per_batch, per_step,
-                       overhead=prompt_tokens(builder, len(train_ds.modalities)), packed=args.packing)
-    micro_batch = None
-    if plans.steps(0) == 0:
-        batch = f"token budget {args.max_tokens_per_batch}" if args.max_tokens_per_batch else f"batch {args.batch_size}"
-        raise DataError(f"{data_dir}: {len(train_ds)} training clips make fewer than one optimizer step "
-                        f"({batch} x accumulation {args.grad_accum} x {world} ranks)")
-    if args.max_tokens_per_batch:
-        sizes = [len(b) for b in plans.batches(0)]
-        micro_batch = max(1, round(len(train_ds) / len(sizes)))
-        log.info("token budget %d (clip length + %d prompt tokens): epoch 0 has %d micro-batches of %d-%d clips "
-                 "(mean %.1f), %d optimizer steps", args.max_tokens_per_batch, plans.overhead, len(sizes), min(sizes),
-                 max(sizes), len(train_ds) / len(sizes), plans.steps(0))
-    total = args.max_steps or plans.total(args.epochs)
-    warmup = int(args.warmup_ratio * total)
-
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.999),
-                                  eps=1e-8, **({"fused": True} if device_type == "cuda" else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup, args.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(args.deepspeed_config, args, world, dtype, micro_batch))
-    step = 0
-    best_dev = None
+             ", ".join(sorted({n.split(".")[0] if not n.startswith("llm.") else "lora"
+                               for n, p in model.named_parameters() if p.requires_grad})))
+    resume_from = checkpoint.latest_checkpoint(env.out) if env.args.resume else None
+    if env.args.resume and resume_from is None:
+        log.info("--resume: %s holds no complete checkpoint, starting from scratch", env.out)
+    plans, total, micro_batch = plan(env, data)
+    state = TrainState(env, model, cfg, data, plans, total)
+    make_engine(state, micro_batch)
     if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        if state.get("stage") != stage.number:
-            raise CheckpointError(f"{resume_from}: a stage-{state.get('stage')} checkpoint; cannot resume stage {stage.number} from it")
-        saved_global = state["world_size"] * state["grad_accum"]
-        saved_budget = state.get("max_tokens_per_batch", 0)
-        saved_packing = state.get("packing", False)
-        # A token budget counts tokens differently packed and padded, so the plan depends on packing too.
-        if (saved_global != per_step or saved_budget != args.max_tokens_per_batch
-                or (not args.max_tokens_per_batch and state["batch_size"] != args.batch_size)
-                or (args.max_tokens_per_batch and saved_packing != args.packing)):
-            def geometry(bs, budget, gas, w, packed):
-                batch = f"{'packed' if packed else 'padded'} token budget {budget}" if budget else f"batch {bs}"
-                return f"{batch} x {gas} accumulation x {w} ranks"
-            raise CheckpointError(f"{resume_from}: saved with "
-                                  f"{geometry(state['batch_size'], saved_budget, state['grad_accum'], state['world_size'], saved_packing)}; "
-                                  f"resume needs the same global batch (now "
-                                  f"{geometry(args.batch_size, args.max_tokens_per_batch, args.grad_accum, world, args.packing)})")
-        if state["world_size"] == world and state.get("zero_stage") == zero_stage:
-            load_path, _ = engine.load_checkpoint(str(resume_from), tag="deepspeed", load_module_strict=False)
-            if load_path is None:
-                raise CheckpointError(f"{resume_from}: DeepSpeed state missing or unreadable")
-        else:
-            # DeepSpeed's partitions only load into the same world size and ZeRO stage.
-            log.info("resuming %d ranks / ZeRO-%s from %d ranks / ZeRO-%s through the portable optimizer state",
-                     world, zero_stage, state["world_size"], state.get("zero_stage"))
-            portable_state.restore(engine, resume_from)
-        step, best_dev = state["step"], state.get("best_dev_loss")
-        rng_file = resume_from / f"rng_state_{rank % state['world_size']}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
-        log.info("resumed from %s at step %d", resume_from, step)
-
-    writer = None
-    if rank == 0:
+        resume(state, resume_from)
+    if env.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "runs"))
-        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "task_weight_map"}, indent=1))
-    collate = Collator(ids["pad"])
-
-    def record(row: dict):
-        """Rank 0: TensorBoard scalars plus one JSON line per record in OUTPUT_DIR/metrics.jsonl."""
-        if writer is None:
-            return
-        for k, v in row.items():
-            if k != "step":
-                writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def evaluate() -> float | None:
-        if dev_ds is None:
-            return None
-        engine.eval()
-        batches = eval_batches(dev_ds, args.eval_batch_size)
-        mine = batches[rank::world]
-        n_max = -(-len(batches) // world)
-        # Under ZeRO-3 every rank must run the same number of forwards: pad with weight-0 repeats.
-        weights = [1.0] * len(mine) + [0.0] * (n_max - len(mine))
-        mine = mine + [batches[0]] * (n_max - len(mine))
-        tot = cnt = 0.0
-        with torch.no_grad():
-            for w, batch in zip(weights, make_loader(dev_ds, mine, collate, args.num_workers, device_type == "cuda")):
-                loss, n = engine(**to_device(batch, device))
-                tot += w * loss.item()
-                cnt += w * n.item()
-        engine.train()
-        tot, cnt = all_sum(tot, device), all_sum(cnt, device)
-        return tot / max(cnt, 1.0)
-
-    def save(step: int, dev_loss):
-        tmp = ckpt.begin(out, step) if rank == 0 else out / f"checkpoint-{step}.tmp"
-        barrier()
-        engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-        portable = portable_state.gather(engine)          # collective: full fp32 trainables + Adam moments
-        state = portable["params"]
-        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-        if rank == 0:
-            export_trainable(state, model, cfg, tmp)
-            portable_state.save(portable, tmp)
-            ckpt.write_state(tmp, {"step": step, "stage": stage.number, "world_size": world, "grad_accum": args.grad_accum,
-                                   "batch_size": args.batch_size,
-                                   "max_tokens_per_batch": args.max_tokens_per_batch, "packing": args.packing, "seed": args.seed, "zero_stage": zero_stage, "dev_loss": dev_loss,
-                                   "best_dev_loss": best_dev, "total_steps": total})
-        barrier()
-        ckpt.fault_point("mid_save", step)
-        if rank == 0:
-            final = ckpt.commit(tmp, step, args.save_total_limit)
-            log.info("saved %s", final)
-        barrier()
-        ckpt.fault_point("after_save", step)
-
-    engine.train()
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"stage {stage.number}")
-    t0, tok_count, sample_count, log_loss, log_tok = time.time(), 0, 0, 0.0, 0.0
-    dev_loss = None
-    epoch, k0 = plans.locate(step)
-    while step < total:
-        mine = [[(i, epoch) for i in b] for b in rank_share(plans.batches(epoch), rank, world, per_step)]
-        it = iter(make_loader(train_ds, mine[k0 * args.grad_accum:], collate, args.num_workers, device_type == "cuda"))
-        for _ in range(k0, plans.steps(epoch)):
-            if step >= total:
-                break
-            micro = [next(it) for _ in range(args.grad_accum)]
-            n_global = all_sum(sum(target_tokens(b) for b in micro), device)
-            step_loss = 0.0
-            for b in micro:
-                loss_sum, n = engine(**to_device(b, device))
-                # engine.backward divides by G and the gradient all-reduce averages over W; scaling by
-                # G*W/N gives the exact per-token mean over the global batch.
-                engine.backward(loss_sum * (per_step / max(n_global, 1.0)))
-                engine.step()
-                step_loss += loss_sum.item()
-                sample_count += len(b["meta"])
-                tok_count += int(b["attention_mask"].sum())
-            step += 1
-            log_loss += all_sum(step_loss, device)
-            log_tok += n_global
-            bar.update(1)
-            if step % args.logging_steps == 0 or step == total:
-                dt = time.time() - t0
-                mean = log_loss / max(log_tok, 1.0)
-                lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-                row = {"step": step, "loss": mean, "lr": lr, "samples_per_s": sample_count * world / dt,
-                       "tokens_per_s": tok_count * world / dt}
-                if device_type == "cuda":
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                record(row)
-                log_loss = log_tok = 0.0
-                t0, tok_count, sample_count = time.time(), 0, 0
-            if step % args.eval_steps == 0 or step == total:
-                dev_loss = evaluate()
-                if dev_loss is not None:
-                    best_dev = dev_loss if best_dev is None else min(best_dev, dev_loss)
-                    log.info("step %d: dev loss %.4f", step, dev_loss)
-                    record({"step": step, "dev_loss": dev_loss})
-            if step % args.save_steps == 0 or step == total:
-                save(step, dev_loss)
-        epoch, k0 = epoch + 1, 0
-    bar.close()
-    if writer:
-        writer.close()
-    if rank == 0:
-        summary = {"steps": step, "dev_loss": dev_loss, "best_dev_loss": best_dev,
-                   "checkpoint": str(ckpt.latest_checkpoint(out))}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        state.writer = SummaryWriter(str(env.out / "runs"))
+        (env.out / "args.json").write_text(json.dumps(vars(env.args), indent=1))
+    train(state)
+    if state.writer:
+        state.writer.close()
+    if env.rank == 0:
+        summary = {"steps": state.step, "dev_loss": state.dev_loss, "best_dev_loss": state.best_dev_loss,
+                   "checkpoint": str(checkpoint.latest_checkpoint(env.out))}
+        (env.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %s", summary)
     barrier()
     return 0
+
+
+def plan(env: RunEnv, data: Data) -> tuple[EpochPlans, int, int | None]:
+    """-> (the epochs' batch plans, total optimizer steps, the representative micro-batch size DeepSpeed is
+    told under a token budget)."""
+    a, ds = env.args, data.train
+    lengths = np.asarray([ds.length(i) for i in range(len(ds))])
+    plans = EpochPlans(lengths, a.batch_size, a.seed, a.group_by_length, a.max_tokens_per_batch, env.per_step,
+                       overhead=prompt_tokens(data.builder, len(ds.modalities)), packed=a.packing)
+    if plans.steps(0) == 0:
+        batch = f"token budget {a.max_tokens_per_batch}" if a.max_tokens_per_batch else f"batch {a.batch_size}"
+        raise DataError(f"{env.data_dir}: {len(ds)} training clips make fewer than one optimizer step "
+                        f"({batch} x accumulation {a.grad_accum} x {env.world} ranks)")
+    micro_batch = None
+    if a.max_tokens_per_batch:
+        sizes = [len(b) for b in plans.batches(0)]
+        micro_batch = max(1, round(len(ds) / len(sizes)))
+        log.info("token budget %d (clip length + %d prompt tokens): epoch 0 has %d micro-batches of %d-%d clips "
+                 "(mean %.1f), %d optimizer steps", a.max_tokens_per_batch, plans.overhead, len(sizes), min(sizes),
+                 max(sizes), len(ds) / len(sizes), plans.steps(0))
+    return plans, a.max_steps or plans.total(a.epochs), micro_batch
+
+
+def make_engine(state: TrainState, micro_batch: int | None):
+    """AdamW (weight decay on matrices only) and warmup + cosine, wrapped in the DeepSpeed engine."""
+    import deepspeed
+    env, a = state.env, state.env.args
+    warmup = int(a.warmup_ratio * state.total)
+    optimizer = torch.optim.AdamW(param_groups(state.model, a.weight_decay), lr=a.learning_rate, betas=(0.9, 0.999),
+                                  eps=1e-8, **({"fused": True} if env.device.type == "cuda" else {}))
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(state.total, warmup, a.min_lr_ratio))
+    state.engine, _, _, _ = deepspeed.initialize(model=state.model, optimizer=optimizer, lr_scheduler=state.scheduler,
+                                                 config=deepspeed_config(a.deepspeed_config, a, env.world, env.dtype,
+                                                                         micro_batch))
+
+
+def batch_geometry(batch_size: int, budget: int, grad_accum: int, world: int, packed: bool) -> str:
+    batch = f"{'packed' if packed else 'padded'} token budget {budget}" if budget else f"batch {batch_size}"
+    return f"{batch} x {grad_accum} accumulation x {world} ranks"
+
+
+def resume(state: TrainState, directory: Path):
+    """Load `directory` into the engine (DeepSpeed's own partitions when the world size and ZeRO stage match,
+    the portable state otherwise), then restore the step, best dev loss and this rank's RNG."""
+    env, a = state.env, state.env.args
+    saved = checkpoint.read_state(directory)
+    if saved.get("stage") != state.cfg.stage:
+        raise CheckpointError(f"{directory}: a stage-{saved.get('stage')} checkpoint; cannot resume stage {state.cfg.stage} from it")
+    saved_budget, saved_packing = saved.get("max_tokens_per_batch", 0), saved.get("packing", False)
+    # A token budget counts tokens differently packed and padded, so the plan depends on packing too.
+    if (saved["world_size"] * saved["grad_accum"] != env.per_step or saved_budget != a.max_tokens_per_batch
+            or (not a.max_tokens_per_batch and saved["batch_size"] != a.batch_size)
+            or (a.max_tokens_per_batch and saved_packing != a.packing)):
+        then = batch_geometry(saved["batch_size"], saved_budget, saved["grad_accum"], saved["world_size"], saved_packing)
+        now = batch_geometry(a.batch_size, a.max_tokens_per_batch, a.grad_accum, env.world, a.packing)
+        raise CheckpointError(f"{directory}: saved with {then}; resume needs the same global batch (now {now})")
+    if saved["world_size"] == env.world and saved.get("zero_stage") == env.zero_stage:
+        load_path, _ = state.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        if load_path is None:
+            raise CheckpointError(f"{directory}: DeepSpeed state missing or unreadable")
+    else:
+        # DeepSpeed's partitions only load into the same world size and ZeRO stage.
+        log.info("resuming %d ranks / ZeRO-%s from %d ranks / ZeRO-%s through the portable optimizer state",
+                 env.world, env.zero_stage, saved["world_size"], saved.get("zero_stage"))
+        portable_state.restore(state.engine, directory)
+    state.step, state.best_dev_loss = saved["step"], saved.get("best_dev_loss")
+    rng_file = directory / f"rng_state_{env.rank % saved['world_size']}.pt"
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    log.info("resumed from %s at step %d", directory, state.step)
+
+
+def record(state: TrainState, row: dict):
+    """Rank 0: TensorBoard scalars plus one JSON line per record in OUTPUT_DIR/metrics.jsonl."""
+    if state.writer is None:
+        return
+    for k, v in row.items():
+        if k != "step":
+            state.writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
+    with open(state.env.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def evaluate(state: TrainState) -> float | None:
+    """Token-mean loss over the whole dev split, shared among the ranks."""
+    env, dev = state.env, state.data.dev
+    if dev is None:
+        return None
+    state.engine.eval()
+    batches = eval_batches(dev, env.args.eval_batch_size)
+    mine = batches[env.rank::env.world]
+    n_max = -(-len(batches) // env.world)
+    # Under ZeRO-3 every rank must run the same number of forwards: pad with weight-0 repeats.
+    weights = [1.0] * len(mine) + [0.0] * (n_max - len(mine))
+    mine = mine + [batches[0]] * (n_max - len(mine))
+    tot = cnt = 0.0
+    loader = make_loader(dev, mine, Collator(state.data.pad_id), env.args.num_workers, env.device.type == "cuda")
+    with torch.no_grad():
+        for w, batch in zip(weights, loader):
+            loss, n = state.engine(**to_device(batch, env.device))
+            tot += w * loss.item()
+            cnt += w * n.item()
+    state.engine.train()
+    tot, cnt = all_sum(tot, env.device), all_sum(cnt, env.device)
+    return tot / max(cnt, 1.0)
+
+
+def save_checkpoint(state: TrainState):
+    """A complete checkpoint or none: written into `checkpoint-N.tmp`, renamed when every rank is done."""
+    env, a, step = state.env, state.env.args, state.step
+    tmp = checkpoint.begin(env.out, step) if env.rank == 0 else env.out / f"checkpoint-{step}.tmp"
+    barrier()
+    state.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+    portable = portable_state.gather(state.engine)          # collective: full fp32 trainables + Adam moments
+    torch.save(rng_state(), tmp / f"rng_state_{env.rank}.pt")
+    if env.rank == 0:
+        write_trainable_weights(portable["params"], state.model, state.cfg, tmp)
+        portable_state.save(portable, tmp)
+        checkpoint.write_state(tmp, {
+            "step": step, "stage": state.cfg.stage, "world_size": env.world, "grad_accum": a.grad_accum,
+            "batch_size": a.batch_size, "max_tokens_per_batch": a.max_tokens_per_batch, "packing": a.packing,
+            "seed": a.seed, "zero_stage": env.zero_stage, "dev_loss": state.dev_loss,
+            "best_dev_loss": state.best_dev_loss, "total_steps": state.total})
+    barrier()
+    checkpoint.fault_point("mid_save", step)
+    if env.rank == 0:
+        log.info("saved %s", checkpoint.commit(tmp, step, a.save_total_limit))
+    barrier()
+    checkpoint.fault_point("after_save", step)
+
+
+class Throughput:
+    """Loss and speed since the last log line: loss summed over all ranks, tokens and samples of this rank."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.reset()
+
+    def reset(self):
+        self.t0, self.tokens, self.samples, self.loss_sum, self.targets = time.time(), 0, 0, 0.0, 0.0
+
+    def row(self, step: int, lr: float) -> dict:
+        dt = time.time() - self.t0
+        return {"step": step, "loss": self.loss_sum / max(self.targets, 1.0), "lr": lr,
+                "samples_per_s": self.samples * self.world / dt, "tokens_per_s": self.tokens * self.world / dt}
+
+
+def train_step(state: TrainState, micro: list[dict], meter: Throughput):
+    """One optimizer step over this rank's micro-batches: the exact per-token mean over the global batch."""
+    env, engine = state.env, state.engine
+    n_global = all_sum(sum(target_tokens(b) for b in micro), env.device)
+    step_loss = 0.0
+    for b in micro:
+        loss_sum, _ = engine(**to_device(b, env.device))
+        # engine.backward divides by G and the gradient all-reduce averages over W; scaling by
+        # G*W/N gives the exact per-token mean over the global batch.
+        engine.backward(loss_sum * (env.per_step / max(n_global, 1.0)))
+        engine.step()
+        step_loss += loss_sum.item()
+        meter.samples += len(b["meta"])
+        meter.tokens += int(b["attention_mask"].sum())
+    state.step += 1
+    meter.loss_sum += all_sum(step_loss, env.device)
+    meter.targets += n_global
+
+
+def train(state: TrainState):
+    """Steps from `state.step` to `state.total`; each epoch's loader starts at the step's place in the plan."""
+    from tqdm import tqdm
+    env, a = state.env, state.env.args
+    collate = Collator(state.data.pad_id)
+    bar = tqdm(total=state.total, initial=state.step, disable=env.rank != 0, dynamic_ncols=True,
+               desc=f"stage {state.cfg.stage}")
+    meter = Throughput(env.world)
+    state.engine.train()
+    epoch, k0 = state.plans.locate(state.step)
+    while state.step < state.total:
+        mine = [[(i, epoch) for i in b] for b in rank_share(state.plans.batches(epoch), env.rank, env.world, env.per_step)]
+        it = iter(make_loader(state.data.train, mine[k0 * a.grad_accum:], collate, a.num_workers, env.device.type == "cuda"))
+        for _ in range(k0, state.plans.steps(epoch)):
+            if state.step >= state.total:
+                break
+            train_step(state, [next(it) for _ in range(a.grad_accum)], meter)
+            bar.update(1)
+            after_step(state, meter, bar)
+        epoch, k0 = epoch + 1, 0
+    bar.close()
+
+
+def after_step(state: TrainState, meter: Throughput, bar):
+    """Log, evaluate and save when their step has come (always at the last step)."""
+    a, step, last = state.env.args, state.step, state.step == state.total
+    if step % a.logging_steps == 0 or last:
+        row = meter.row(step, state.scheduler.get_last_lr()[0])
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        if state.env.device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(state.env.device) / 2**30
+        record(state, row)
+        meter.reset()
+    if step % a.eval_steps == 0 or last:
+        state.dev_loss = evaluate(state)
+        if state.dev_loss is not None:
+            best = state.best_dev_loss
+            state.best_dev_loss = state.dev_loss if best is None else min(best, state.dev_loss)
+            log.info("step %d: dev loss %.4f", step, state.dev_loss)
+            record(state, {"step": step, "dev_loss": state.dev_loss})
+    if step % a.save_steps == 0 or last:
+        save_checkpoint(state)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-import bench
+from bench import benchmark as bench
 
 
 def main():

@@ -1,6 +1,6 @@
 """Where the time of one generation batch (or one packed stage-1 step) goes: torch.profiler's top ops by GPU
-and by CPU time, on bench.py's random Llama-3-8B-shaped model. A diagnostic for choosing the next fast path,
-not a benchmark (bench.py is).
+and by CPU time, on bench/benchmark.py's random Llama-3-8B-shaped model. A diagnostic for choosing the next fast path,
+not a benchmark (bench/benchmark.py is).
 
     python bench/profile_step.py gen --batch_size 16      # one Translator.generate_ids batch, 5 beams
     python bench/profile_step.py train --tokens 9000      # one packed stage-1 step
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bench  # noqa: E402
+from bench import benchmark as bench  # noqa: E402
 
 
 def main():
@@ -83,11 +83,11 @@ def layer(a, device, dtype, reps: int = 10):
 
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    import attention
-    import fused_ops
+    from signllava import kernels
+    from signllava import kernels
     cfg = bench.llama_config(a.shape)
-    attention.register()
-    cfg._attn_implementation = attention.ATTENTION
+    kernels.register()
+    cfg._attn_implementation = kernels.ATTENTION
     base = LlamaDecoderLayer(cfg, 0).to(device, dtype).requires_grad_(False)
     rope = LlamaRotaryEmbedding(cfg).to(device)
     N = a.tokens
@@ -101,7 +101,7 @@ def layer(a, device, dtype, reps: int = 10):
     for name, fused in (("stock", False), ("fused norms", True)):
         lay = copy.deepcopy(base)
         if fused:
-            fused_ops.fuse(lay)
+            kernels.fuse_rms_norm(lay)
 
         def step():
             x = x0.detach().requires_grad_(True)

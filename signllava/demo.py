@@ -1,4 +1,8 @@
-"""Synthetic, learnable sign language in the on-disk layout of the How2Sign features.
+"""The built-in demo: a synthetic sign language (the data) and a tiny random-init Llama (the model).
+
+## The demo language
+
+Synthetic, learnable sign language in the on-disk layout of the How2Sign features.
 
 `make_demo(out_dir)` writes annotations plus MAE / sign2vec / DINO / pose feature shards
 exactly as the real How2Sign release is laid out, so the rest of the pipeline can be
@@ -16,14 +20,24 @@ gloss sequence (`gloss_to_english`), so a model must recognise signs, reorder th
 insert function words. Every gloss has a fixed random prototype per modality; a clip's
 frames are noisy copies of its signs' prototypes joined by transition frames.
 
-Usage: python demo_language.py OUT_DIR [--seed S]
+Written by `python data.py --make_demo OUT_DIR`.
+
+## The tiny LLM
+
+The embedded default LLM: a small random-init Llama and a byte-level BPE tokenizer with Llama-3's
+special tokens and chat template, trained offline on the data's own sentences.
+
+Used when no `--model` is given, so that the demo and the tests need no download. The pair is saved
+once into `<output_dir>/base_model/` and later stages and generation load it from there.
 """
-import argparse
 import json
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+
+from signllava.prompts import IS_REVERSED, MARKER_TOKENS, MULTI_WORD, ONE_WORD, SYSTEM_PROMPT, TRANSLATE, TRANSLATE_WITH_CONTEXT
 
 # --- lexicon ---------------------------------------------------------------------------
 NAMES = {"ANNA": "Anna", "TOM": "Tom", "MARIA": "Maria"}
@@ -249,9 +263,53 @@ def make_demo(out_dir: str, seed: int = 0, n_train_videos: int = 150,
         make_split(out, split, sizes[split], n_shards, protos, rng)
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    make_demo(args.out_dir, seed=args.seed)
+# ------------------------------------------------------------------------------------------ tiny LLM
+
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", *MARKER_TOKENS]
+
+# The Llama-3 Instruct template (same rendering: BOS once, header, blank line, trimmed content, eot).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+# Sized to learn the demo language in minutes on two CPU cores (fp32).
+DEFAULT_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=4096)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1000):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    prompts = [SYSTEM_PROMPT, TRANSLATE, TRANSLATE_WITH_CONTEXT, ONE_WORD, MULTI_WORD, IS_REVERSED, "yes, no"]
+    bpe.train_from_iterator(list(texts) + prompts * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<|finetune_right_pad_id|>")
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tok
+
+
+def build_default_llm(out_dir: Path, texts: list[str], seed: int = 0, **shape) -> Path:
+    """Train the tokenizer, build the random-init Llama, save both into out_dir. Deterministic in seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = train_tokenizer(texts)
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **{**DEFAULT_SHAPE, **shape})
+    torch.manual_seed(seed)
+    llm = LlamaForCausalLM(cfg)
+    llm.generation_config.eos_token_id = tok.eos_token_id
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tok.save_pretrained(tmp)
+    llm.save_pretrained(tmp)
+    tmp.rename(out_dir)          # complete or absent: a crash here never leaves half a base model
+    return out_dir

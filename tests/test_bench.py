@@ -1,6 +1,6 @@
-"""CPU checks of bench.py's correctness-critical parts on the tiny shape (no GPU, no downloads, < 60 s).
+"""CPU checks of bench/benchmark.py's correctness-critical parts on the tiny shape (no GPU, no downloads, < 60 s).
 
-    DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m pytest -q test_bench.py
+    DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m pytest -q tests/test_bench.py
 
 The fast paths timed by the benchmark must compute the same thing as the plain path: a length-grouped,
 padded batch gives the loss of its samples run one at a time; checkpointing changes neither loss nor
@@ -16,32 +16,16 @@ import pytest
 import torch
 from torch import nn
 
-import bench
-from bench import (DIMS, SHAPES, Spec, Synth, assemble_with, build_llm, collate, frame_counts, make_specs,
-                   make_tokenizer, matmul_params, mfu, quantize_4bit_, sign_config)
+from bench import benchmark as bench
+from bench.benchmark import matmul_params, mfu
+from bench.synthetic import (DIMS, SHAPES, Spec, Synth, assemble_with, build_llm, collate, frame_counts, make_specs,
+                             quantize_4bit_, sign_config)
 
 CPU = torch.device("cpu")
 F32 = torch.float32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small CPU matmuls with 2 intra-op threads run ~30x slower than with 1 on 2-vCPU machines (OpenMP
-    # barrier cost); the numbers checked here do not depend on the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer(0)
-
-
-@pytest.fixture(scope="module")
-def synth(tok):
-    return Synth(tok, SHAPES["tiny"]["vocab_size"], seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: small matmuls on one CPU thread
 
 
 def short_specs(n=8, seed=3):
@@ -103,7 +87,7 @@ def test_spec_ranges_and_determinism(dist):
 
 
 def test_sample_layout(synth):
-    from prompts import special_ids
+    from signllava.prompts import special_ids
     ids = special_ids(synth.tok)
     for i, s in enumerate([Spec(50, 20), Spec(51, 80), Spec(600, 33)]):
         it = synth.item(i, s)

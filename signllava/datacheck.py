@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from layout import (SPLITS, DataError, find_metadata, load_annotation, modality_rank, natural_key, parse_metadata,
+from signllava.layout import (SPLITS, DataError, find_metadata, load_annotation, modality_rank, natural_key, parse_metadata,
                     read_json, shard_path, where)
 
 CHUNK_BYTES = 64 << 20        # finite check reads at most this much of one array at a time

@@ -16,8 +16,12 @@ import shutil
 import signal
 from pathlib import Path
 
-from model import CONFIG_NAME, PROJECTORS_NAME, CheckpointError
+from signllava.errors import CheckpointError
 
+# The files of a checkpoint directory.
+CONFIG_NAME = "config.json"                    # SignConfig: how to rebuild the model
+PROJECTORS_NAME = "projectors.safetensors"     # projectors + marker rows
+ADAPTER_DIR = "adapter"                        # stage 2: the LoRA adapter in PEFT's format
 STATE_NAME = "trainer_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 

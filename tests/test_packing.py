@@ -2,7 +2,7 @@
 
     DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m pytest -q test_packing.py
 
-On CPU packed attention runs SDPA sample by sample (the varlen flash kernel is CUDA-only; bench.py checks it
+On CPU packed attention runs SDPA sample by sample (the varlen flash kernel is CUDA-only; bench/benchmark.py checks it
 against the padded path on the GPU); the packing itself -- positions, boundaries, targets -- is the same code.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import bench
-from bench import SHAPES, Synth, assemble_with, build_llm, collate, make_specs, quantize_4bit_, sign_config
-from test_bench import one_thread, synth, tok  # noqa: F401 -- shared fixtures: one CPU thread, tiny tokenizer
+from bench.synthetic import (SHAPES, Synth, assemble_with, build_llm, collate, make_specs, quantize_4bit_,
+                             set_gradient_checkpointing, sign_config)
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: small matmuls on one CPU thread
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -43,7 +44,7 @@ def test_packed_stage1_equals_padded(tok, synth, padding_side, checkpointing):
     batch = collate(synth, specs, list(range(5)), padding_side)
     torch.manual_seed(0)
     model = assemble_with(build_llm("tiny", CPU, F32), sign_config(1, 16), tok, CPU, F32).train()
-    bench.set_gradient_checkpointing(model, checkpointing)
+    set_gradient_checkpointing(model, checkpointing)
     assert_same(loss_and_grads(model, batch, True), loss_and_grads(model, batch, False))
 
 
@@ -93,7 +94,7 @@ def test_packed_token_budget_plan_counts_real_tokens(synth):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_fused_ops_equal_stock_llama(tok, synth, stage):
     """assemble() swaps in fused_ops; transformers' own forward gives the same loss and gradients."""
-    import fused_ops
+    from signllava import kernels
     specs = make_specs(3, 4, frames=(6, 40), answer=(5, 30))
     batch = collate(synth, specs, [0, 1, 2])
     llm = build_llm("tiny", CPU, F32)
@@ -103,7 +104,7 @@ def test_fused_ops_equal_stock_llama(tok, synth, stage):
                           adapter="new" if stage == 2 else None).eval()
     n_layers = SHAPES["tiny"]["num_hidden_layers"]
     fused = loss_and_grads(model, batch, True)
-    assert fused_ops.unfuse(model) == 2 * n_layers + 1                  # two norms a layer and the final norm
+    assert kernels.unfuse_rms_norm(model) == 2 * n_layers + 1                  # two norms a layer and the final norm
     stock = loss_and_grads(model, batch, True)
-    assert fused_ops.fuse(model) == 2 * n_layers + 1
+    assert kernels.fuse_rms_norm(model) == 2 * n_layers + 1
     assert_same(fused, stock)

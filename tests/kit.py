@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 TINY_DIMS = {"mae": 12, "dino": 9, "pose": 6}
 WORDS = ["red", "blue", "cat", "dog", "sees", "eats", "the", "a", "big", "small", "Anna", "runs"]
 
@@ -67,8 +67,8 @@ def write_tiny_dataset(root: Path, dims: dict[str, int] = TINY_DIMS, videos_per_
 
 def build_tiny_llm(path: Path, data_dir: Path, seed: int = 0) -> Path:
     """A 2-layer, hidden-64 Llama and its BPE tokenizer, trained on the dataset's sentences."""
-    from layout import load_annotation
-    from tiny_llm import build_default_llm
+    from signllava.layout import load_annotation
+    from signllava.demo import build_default_llm
     texts = [c.translation for c in load_annotation(data_dir / "annotation.train.json").clips.values()]
     return build_default_llm(path, texts, seed=seed, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2)

@@ -17,9 +17,9 @@ import torch
 
 import generate
 from generate import Translator, compute_metrics, yes_no_metrics
-from prompts import context_ids, translation_prompt
+from signllava.prompts import context_ids, translation_prompt
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent     # the repository root
 DIMS = {"mae": 6, "pose": 4}
 MAX_FRAMES = 8
 # video -> [(clip, frames, translation, keywords)]; vA_2 has no pose features (left out of the split).
@@ -85,7 +85,7 @@ def make_dataset(tr: Translator, data: Path, task: str = "translation", context_
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    from tiny_llm import build_default_llm
+    from signllava.demo import build_default_llm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # a tiny model: threads only cost (and thrash on a busy machine)
     root = tmp_path_factory.mktemp("gen")
@@ -408,7 +408,7 @@ def test_prompt_shared_cache_layer_matches_dynamic_layer():
     """Same keys/values as transformers' DynamicLayer through prefill, updates, beam reorders and growth."""
     from transformers.cache_utils import DynamicLayer
 
-    from beam_cache import PromptSharedLayer
+    from signllava.beam_cache import PromptSharedLayer
     g = torch.Generator().manual_seed(0)
     B, beams, H, L, D = 2, 3, 2, 5, 4
     k0, v0 = torch.randn(B, H, L, D, generator=g), torch.randn(B, H, L, D, generator=g)

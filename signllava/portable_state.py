@@ -81,7 +81,7 @@ def restore(engine, directory: Path):
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     missing = [n for n, _ in named if n not in state["params"]]
     if missing:
-        from model import CheckpointError
+        from signllava.errors import CheckpointError
         raise CheckpointError(f"{directory / PORTABLE_NAME}: no state for {', '.join(missing)}")
     ensure_adam_state(engine)
     relink_optimizer_views(engine)

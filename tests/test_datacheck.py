@@ -16,10 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent.parent     # the repository root: data.py runs from there
 
-from datacheck import check_dataset  # noqa: E402
+from signllava.datacheck import check_dataset  # noqa: E402
 
 SHARDS = {"train": 2, "dev": 2, "test": 1}
 DIMS = {"mae": 8, "pose": 6, "dino": 4}
@@ -247,7 +246,7 @@ def test_single_fault(tmp_path, capsys, breaker):
 
 
 def test_finite_check_reads_in_chunks(tmp_path, capsys, monkeypatch):
-    import datacheck
+    from signllava import datacheck
     monkeypatch.setattr(datacheck, "CHUNK_BYTES", 24)     # two frames of dim 6 float16 per read
     root = make_tiny(tmp_path / "d")
     arr = np.ones((7, 6), np.float16)

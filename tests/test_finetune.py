@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from testkit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
+from tests.kit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_adapter_loads_with_peft_and_gives_same_logits(s1):
     from peft import PeftModel
     from data import Collator, DataOptions, SignDataset
     from model import SignConfig, SignLLM, assemble, load_llm, load_tokenizer, read_projector_file
-    from prompts import PromptBuilder, special_ids
+    from signllava.prompts import PromptBuilder, special_ids
     root, data, llm, _ = s1
     ck = root / "z2" / "checkpoint-12"
     if not ck.exists():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from testkit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
+from tests.kit import build_tiny_llm, run_script, script_env, train_args, write_tiny_dataset
 
 
 def test_rank_shares_are_disjoint_and_cover_whole_steps():

@@ -21,13 +21,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from signllava.errors import DataError
+
 # The original's splice order; modalities we do not know follow alphabetically.
 KNOWN_MODALITY_ORDER = ("mae", "sign2vec", "dino", "pose")
 SPLITS = ("train", "dev", "test")
-
-
-class DataError(Exception):
-    """A fault in the user's data. str(err) is a single line naming file / video / clip."""
 
 
 def where(path, video=None, clip=None) -> str:

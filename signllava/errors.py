@@ -1,0 +1,31 @@
+"""The user's mistakes, as opposed to our bugs: each is one line naming the file (video, clip) or flag,
+printed as `error: ...` with exit status 2 instead of a traceback."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+
+class DataError(Exception):
+    """A fault in the user's data. str(err) is a single line naming file / video / clip."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint or projector file that does not fit the model; one line, naming the file."""
+
+
+def run_command(main: Callable[[], int]) -> int:
+    """Run a command's body with the house's logging; a user error becomes one line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return main()
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def range_problems(args, at_least_one=(), non_negative=()) -> list[str]:
+    """Flags out of range, each as `--name must be ...` (a flag left at None is not checked)."""
+    problems = [f"--{n} must be >= 1" for n in at_least_one if getattr(args, n) is not None and getattr(args, n) < 1]
+    return problems + [f"--{n} must be >= 0" for n in non_negative if (getattr(args, n) or 0) < 0]
