@@ -136,101 +136,12 @@ def check_modality(split: str, name: str, meta: Path, annotated: set | None, rep
     by_shard: dict[str, list[str]] = {}
     for video, shard in video_shard.items():
         by_shard.setdefault(shard, []).append(video)
-    shards = sorted(by_shard, key=natural_key)
-
-    handles: dict[str, h5py.File] = {}
+    handles = _open_shards(meta, by_shard, ms, rep)
     try:
-        for shard in shards:
-            path = shard_path(meta, shard)
-            videos = by_shard[shard]
-            try:
-                if not path.is_file():
-                    rep.fault(f"{path}: shard file missing (named by {meta.name} for video {_names(videos)})")
-                    ms.broken_videos.update(videos)
-                    continue
-                h = h5py.File(path, "r")
-                handles[shard] = h
-            except Exception as e:  # noqa: BLE001 - h5py reports corruption as OSError, RuntimeError, ...
-                rep.fault(f"{path}: unreadable or corrupt h5 file ({e})")
-                ms.broken_videos.update(videos)
-
-        # Where each video really is, to say so when the metadata names the wrong shard.
-        located: dict[str, list[str]] = {}
-        for shard, h in list(handles.items()):
-            try:
-                for k in h.keys():
-                    located.setdefault(k, []).append(shard)
-            except Exception as e:  # noqa: BLE001
-                rep.fault(f"{shard_path(meta, shard)}: unreadable or corrupt h5 file ({e})")
-                ms.broken_videos.update(by_shard[shard])
-                handles.pop(shard).close()
-
-        # Pass 1: headers only.
-        headers = []            # (shard, video, clip, shape, dtype): no open h5 objects kept
-        for shard in shards:
-            h = handles.get(shard)
-            if h is None:
-                continue
-            path = shard_path(meta, shard)
-            for video in by_shard[shard]:
-                try:
-                    g = h.get(video)
-                    if not isinstance(g, h5py.Group):
-                        elsewhere = [s for s in located.get(video, []) if s != shard]
-                        hint = f"; it is in {', '.join(shard_path(meta, s).name for s in elsewhere)}" if elsewhere else ""
-                        rep.fault(f"{where(path, video)}: video placed in this shard by {meta.name} but not in it{hint}")
-                        ms.broken_videos.add(video)
-                        continue
-                    for clip, obj in g.items():
-                        if isinstance(obj, h5py.Dataset):
-                            headers.append((shard, video, clip, tuple(obj.shape or ()), obj.dtype))
-                            ms.present.add((video, clip))
-                except Exception as e:  # noqa: BLE001
-                    rep.fault(f"{where(path, video)}: unreadable ({e})")
-                    ms.broken_videos.add(video)
-
+        headers = _read_headers(meta, by_shard, handles, ms, rep)
         dims = Counter(shape[1] for _, _, _, shape, _ in headers if len(shape) == 2)
         ms.dim = dims.most_common(1)[0][0] if dims else None
-
-        # Pass 2: the arrays, one at a time.
-        unused_problems = []
-        bar = tqdm(total=len(headers), desc=f"{split}/{name}", unit="clip", file=sys.stderr,
-                   leave=False, dynamic_ncols=True, mininterval=0.5)
-        try:
-            for shard, video, clip, shape, dtype in headers:
-                bar.update()
-                path = shard_path(meta, shard)
-                used = annotated is None or (video, clip) in annotated
-                problem = None
-                try:
-                    if len(shape) != 2:
-                        problem = f"array of rank {len(shape)} (shape {tuple(shape)}), expected [T, D]"
-                    elif shape[0] == 0:
-                        problem = "clip has zero frames"
-                    elif shape[1] != ms.dim:
-                        problem = f"feature dim {shape[1]}, expected {ms.dim} like the rest of {name} in {split}"
-                    elif not np.issubdtype(dtype, np.floating):
-                        problem = f"dtype {dtype}, expected floating point"
-                    else:
-                        ms.arrays += 1
-                        bad, first = _count_nonfinite(handles[shard][video][clip])
-                        if bad:
-                            problem = f"{_n(bad, 'non-finite value')} (NaN/Inf), first at frame {first}"
-                except Exception as e:  # noqa: BLE001
-                    problem = f"unreadable ({e})"
-                if problem is None:
-                    if used:
-                        ms.frames.append(int(shape[0]))
-                elif used:
-                    rep.fault(f"{where(path, video, clip)}: {problem}")
-                else:
-                    unused_problems.append(f"{where(path, video, clip)}: {problem} (clip not annotated; training never reads it)")
-        finally:
-            bar.close()
-        for msg in unused_problems[:MAX_LISTED]:
-            rep.warn(msg)
-        if len(unused_problems) > MAX_LISTED:
-            rep.warn(f"{meta.parent}: ... and {len(unused_problems) - MAX_LISTED} more problems in clips not annotated in {split}")
+        _check_arrays(split, name, meta, headers, handles, annotated, ms, rep)
     finally:
         for h in handles.values():
             try:
@@ -238,6 +149,114 @@ def check_modality(split: str, name: str, meta: Path, annotated: set | None, rep
             except Exception:  # noqa: BLE001
                 pass
     return ms
+
+
+def _open_shards(meta: Path, by_shard: dict[str, list[str]], ms: ModalitySummary, rep: Report) -> dict[str, h5py.File]:
+    """Every shard the metadata names that opens; the videos of the others are broken."""
+    handles: dict[str, h5py.File] = {}
+    for shard in sorted(by_shard, key=natural_key):
+        path, videos = shard_path(meta, shard), by_shard[shard]
+        try:
+            if not path.is_file():
+                rep.fault(f"{path}: shard file missing (named by {meta.name} for video {_names(videos)})")
+                ms.broken_videos.update(videos)
+                continue
+            handles[shard] = h5py.File(path, "r")
+        except Exception as e:  # noqa: BLE001 - h5py reports corruption as OSError, RuntimeError, ...
+            rep.fault(f"{path}: unreadable or corrupt h5 file ({e})")
+            ms.broken_videos.update(videos)
+    return handles
+
+
+def _locate_videos(meta: Path, by_shard: dict[str, list[str]], handles: dict[str, h5py.File], ms: ModalitySummary,
+                   rep: Report) -> dict[str, list[str]]:
+    """video -> the shards that really hold it, to say so when the metadata names the wrong shard. A shard whose
+    keys cannot be listed is closed and dropped from `handles`."""
+    located: dict[str, list[str]] = {}
+    for shard, h in list(handles.items()):
+        try:
+            for k in h.keys():
+                located.setdefault(k, []).append(shard)
+        except Exception as e:  # noqa: BLE001
+            rep.fault(f"{shard_path(meta, shard)}: unreadable or corrupt h5 file ({e})")
+            ms.broken_videos.update(by_shard[shard])
+            handles.pop(shard).close()
+    return located
+
+
+def _read_headers(meta: Path, by_shard: dict[str, list[str]], handles: dict[str, h5py.File], ms: ModalitySummary,
+                  rep: Report) -> list[tuple]:
+    """Pass 1, headers only: (shard, video, clip, shape, dtype) per array; no open h5 objects kept."""
+    located = _locate_videos(meta, by_shard, handles, ms, rep)
+    headers = []
+    for shard in sorted(by_shard, key=natural_key):
+        h = handles.get(shard)
+        if h is None:
+            continue
+        path = shard_path(meta, shard)
+        for video in by_shard[shard]:
+            try:
+                g = h.get(video)
+                if not isinstance(g, h5py.Group):
+                    elsewhere = [s for s in located.get(video, []) if s != shard]
+                    hint = f"; it is in {', '.join(shard_path(meta, s).name for s in elsewhere)}" if elsewhere else ""
+                    rep.fault(f"{where(path, video)}: video placed in this shard by {meta.name} but not in it{hint}")
+                    ms.broken_videos.add(video)
+                    continue
+                for clip, obj in g.items():
+                    if isinstance(obj, h5py.Dataset):
+                        headers.append((shard, video, clip, tuple(obj.shape or ()), obj.dtype))
+                        ms.present.add((video, clip))
+            except Exception as e:  # noqa: BLE001
+                rep.fault(f"{where(path, video)}: unreadable ({e})")
+                ms.broken_videos.add(video)
+    return headers
+
+
+def _array_problem(h: h5py.File, video: str, clip: str, shape: tuple, dtype, name: str, split: str,
+                   ms: ModalitySummary) -> str | None:
+    """What is wrong with one array (its header first, then its values), or None."""
+    try:
+        if len(shape) != 2:
+            return f"array of rank {len(shape)} (shape {tuple(shape)}), expected [T, D]"
+        if shape[0] == 0:
+            return "clip has zero frames"
+        if shape[1] != ms.dim:
+            return f"feature dim {shape[1]}, expected {ms.dim} like the rest of {name} in {split}"
+        if not np.issubdtype(dtype, np.floating):
+            return f"dtype {dtype}, expected floating point"
+        ms.arrays += 1
+        bad, first = _count_nonfinite(h[video][clip])
+        return f"{_n(bad, 'non-finite value')} (NaN/Inf), first at frame {first}" if bad else None
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable ({e})"
+
+
+def _check_arrays(split: str, name: str, meta: Path, headers: list[tuple], handles: dict[str, h5py.File],
+                  annotated: set | None, ms: ModalitySummary, rep: Report):
+    """Pass 2, the arrays one at a time: faults for clips training reads, warnings for the others."""
+    unused_problems = []
+    bar = tqdm(total=len(headers), desc=f"{split}/{name}", unit="clip", file=sys.stderr,
+               leave=False, dynamic_ncols=True, mininterval=0.5)
+    try:
+        for shard, video, clip, shape, dtype in headers:
+            bar.update()
+            path = shard_path(meta, shard)
+            used = annotated is None or (video, clip) in annotated
+            problem = _array_problem(handles[shard], video, clip, shape, dtype, name, split, ms)
+            if problem is None:
+                if used:
+                    ms.frames.append(int(shape[0]))
+            elif used:
+                rep.fault(f"{where(path, video, clip)}: {problem}")
+            else:
+                unused_problems.append(f"{where(path, video, clip)}: {problem} (clip not annotated; training never reads it)")
+    finally:
+        bar.close()
+    for msg in unused_problems[:MAX_LISTED]:
+        rep.warn(msg)
+    if len(unused_problems) > MAX_LISTED:
+        rep.warn(f"{meta.parent}: ... and {len(unused_problems) - MAX_LISTED} more problems in clips not annotated in {split}")
 
 
 # ----------------------------------------------------------------------------------------- split
