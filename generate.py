@@ -61,6 +61,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DECODE_MODES = ("graph", "static", "eager")
+
+
+def default_decode(device: torch.device) -> str:
+    """How beam-search steps run (signllava/decode_graph.py): "graph" (a static cache, each step replayed from
+    a CUDA graph) on a GPU; "eager" (the growing cache, step by step) elsewhere; "static" is the graph's
+    layout without the graph, for checking it on any device."""
+    return "graph" if device.type == "cuda" else "eager"
+
+
 def _as_list(items):
     """DataLoader collate: keep the samples; Translator.generate_items pads them itself."""
     return items
@@ -93,6 +103,7 @@ class Translator:
         self.collate = Collator(self.ids["pad"], padding_side="left")
         # The context policy of training; may be changed for an experiment.
         self.context_window, self.prelude_window = cfg.context_window, cfg.prelude_window
+        self.decode_steps = default_decode(device)
 
     @classmethod
     def from_checkpoint(cls, path, device: torch.device | str | None = None) -> "Translator":
@@ -135,9 +146,12 @@ class Translator:
         cache is repeated per beam into buffers that new tokens fill in place (beam_cache.PromptSharedLayer),
         and generate() continues from it: it feeds only the uncached last prompt position, whose logits give the
         first new token. The same path for num_beams == 1."""
+        import contextlib
+
         from transformers import DynamicCache
 
         from signllava.beam_cache import expand_for_beams
+        from signllava.decode_graph import StaticDecode
         if not items:
             return []
         emb, mask = self.embed_batch(items)
@@ -150,13 +164,19 @@ class Translator:
         decoder(inputs_embeds=emb[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
                 **{key: cache})
         # generate() expands embeds and mask per beam, but not a given cache: the cache serves num_beams rows per
-        # clip itself, its prompt part written once and never copied again (beam_cache.py).
-        expand_for_beams(cache, num_beams, max_new_tokens + 1)
+        # clip itself, its prompt part written once and never copied again (beam_cache.py); "graph"/"static"
+        # give it its final size and run the steps on fixed buffers (decode_graph.py).
+        if self.decode_steps == "eager":
+            expand_for_beams(cache, num_beams, max_new_tokens + 1)
+            steps = contextlib.nullcontext()
+        else:
+            steps = StaticDecode(self.model.llm, cache, num_beams, max_new_tokens + 1, graphs=self.decode_steps == "graph")
         # The full embeds and mask go in: generate() slices the embeds to what the cache lacks (the last position)
         # and takes the mask over the whole prompt; only new tokens come back.
-        out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
-                                      max_new_tokens=max_new_tokens, eos_token_id=self.ids["eot"],
-                                      pad_token_id=self.ids["pad"], use_cache=True, **{key: cache})
+        with steps:
+            out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                                          max_new_tokens=max_new_tokens, eos_token_id=self.ids["eot"],
+                                          pad_token_id=self.ids["pad"], use_cache=True, **{key: cache})
         eot = self.ids["eot"]
         return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
 
@@ -376,6 +396,7 @@ def run(args) -> int:
 
     device = torch.device(args.device) if args.device else default_device()
     tr = Translator.load(ckpt, cfg, tokenizer, device)
+    tr.decode_steps = args.decode_steps or tr.decode_steps
     log.info("checkpoint %s (stage %d), %s on %s; %d clips of %s/%s, context %s (window %d, prelude %d)",
              ckpt, cfg.stage, ",".join(cfg.modalities), device, len(indices), Path(args.data_dir).name, args.split,
              mode, cw, pw)
@@ -423,6 +444,8 @@ def main(argv=None) -> int:
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading features")
     p.add_argument("--seed", type=int, default=42, help="seed of the yes/no task questions")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--decode_steps", choices=DECODE_MODES, help="beam-search steps: graph (CUDA graphs; the default on "
+                   "a GPU), static (the same fixed buffers, no graph), eager (the default on a CPU)")
     p.add_argument("--bleurt_checkpoint", metavar="PATH", help="also score BLEURT with this checkpoint (needs the bleurt package)")
     args = p.parse_args(argv)
     problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"),

@@ -591,11 +591,26 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
         res["_timed"] = [batches[bi] for bi in timed_order]
         return res, outputs
 
-    log(f"generation: batched Translator.generate_ids, bs{args.gen_batch_size}, {args.num_beams} beams, "
-        f"{args.max_new_tokens} new tokens, {args.gen_batches} batches of {-(-n // args.gen_batch_size)} timed")
-    batched, batched_out = run_batched("ours: batched generate_ids", tr.generate_ids, args.gen_budget_s)
+    fast = tr.decode_steps
+    log(f"generation: batched Translator.generate_ids ({fast} decode steps), bs{args.gen_batch_size}, {args.num_beams} "
+        f"beams, {args.max_new_tokens} new tokens, {args.gen_batches} batches of {-(-n // args.gen_batch_size)} timed")
+    batched, batched_out = run_batched(f"ours: batched generate_ids, {fast} steps", tr.generate_ids, args.gen_budget_s)
     timed_batches = batched.pop("_timed")
     out["batched"] = batched
+    if fast != "eager" and args.gen_eager and not out_of_time(args, "generation eager-steps ablation", out):
+        # The same batches with the growing cache stepped from Python (the path before decode_graph.py).
+        log("generation: batched, eager decode steps (the growing prompt-shared cache, no CUDA graph)")
+        tr.decode_steps = "eager"
+        try:
+            eager, eager_out = run_batched("batched generate_ids, eager steps", tr.generate_ids, args.gen_budget_s)
+        finally:
+            tr.decode_steps = fast
+        eager.pop("_timed", None)
+        common = [i for i in eager_out if i in batched_out]
+        # Informative: random weights make near-flat distributions where rounding can flip a beam.
+        eager["same_output_as_batched"] = (sum(eager_out[i] == batched_out[i] for i in common) / len(common)
+                                           if common else None)
+        out["batched_eager"] = eager
 
     # Clip by clip: clips spread over the timed batches (so over the length range), one generate call each.
     timed_batches = [b for b in timed_batches if any(i in batched_out for i in b)] or timed_batches
@@ -604,8 +619,9 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
     for b in timed_batches:
         serial_ids += [b[p] for p in systematic(len(b), per)]
     serial_ids = serial_ids[:args.gen_serial]
-    log(f"generation: clip by clip, {len(serial_ids)} clips")
-    res = {"name": "clip-by-clip generate_ids", "status": "ok", "clips": 0, "time_s": 0.0}
+    log(f"generation: clip by clip, {len(serial_ids)} clips, eager decode steps (the baseline)")
+    res = {"name": "clip-by-clip generate_ids, eager steps", "status": "ok", "clips": 0, "time_s": 0.0}
+    tr.decode_steps = "eager"
     same = []
     failed = None
     if device.type == "cuda":
@@ -628,6 +644,8 @@ def bench_generation(tr, synth: Synth, specs: list[Spec], args, device: torch.de
                 same.append(ids == batched_out[i])
     except Exception as e:          # noqa: BLE001
         failed = oom_message(e)
+    finally:
+        tr.decode_steps = fast
     end_timing(res, failed, device)
     if res["status"] == "ok" and res["clips"]:
         res["projected_total_s"] = res["time_s"] / res["clips"] * n
@@ -766,7 +784,7 @@ def summary_rows(R: dict) -> list[dict]:
     if g:
         base = g.get("serial", {})
         bv = base.get("clips_per_s")
-        for key in ("serial", "plain_hf", "batched"):
+        for key in ("serial", "plain_hf", "batched_eager", "batched"):
             c = g.get(key)
             if not c:
                 continue
@@ -869,6 +887,8 @@ def parse_args(argv=None):
                                                       "(default 60, quick 30)")
     g.add_argument("--gen_model", choices=["bf16", "qlora"], default="bf16",
                    help="generate with the stage-1 bf16 LLM (before quantisation) or the 4-bit + LoRA one")
+    g.add_argument("--no_gen_eager", dest="gen_eager", action="store_false",
+                   help="skip the ablation: batched with eager decode steps (no static cache, no CUDA graph)")
     g.add_argument("--no_plain_hf", dest="plain_hf", action="store_false",
                    help="skip the ablation: batched plain HF generate (prompt repeated per beam)")
     g = p.add_argument_group("loader")

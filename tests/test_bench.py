@@ -345,6 +345,7 @@ def test_plain_hf_generates_what_translator_generates(tok, synth):
 def test_generation_oom_retries_at_half_the_batch(synth):
     class FakeTranslator:
         calls = []
+        decode_steps = "eager"
 
         def generate_ids(self, items, num_beams, max_new_tokens):
             self.calls.append(len(items))

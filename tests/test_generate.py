@@ -17,6 +17,7 @@ import torch
 
 import generate
 from generate import Translator, compute_metrics, yes_no_metrics
+from signllava.decode_graph import base_causal_lm
 from signllava.prompts import context_ids, translation_prompt
 
 HERE = Path(__file__).resolve().parent.parent     # the repository root
@@ -426,3 +427,20 @@ def test_prompt_shared_cache_layer_matches_dynamic_layer():
         ref.reorder_cache(idx)
         ours.reorder_cache(idx)
         assert torch.equal(ref.keys, ours.keys) and torch.equal(ref.values, ours.values)
+
+
+@pytest.mark.parametrize("num_beams,max_new", [(1, 10), (3, 10), (5, 12)])
+def test_static_decode_equals_growing_cache(env, num_beams, max_new):
+    """decode_graph.py's fixed-size cache and buffers (what the CUDA graph replays; on the CPU the same steps run
+    eagerly) give the growing cache's tokens, batched (left padding: the mask) and one clip at a time (no mask)."""
+    tr, items = env["tr"], env["items"]
+    assert tr.decode_steps == "eager"                                                   # the default off the GPU
+    ref = tr.generate_ids(items, num_beams, max_new)
+    single = [tr.generate_ids([it], num_beams, max_new)[0] for it in items]
+    tr.decode_steps = "static"
+    try:
+        assert tr.generate_ids(items, num_beams, max_new) == ref
+        assert [tr.generate_ids([it], num_beams, max_new)[0] for it in items] == single
+    finally:
+        tr.decode_steps = "eager"
+    assert "forward" not in base_causal_lm(tr.model.llm).__dict__                 # the model's forward restored
