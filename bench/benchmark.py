@@ -41,10 +41,12 @@ What is timed (every ratio is against a baseline measured in the same run):
                    fairly; raw samples/s is in the JSON. MFU = 4 * matmul_params * real_tokens_per_s / peak,
                    matmul_params = the decoder's linear weights (6.98 B for 8B; lm_head, projectors and
                    attention scores not counted), peak = best measured bf16 8192^2 torch.mm in this run.
-  generation       (baseline) generate.Translator.generate_ids one clip at a time; (ablation) the previous path,
-                   plain HF generate() on a left-padded batch's inputs_embeds, which repeats every prompt
-                   num_beams times and prefills each copy; (ours) Translator.generate_ids on the same batches,
-                   which prefills each prompt once into a KV cache and repeats the cache per beam. Batches are
+  generation       (baseline) generate.Translator.generate_ids one clip at a time with eager decode steps;
+                   (ablations) plain HF generate() on a left-padded batch's inputs_embeds, which repeats every
+                   prompt num_beams times and prefills each copy, and generate_ids batched with eager decode
+                   steps; (ours) Translator.generate_ids on the same batches, which prefills each prompt once
+                   into a KV cache shared by the beams and, on a GPU, replays each decode step from a CUDA
+                   graph (decode_graph.py). Batches are
                    length-sorted, --gen_batch_size, like generate_split. A systematic sample of the batches of a --gen_clips
                    population is timed (the longest batch always runs first, as the OOM probe); clips/s and
                    the projected time for all --gen_clips clips are reported.
@@ -357,15 +359,6 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                 if best is None or r["pop_samples_per_s"] > best["pop_samples_per_s"]:
                     best = r
                 break
-    if best is not None and args.ablation and not out_of_time(args, f"{section} (c) ablation", results):
-        bs, gc_on = best["batch_size"], best["gradient_checkpointing"]
-        plan = plan_batches(lengths, bs, args.seed, False)
-        probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
-        log(f"{section}: (c) ours without grouping, bs{bs} {'GC' if gc_on else 'no GC'}")
-        results.append(run(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
-                                  batch_size=bs, gc_on=gc_on, grouped=False,
-                                  batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
-                                  device=device, ctx=ctx, step=step))
     from training import prompt_tokens
     overhead = prompt_tokens(synth.builder, len(synth.modalities))
 
@@ -394,14 +387,6 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
         if (r["status"] == "ok" and total_gb and r.get("peak_mem_gb", total_gb) < 0.7 * total_gb
                 and not out_of_time(args, f"{section} (f) packed, larger budget", results)):
             token_budget(int(1.5 * budget), False, "(f)", packed=True)
-        # Ablation of fused_ops at the first (f) budget: the stock norm needs more memory, so not the larger one.
-        if r["status"] == "ok" and args.ablation and not out_of_time(args, f"{section} (c) packed, stock norm", results):
-            from signllava import kernels
-            kernels.unfuse_rms_norm(model)       # transformers' own RMSNorm forward
-            try:
-                token_budget(budget, False, "(c)", packed=True, role="ablation", note=", stock RMSNorm")
-            finally:
-                kernels.fuse_rms_norm(base_llm(model))
 
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)
@@ -420,6 +405,27 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     if mem_target_gb:
         fit_memory(section, results, mem_target_gb, args, sizes,
                    lambda b: token_budget(b, True, "(e)", packed=args.packing), fixed_gc, grouped_tokens)
+    # Ablations last: past --time_limit_s they are what is dropped, not the targets above.
+    if best is not None and args.ablation and not out_of_time(args, f"{section} (c) ablation", results):
+        bs, gc_on = best["batch_size"], best["gradient_checkpointing"]
+        plan = plan_batches(lengths, bs, args.seed, False)
+        probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
+        log(f"{section}: (c) ours without grouping, bs{bs} {'GC' if gc_on else 'no GC'}")
+        results.append(run(trainer, f"(c) ungrouped bs{bs} {'GC' if gc_on else 'noGC'}", role="ablation",
+                                  batch_size=bs, gc_on=gc_on, grouped=False,
+                                  batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
+                                  device=device, ctx=ctx, step=step))
+    # Ablation of fused_ops at the first (f) budget: the stock norm needs more memory, so not the larger one.
+    first_f = next((r for r in results if r["name"].startswith("(f)")), None)
+    if (first_f and first_f["status"] == "ok" and args.ablation
+            and not out_of_time(args, f"{section} (c) packed, stock norm", results)):
+        from signllava import kernels
+        kernels.unfuse_rms_norm(model)       # transformers' own RMSNorm forward
+        try:
+            token_budget(first_f["max_tokens"], False, "(c)", packed=True, role="ablation", note=", stock RMSNorm")
+        finally:
+            kernels.fuse_rms_norm(base_llm(model))
+
     mark_best(results, mem_target_gb)
     del trainer
     free_memory()
@@ -874,7 +880,7 @@ def parse_args(argv=None):
     g.add_argument("--qlora_mem_gb", type=float, default=24,
                    help="QLoRA: also report the fastest ours config peaking within this many GiB, timing up to two "
                         "more checkpointed configs (token budget, then grouped fixed batch) if none did (0: off; cuda only)")
-    g.add_argument("--config_budget_s", type=float, default=45,
+    g.add_argument("--config_budget_s", type=float, default=25,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")
     g.add_argument("--gen_clips", type=int, default=1741, help="clips to project to (How2Sign dev: 1741)")
@@ -884,7 +890,7 @@ def parse_args(argv=None):
     g.add_argument("--num_beams", type=int, default=5)
     g.add_argument("--max_new_tokens", type=int, default=30)
     g.add_argument("--gen_budget_s", type=float, help="seconds per generation variant before it stops timing more "
-                                                      "(default 60, quick 30)")
+                                                      "(default 30, quick 20)")
     g.add_argument("--gen_model", choices=["bf16", "qlora"], default="bf16",
                    help="generate with the stage-1 bf16 LLM (before quantisation) or the 4-bit + LoRA one")
     g.add_argument("--no_gen_eager", dest="gen_eager", action="store_false",
@@ -906,7 +912,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     q = args.quick
     for name, full, quick in (("steps", 10, 5), ("ref_steps", 24, 12), ("warmup", 2, 1), ("gen_batches", 10, 4),
-                              ("gen_serial", 16, 6), ("gen_budget_s", 60.0, 30.0), ("loader_clips", 2000, 800),
+                              ("gen_serial", 16, 6), ("gen_budget_s", 30.0, 20.0), ("loader_clips", 2000, 800),
                               ("loader_batches", 60, 25)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)

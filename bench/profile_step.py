@@ -98,10 +98,15 @@ def layer(a, device, dtype, reps: int = 10):
     pe = rope(x0, pos)
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
     out = {}
-    for name, fused in (("stock", False), ("fused norms", True)):
+    for name, fused in (("stock", False), ("fused norms", True), ("fused norms + compile", "compile"),
+                        ("compile, stock norms", "compile-stock")):
         lay = copy.deepcopy(base)
-        if fused:
+        if fused in (True, "compile"):
             kernels.fuse_rms_norm(lay)
+        if fused in ("compile", "compile-stock"):
+            # regional compile: the one layer's forward (dynamic: packed rows change length every step)
+            t0 = time.perf_counter()
+            lay.compile(dynamic=True)
 
         def step():
             x = x0.detach().requires_grad_(True)
@@ -110,6 +115,10 @@ def layer(a, device, dtype, reps: int = 10):
             y.float().square().mean().backward()
             return x.grad
         g = step()
+        if fused in ("compile", "compile-stock"):
+            step()
+            bench.sync(device)
+            print(f"  compile + 2 steps: {time.perf_counter() - t0:.1f} s", flush=True)
         bench.sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
