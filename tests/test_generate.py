@@ -251,6 +251,9 @@ def test_shared_prefill_4bit_lora(env, tmp_path):
     items = env["items"]
     for num_beams in (1, 3):
         assert tr.generate_ids(items, num_beams, 8) == hf_generate_ids(tr, items, num_beams, 8)
+    ref = tr.generate_ids(items, 3, 8)
+    tr.decode_steps = "static"              # decode_graph.py's fixed buffers behind peft and nf4 layers
+    assert tr.generate_ids(items, 3, 8) == ref
 
 
 def test_output_json_and_metrics(env, tmp_path):
