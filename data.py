@@ -1,7 +1,7 @@
 """Files to batches: the dataset, the collator and the epoch/batch plan.
 
     python data.py --data_dir D [--split dev] [--modalities mae,pose]   check every file, print a summary
-    python data.py --make_demo DIR                                      write the built-in demo language
+    python data.py --make_demo DIR [--demo_context]                     write the built-in demo language
 
 Randomness inside a sample (paraphrase choice, task choice, negatives, time flip) is drawn from a
 generator keyed on (seed, epoch, index), so a sample does not depend on which worker loads it or on
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from signllava.layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
-from signllava.prompts import TASKS, PromptBuilder, context_ids, make_task, translation_prompt
+from signllava.prompts import TASKS, PromptBuilder, context_ids, imperfect_context, make_task, translation_prompt
 
 log = logging.getLogger("signllava")
 
@@ -54,6 +54,8 @@ class DataOptions:
     task_weights: dict = field(default_factory=lambda: {"translation": 1.0})
     max_num_words: int = 5
     seed: int = 42
+    context_dropout: float = 0.0                 # training only: P(context left out)
+    context_noise: float = 0.0                   # training only: P(a context sentence is corrupted)
 
 
 def cap_frames(arr: np.ndarray, max_frames: int, mode: str) -> np.ndarray:
@@ -135,6 +137,7 @@ class SignDataset(torch.utils.data.Dataset):
         self._tasks, self._task_p = names, w / w.sum()
         self.fixed_task: str | None = None       # generation: one task for every item
         self.generation = False                  # True: prompt ids only (answer kept in meta as the reference)
+        self._context_pool: list[str] | None = None      # sentences that --context_noise draws from
 
     def __len__(self):
         return len(self.items)
@@ -153,6 +156,18 @@ class SignDataset(torch.utils.data.Dataset):
         order = self.annotation.videos[video]
         ids = context_ids(position, self.opts.context_window, self.opts.prelude_window)
         return [t for t in (self.context_texts.get((video, order[i])) for i in ids) if t]
+
+    def training_context(self, video: str, position: int, epoch: int, i: int) -> list[str]:
+        """context_for, left out or corrupted during training as --context_dropout / --context_noise say; drawn
+        from its own generator keyed on (seed, epoch, index), so other draws of the sample do not move."""
+        context = self.context_for(video, position)
+        o = self.opts
+        if not (self.train and context and (o.context_dropout or o.context_noise)):
+            return context
+        if self._context_pool is None:
+            self._context_pool = [c.translation for c in self.annotation.clips.values()]
+        rng = np.random.default_rng([o.seed, epoch, i, 1])
+        return imperfect_context(context, rng, o.context_dropout, o.context_noise, self._context_pool)
 
     def read_features(self, video: str, clip: str) -> list[np.ndarray]:
         return [cap_frames(self.stores[m].read(video, clip, self.dims[m]), self.opts.max_frames, self.opts.frame_cap)
@@ -176,7 +191,7 @@ class SignDataset(torch.utils.data.Dataset):
             if self.train and self.opts.use_paraphrases and text.paraphrases:
                 choices = [text.translation] + text.paraphrases
                 target = choices[int(rng.integers(len(choices)))]
-            prompt, answer = translation_prompt(self.context_for(video, pos)), target
+            prompt, answer = translation_prompt(self.training_context(video, pos, epoch, i)), target
         else:
             prompt, answer = sample.prompt, sample.answer
             if sample.reverse_time:
@@ -307,6 +322,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--make_demo", metavar="DIR", help="write the built-in demo language into DIR")
     p.add_argument("--seed", type=int, default=0, help="demo seed")
+    p.add_argument("--demo_context", action="store_true",
+                   help="with --make_demo: sentences refer back to the previous one (a pointing sign whose English "
+                        "is the previous subject), so translation needs context")
     p.add_argument("--data_dir", help="check every annotation, metadata and h5 file of this dataset")
     p.add_argument("--split", choices=["train", "dev", "test"], action="append",
                    help="split(s) to check (default: all present)")
@@ -314,7 +332,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.make_demo:
         from signllava.demo import make_demo
-        make_demo(args.make_demo, seed=args.seed)
+        make_demo(args.make_demo, seed=args.seed, context=args.demo_context)
         print(f"demo language written to {args.make_demo}")
         return 0
     if not args.data_dir:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from model import SignConfig, assemble, load_tokenizer, read_projector_file, read_reference_states
 from signllava.checkpoint import CONFIG_NAME, PROJECTORS_NAME, resolve_checkpoint
+from signllava.config import parse_args
 from signllava.errors import CheckpointError, run_command
 from training import add_common_args, fit, load_data, model_config, setup_run, validate_args
 
@@ -95,9 +96,12 @@ def main(argv=None) -> int:
     g.add_argument("--lora_targets", default="all-linear",
                    help="'all-linear' (every linear layer of the LLM but lm_head: q,k,v,o,gate,up,down for Llama) "
                         "or a comma-separated list of module names")
+    g.add_argument("--projector_lr", type=float,
+                   help="learning rate of the projectors and marker rows (the original's mm_projector_lr; "
+                        "default: --learning_rate); LoRA keeps --learning_rate")
     add_common_args(p, lr=2e-4, output_required=False,
                     output_help="default: beside the stage-1 run, '<its output dir>-stage2'")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.projector)
     validate_args(p, args)

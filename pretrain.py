@@ -12,6 +12,7 @@ import logging
 import sys
 
 from model import assemble, load_tokenizer
+from signllava.config import parse_args
 from signllava.errors import run_command
 from training import RunEnv, add_common_args, barrier, fit, load_data, model_config, setup_run, validate_args
 
@@ -46,7 +47,7 @@ def train(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=1e-3)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     validate_args(p, args)
     return run_command(lambda: train(args))
 

@@ -31,7 +31,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
 from model import SignConfig, SignLLM, compute_dtype, parse_projector_types, save_projectors
 from signllava import checkpoint, portable_state
 from signllava.checkpoint import ADAPTER_DIR
+from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, range_problems
 from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
@@ -61,6 +62,17 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--use_paraphrases", action="store_true", help="sample targets from translation + paraphrases")
     g.add_argument("--task_weights", default="translation=1",
                    help="e.g. translation=0.7,one_word_present=0.1,multi_word_present=0.1,is_reversed=0.1")
+    g.add_argument("--eval_task_weights",
+                   help="task weights of the dev split's loss, same form as --task_weights (default: "
+                        "--task_weights); each dev clip's task is fixed by (seed, clip), so the loss is comparable "
+                        "across evaluations")
+    g.add_argument("--context_dropout", type=float, default=0.0,
+                   help="training only: a clip's context is left out with this probability, so the model also "
+                        "translates without it")
+    g.add_argument("--context_noise", type=float, default=0.0,
+                   help="training only: each context sentence is corrupted with this probability (words dropped, "
+                        "two words swapped, or the sentence of another clip), so the model learns to use context "
+                        "without trusting it blindly, as it must with its own predictions at test time")
     g.add_argument("--max_num_words", type=int, default=5, help="most words asked in multi_word_present")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (each opens its own h5 handles)")
     g = p.add_argument_group("model")
@@ -74,9 +86,13 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--label_smoothing", type=float, default=0.0)
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", "--lr", type=float, default=lr)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=float, default=0.1,
+                   help="AdamW decay of weight matrices (biases, norms and marker rows never decay); 0.1 as in the "
+                        "original's configs")
+    g.add_argument("--lr_scheduler", choices=sorted(SCHEDULES), default="cosine",
+                   help="learning-rate shape after the linear warmup")
     g.add_argument("--warmup_ratio", type=float, default=0.03)
-    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this")
+    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine and linear decay to lr * this")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--batch_size", type=int, default=8, help="micro-batch per rank (ignored for training batches "
                                                               "when --max_tokens_per_batch is on)")
@@ -105,6 +121,7 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest complete checkpoint")
     g.add_argument("--overwrite_output_dir", action="store_true")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_config_arg(g)
 
 
 def validate_args(p: argparse.ArgumentParser, args):
@@ -117,14 +134,21 @@ def validate_args(p: argparse.ArgumentParser, args):
         problems.append("give --max_steps N or --epochs E > 0")
     if not 0 <= args.label_smoothing < 1:
         problems.append("--label_smoothing must be in [0, 1)")
+    problems += [f"--{n} must be in [0, 1]" for n in ("context_dropout", "context_noise", "warmup_ratio", "min_lr_ratio")
+                 if not 0 <= getattr(args, n) <= 1]
+    problems += [f"--{n} must be > 0" for n in ("learning_rate", "projector_lr")
+                 if getattr(args, n, None) is not None and getattr(args, n) <= 0]
+    if args.weight_decay < 0:
+        problems.append("--weight_decay must be >= 0")
     if args.data_dir and not Path(args.data_dir).is_dir():
         problems.append(f"--data_dir {args.data_dir}: no such directory")
     if not Path(args.deepspeed_config).is_file():
         problems.append(f"--deepspeed_config {args.deepspeed_config}: no such file")
-    try:
-        parse_task_weights(args.task_weights)
-    except ValueError as e:
-        problems.append(f"--task_weights: {e}")
+    for flag in ("task_weights", "eval_task_weights"):
+        try:
+            parse_task_weights(getattr(args, flag))
+        except ValueError as e:
+            problems.append(f"--{flag}: {e}")
     if problems:
         p.error("; ".join(problems))
 
@@ -206,23 +230,36 @@ def deepspeed_config(path: str, args, world: int, dtype: torch.dtype, micro_batc
     return cfg
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """Weight decay on matrices (projector and LoRA weights); none on biases, norms or marker rows."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None):
+    """AdamW groups of the trainable parameters: weight decay on matrices (projector and LoRA weights), none on
+    biases, norms or marker rows; with `projector_lr`, everything outside the LLM (projectors, marker rows) learns
+    at that rate and the LLM's LoRA weights at `lr`. Empty groups are left out; LLM groups come first, so group
+    0's rate is the one logged as `lr`."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.startswith("marker_embed.") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            decays = p.ndim >= 2 and not name.startswith("marker_embed.")
+            groups.setdefault((not name.startswith("llm."), decays), []).append(p)
+    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0,
+             "lr": projector_lr if key[0] and projector_lr is not None else lr}
+            for key in sorted(groups) if groups[key]]
 
 
-def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
+def lr_schedule(kind: str, total: int, warmup: int, min_ratio: float):
+    """step -> multiplier of each group's rate: linear warmup over `warmup` steps, then `kind` (SCHEDULES)."""
+    decay = SCHEDULES[kind]
+
     def f(step):
         if step < warmup:
             return (step + 1) / warmup
-        prog = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        return decay(min(1.0, (step - warmup) / max(1, total - warmup)), min_ratio)
     return f
+
+
+# progress through the decay in [0, 1], floor ratio -> multiplier
+SCHEDULES = {"cosine": lambda prog, floor: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog)),
+             "linear": lambda prog, floor: floor + (1 - floor) * (1 - prog),
+             "constant": lambda prog, floor: 1.0}
 
 
 def write_trainable_weights(state: dict[str, torch.Tensor], model: SignLLM, cfg: SignConfig, directory: Path):
@@ -362,11 +399,13 @@ def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
     opts = DataOptions(modalities=modalities, max_frames=a.max_frames, frame_cap=a.frame_cap,
                        context_window=a.context_window, prelude_window=a.prelude_window,
                        use_paraphrases=a.use_paraphrases, task_weights=parse_task_weights(a.task_weights),
-                       max_num_words=a.max_num_words, seed=a.seed)
+                       max_num_words=a.max_num_words, seed=a.seed, context_dropout=a.context_dropout,
+                       context_noise=a.context_noise)
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"])
     train = SignDataset(env.data_dir, "train", builder, opts, train=True, expected_dims=expected_dims)
     has_dev = (env.data_dir / "annotation.dev.json").exists()
-    dev = SignDataset(env.data_dir, "dev", builder, opts, train=False, expected_dims=train.dims) if has_dev else None
+    dev_opts = replace(opts, task_weights=parse_task_weights(a.eval_task_weights or a.task_weights))
+    dev = SignDataset(env.data_dir, "dev", builder, dev_opts, train=False, expected_dims=train.dims) if has_dev else None
     log.info("train: %d clips, modalities %s, dims %s%s", len(train), ",".join(train.modalities), train.dims,
              f"; dev: {len(dev)} clips" if dev else "; no dev split")
     return Data(tokenizer, builder, ids["pad"], train, dev)
@@ -420,7 +459,7 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
     if env.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         state.writer = SummaryWriter(str(env.out / "runs"))
-        (env.out / "args.json").write_text(json.dumps(vars(env.args), indent=1))
+        write_run_args(env.args, env.out / "args.yaml")
     train(state)
     if state.writer:
         state.writer.close()
@@ -455,13 +494,16 @@ def plan(env: RunEnv, data: Data) -> tuple[EpochPlans, int, int | None]:
 
 
 def make_engine(state: TrainState, micro_batch: int | None):
-    """AdamW (weight decay on matrices only) and warmup + cosine, wrapped in the DeepSpeed engine."""
+    """AdamW (weight decay on matrices only; --projector_lr for the projectors in stage 2) and warmup +
+    --lr_scheduler, wrapped in the DeepSpeed engine."""
     import deepspeed
     env, a = state.env, state.env.args
     warmup = int(a.warmup_ratio * state.total)
-    optimizer = torch.optim.AdamW(param_groups(state.model, a.weight_decay), lr=a.learning_rate, betas=(0.9, 0.999),
+    groups = param_groups(state.model, a.weight_decay, a.learning_rate, getattr(a, "projector_lr", None))
+    optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, betas=(0.9, 0.999),
                                   eps=1e-8, **({"fused": True} if env.device.type == "cuda" else {}))
-    state.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(state.total, warmup, a.min_lr_ratio))
+    schedule = lr_schedule(a.lr_scheduler, state.total, warmup, a.min_lr_ratio)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state.engine, _, _, _ = deepspeed.initialize(model=state.model, optimizer=optimizer, lr_scheduler=state.scheduler,
                                                  config=deepspeed_config(a.deepspeed_config, a, env.world, env.dtype,
                                                                          micro_batch))
@@ -623,7 +665,10 @@ def after_step(state: TrainState, meter: Throughput, bar):
     """Log, evaluate and save when their step has come (always at the last step)."""
     a, step, last = state.env.args, state.step, state.step == state.total
     if step % a.logging_steps == 0 or last:
-        row = meter.row(step, state.scheduler.get_last_lr()[0])
+        lrs = state.scheduler.get_last_lr()
+        row = meter.row(step, lrs[0])
+        if lrs[-1] != lrs[0]:                    # --projector_lr: the projectors' group comes last
+            row["projector_lr"] = lrs[-1]
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         if state.env.device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(state.env.device) / 2**30

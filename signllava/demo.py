@@ -22,6 +22,13 @@ frames are noisy copies of its signs' prototypes joined by transition frames.
 
 Written by `python data.py --make_demo OUT_DIR`.
 
+With `--demo_context` (`make_demo(..., context=True)`) sentences of a video also refer back: with
+probability 1/2, a sentence whose subject could be the previous sentence's subject (same kind, the
+sentence stays sensible) signs the pointing sign IX in its place, and the English names that referent
+again ("STORE TOM GO", then "BOOK IX READ" -> "Tom reads the book"). A clip's translation then depends
+on the sentence before it: what `--context_window 1` can learn and generate.py's context modes
+measure. Without the option the data are byte-identical to the plain demo.
+
 ## The tiny LLM
 
 The embedded default LLM: a small random-init Llama and a byte-level BPE tokenizer with Llama-3's
@@ -71,6 +78,10 @@ MOTION = {"GO": ("goes", "going", "heads"), "WALK": ("walks", "walking", None),
 NEG = "NOT"
 GLOSSES = list(NOUN_KIND) + PLACES + list(ADJ_KINDS) + list(TRANS) + list(MOTION) + [NEG]
 GLOSS_ID = {g: i for i, g in enumerate(GLOSSES)}
+# The pointing sign of --demo_context: its prototype row sits after the rest row, so the plain demo's
+# prototypes (and with them its data) do not change.
+PRONOUN = "IX"
+PRONOUN_ID = len(GLOSSES) + 1
 PEOPLE = [g for g, k in NOUN_KIND.items() if k == "person"]
 
 SPLITS = {"train": 3, "dev": 2, "test": 1}  # split -> number of shards
@@ -172,6 +183,36 @@ def keywords(glosses):
     return list(dict.fromkeys(kws))
 
 
+def subject_index(glosses) -> int:
+    """Where the subject is signed: first in a predicate sentence, after the place in a motion sentence,
+    before the verb (and NOT) in a transitive one."""
+    form = parse(glosses)["form"]
+    if form == "pred":
+        return 0
+    if form == "motion":
+        return 1
+    return len(glosses) - (3 if glosses[-1] == NEG else 2)
+
+
+def refer_back(sentences: list[list[str]], rng) -> tuple[list[list[str]], list[list[str]]]:
+    """A video's sentences in time order -> (meaning glosses, signed glosses): with probability 1/2 a
+    sentence takes the previous sentence's subject as its own when that keeps it sensible (same kind; no
+    name as a predicate subject; not its own object), and signs it as PRONOUN."""
+    meant, signed, prev = [], [], None
+    for g in sentences:
+        g, s = list(g), parse(g)
+        j, subj = subject_index(g), s["subj"]
+        fits = (prev is not None and NOUN_KIND[prev] == NOUN_KIND[subj] and prev != s["obj"]
+                and not (s["form"] == "pred" and prev in NAMES))
+        shown = list(g)
+        if fits and rng.random() < 0.5:
+            g[j], shown[j] = prev, PRONOUN
+        meant.append(g)
+        signed.append(shown)
+        prev = g[j]
+    return meant, signed
+
+
 def make_prototypes(rng):
     """Fixed per-gloss vectors per modality; the extra last row (zeros) is the rest pose."""
     protos = {}
@@ -187,7 +228,7 @@ def frame_plan(glosses, rng):
     rest = len(GLOSSES)
     a, b = [rest], [rest]
     for i, g in enumerate(glosses):
-        gid = GLOSS_ID[g]
+        gid = PRONOUN_ID if g == PRONOUN else GLOSS_ID[g]
         if i:  # transition frame
             a.append(a[-1])
             b.append(gid)
@@ -216,7 +257,8 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1, sort_keys=False, ensure_ascii=False)
 
 
-def make_split(out, split, n_videos, n_shards, protos, rng):
+def make_split(out, split, n_videos, n_shards, protos, rng, context_rng=None):
+    """One split; `context_rng` (--demo_context) makes sentences refer back to the previous one."""
     videos = [f"demo{split}{i:04d}" for i in range(n_videos)]
     shard_of = {v: i % n_shards for i, v in enumerate(videos)}
     annotation = {}
@@ -226,6 +268,10 @@ def make_split(out, split, n_videos, n_shards, protos, rng):
         for vid in videos:
             clips = {f"{vid}_{k}-5-rgb_front": sample_glosses(rng)
                      for k in range(int(rng.integers(4, 13)))}
+            signed = clips
+            if context_rng is not None:      # the dict keeps time order (k); clip_order below does not
+                meant, shown = refer_back(list(clips.values()), context_rng)
+                clips, signed = dict(zip(clips, meant)), dict(zip(clips, shown))
             order = sorted(clips)  # plain text order, as in the real How2Sign annotation
             entry = {"clip_order": order}
             groups = {m: h5s[m, shard_of[vid]].create_group(vid) for m in MODALITIES}
@@ -238,7 +284,7 @@ def make_split(out, split, n_videos, n_shards, protos, rng):
                     "translation": gloss_to_english(g),
                     "paraphrases": ["<none>", "<none>"] if rng.random() < 0.1 else para,
                     "keywords": [] if rng.random() < 0.1 else keywords(g)}
-                for m, x in clip_features(g, protos, rng).items():
+                for m, x in clip_features(signed[name], protos, rng).items():
                     groups[m].create_dataset(name, data=x, track_times=False)
             annotation[vid] = entry
     finally:
@@ -250,17 +296,23 @@ def make_split(out, split, n_videos, n_shards, protos, rng):
 
 
 def make_demo(out_dir: str, seed: int = 0, n_train_videos: int = 150,
-              n_dev_videos: int = 20, n_test_videos: int = 20) -> None:
-    """Write the synthetic dataset to out_dir; same seed -> identical output."""
+              n_dev_videos: int = 20, n_test_videos: int = 20, context: bool = False) -> None:
+    """Write the synthetic dataset to out_dir; same seed -> identical output. `context`: sentences refer
+    back to the previous one (refer_back)."""
     out = Path(out_dir)
     for m in MODALITIES:
         (out / m).mkdir(parents=True, exist_ok=True)
     # Independent streams so that changing one split's size leaves the others unchanged.
     protos = make_prototypes(np.random.default_rng([seed, 0]))
+    if context:
+        pronoun = np.random.default_rng([seed, 0, 1])
+        protos = {m: np.vstack([p, pronoun.standard_normal((1, p.shape[1]))]).astype(np.float32)
+                  for m, p in protos.items()}
     sizes = {"train": n_train_videos, "dev": n_dev_videos, "test": n_test_videos}
     for i, (split, n_shards) in enumerate(SPLITS.items(), start=1):
         rng = np.random.default_rng([seed, i])
-        make_split(out, split, sizes[split], n_shards, protos, rng)
+        context_rng = np.random.default_rng([seed, i, 1]) if context else None
+        make_split(out, split, sizes[split], n_shards, protos, rng, context_rng)
 
 
 # ------------------------------------------------------------------------------------------ tiny LLM

@@ -48,6 +48,37 @@ def context_ids(position: int, context_window: int, prelude_window: int) -> list
     return list(range(c))
 
 
+def imperfect_context(context: list[str], rng: np.random.Generator, dropout: float, noise: float,
+                      pool: list[str]) -> list[str]:
+    """Training context made as unreliable as a model's own earlier outputs: all of it left out with
+    probability `dropout`; otherwise each sentence corrupted with probability `noise` by one of: words
+    dropped, two words swapped, one word replaced by a word of another sentence, or the whole sentence
+    replaced by another clip's (`pool`: the split's sentences)."""
+    if rng.random() < dropout:
+        return []
+    out = []
+    for sentence in context:
+        words = sentence.split()
+        if rng.random() >= noise or not words:
+            out.append(sentence)
+            continue
+        kind = int(rng.integers(4))
+        other = pool[int(rng.integers(len(pool)))].split() or words
+        if kind == 0 and len(words) > 1:          # drop: each word with p 1/4, at least one, never all
+            drop = rng.random(len(words)) < 0.25
+            drop[int(rng.integers(len(words)))] = True
+            words = [w for w, d in zip(words, drop) if not d] or words[:1]
+        elif kind == 1 and len(words) > 1:        # swap two distinct positions
+            a, b = rng.choice(len(words), 2, replace=False)
+            words[a], words[b] = words[b], words[a]
+        elif kind == 2:                           # substitute one word
+            words[int(rng.integers(len(words)))] = other[int(rng.integers(len(other)))]
+        else:                                     # another clip's sentence
+            words = other
+        out.append(" ".join(words))
+    return out
+
+
 def translation_prompt(context: list[str]) -> str:
     if context:
         return TRANSLATE_WITH_CONTEXT.format(context=" ".join(context))

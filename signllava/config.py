@@ -1,0 +1,100 @@
+"""Run configuration files: `--config FILE.yaml` (or `.json`) gives flag values, the command line overrides them.
+
+Keys are the flags' names without the dashes (`learning_rate`, `no_packing`) or their destinations as the run
+records them (`packing: false`). Every run writes the flags it ran with to OUTPUT_DIR/args.yaml, in that
+second form, so `--config OUTPUT_DIR/args.yaml` runs it again. A key no flag knows, a value of the wrong type
+or outside a flag's choices is argparse's one-line usage error (exit status 2) naming the file and the key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+NOT_RECORDED = ("config", "local_rank")          # how the run was started, not what it does
+
+
+def add_config_arg(p: argparse.ArgumentParser):
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of flag values (keys: the flags' names, e.g. learning_rate: 2.0e-4); "
+                        "flags given on the command line win. Each run writes OUTPUT_DIR/args.yaml, which --config "
+                        "takes back to repeat the run")
+
+
+def parse_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """p.parse_args, with the --config file's values as the defaults the command line overrides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        values = read_config(p, Path(known.config))
+        p.set_defaults(**values)
+        for action in p._actions:
+            if action.dest in values:
+                action.required = False          # given by the file; the command line may still override it
+    return p.parse_args(argv)
+
+
+def _actions(p: argparse.ArgumentParser) -> tuple[dict, dict]:
+    """(destination -> action, flag name without dashes -> action) of every flag but --help and --config."""
+    actions = [a for a in p._actions if a.option_strings and a.dest not in ("help", "config")]
+    return {a.dest: a for a in actions}, {s.lstrip("-"): a for a in actions for s in a.option_strings}
+
+
+def read_config(p: argparse.ArgumentParser, path: Path) -> dict:
+    """The file's values by destination, converted and checked as argparse would check them."""
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        p.error(f"--config {path}: cannot read it ({str(e).splitlines()[0]})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        p.error(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    by_dest, by_flag = _actions(p)
+    unknown = [k for k in data if k not in by_dest and k not in by_flag]
+    if unknown:
+        p.error(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))} (not a flag of {p.prog})")
+    values, problems = {}, []
+    for key, value in data.items():
+        action = by_dest.get(key) or by_flag[key]
+        try:
+            values[action.dest] = _value(action, key, value, as_dest=key in by_dest)
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
+    if problems:
+        p.error(f"--config {path}: " + "; ".join(problems))
+    return values
+
+
+def _value(action: argparse.Action, key: str, value, as_dest: bool):
+    if action.nargs == 0:                        # store_true / store_false
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        flips = isinstance(action, argparse._StoreFalseAction) and not as_dest
+        return not value if flips else value
+    if value is None:
+        return None
+    if isinstance(value, (dict, list, bool)):
+        raise ValueError(f"expected a single value, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"not a valid {getattr(action.type, '__name__', 'value')}: {value!r}") from None
+    else:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def write_run_args(args: argparse.Namespace, path: Path):
+    """OUTPUT_DIR/args.yaml: every flag's value in this run, readable back through --config."""
+    record = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(record, sort_keys=False, default_flow_style=False))
+    tmp.replace(path)
