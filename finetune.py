@@ -84,7 +84,7 @@ def default_output_dir(projector: str) -> str:
     return str(p.with_name(p.name + "-stage2"))
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--projector", required=True, help="stage-1 output/checkpoint dir, projectors.safetensors, "
                                                       "or the original's mp_rank_00_model_states.pt")
@@ -101,6 +101,11 @@ def main(argv=None) -> int:
                         "default: --learning_rate); LoRA keeps --learning_rate")
     add_common_args(p, lr=2e-4, output_required=False,
                     output_help="default: beside the stage-1 run, '<its output dir>-stage2'")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = parse_args(p, argv)
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.projector)

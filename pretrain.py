@@ -44,9 +44,14 @@ def train(args) -> int:
     return fit(env, model, cfg, data)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=1e-3)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = parse_args(p, argv)
     validate_args(p, args)
     return run_command(lambda: train(args))
