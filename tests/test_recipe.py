@@ -211,7 +211,7 @@ def test_pose_recipes_run_on_the_demo_layout_and_args_yaml_repeats_a_run(tmp_pat
     assert rows[0] == rows[1] and any("dev_loss" in r for r in rows[0])          # the same run again
     s2 = tmp_path / "s2"
     run_script("finetune.py", "--config", REPO / "configs/how2sign_pose_stage2.yaml", "--projector", s1,
-               "--data_dir", data, "--output_dir", s2, *fast, "--lr_scheduler", "constant", "--projector_lr", 1e-3)
+               "--data_dir", data, "--output_dir", s2, *fast, "--lr_scheduler", "constant", "--projector_lr", 1e-3, "--logging_steps", 1)
     lrs = [r for r in map(json.loads, (s2 / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     # the optimizer's own rates: LoRA at the file's 2e-5, projectors at the command line's 1e-3, held constant
     assert len(lrs) == 2 and all((r["lr"], r["projector_lr"]) == (2e-5, 1e-3) for r in lrs), lrs
