@@ -232,17 +232,17 @@ def deepspeed_config(path: str, args, world: int, dtype: torch.dtype, micro_batc
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None):
     """AdamW groups of the trainable parameters: weight decay on matrices (projector and LoRA weights), none on
-    biases, norms or marker rows; with `projector_lr`, everything outside the LLM (projectors, marker rows) learns
-    at that rate and the LLM's LoRA weights at `lr`. Empty groups are left out; LLM groups come first, so group
-    0's rate is the one logged as `lr`."""
+    biases, norms or marker rows. With `projector_lr`, everything outside the LLM (projectors, marker rows)
+    gets groups of its own at that rate, after the LLM's (so group 0's rate is the one logged as `lr`).
+    Without it the groups are [decay, no decay], as checkpoints written before --projector_lr hold them."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decays = p.ndim >= 2 and not name.startswith("marker_embed.")
-            groups.setdefault((not name.startswith("llm."), decays), []).append(p)
-    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0,
-             "lr": projector_lr if key[0] and projector_lr is not None else lr}
-            for key in sorted(groups) if groups[key]]
+            own_lr = projector_lr is not None and not name.startswith("llm.")
+            no_decay = p.ndim < 2 or name.startswith("marker_embed.")
+            groups.setdefault((own_lr, no_decay), []).append(p)
+    return [{"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay,
+             "lr": projector_lr if key[0] else lr} for key in sorted(groups)]
 
 
 def lr_schedule(kind: str, total: int, warmup: int, min_ratio: float):

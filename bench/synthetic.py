@@ -295,4 +295,4 @@ def cast_params_(model, dtype: torch.dtype):
 def make_optimizer(model, lr: float, device: torch.device):
     from training import param_groups
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, 0.0), lr=lr, betas=(0.9, 0.999), eps=1e-8, **kw)
+    return torch.optim.AdamW(param_groups(model, 0.0, lr), lr=lr, betas=(0.9, 0.999), eps=1e-8, **kw)
