@@ -71,7 +71,7 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
                         "translates without it")
     g.add_argument("--context_noise", type=float, default=0.0,
                    help="training only: each context sentence is corrupted with this probability (words dropped, "
-                        "two words swapped, or the sentence of another clip), so the model learns to use context "
+                        "two swapped, one replaced, or another clip's sentence instead), so the model learns to use context "
                         "without trusting it blindly, as it must with its own predictions at test time")
     g.add_argument("--max_num_words", type=int, default=5, help="most words asked in multi_word_present")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (each opens its own h5 handles)")
