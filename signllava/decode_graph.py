@@ -113,14 +113,18 @@ class StaticDecode:
         self.pos.copy_(position_ids)
         if inputs_embeds is not None:
             logits = self._run(inputs_embeds=inputs_embeds)
-        elif self.graphs and self.ids.copy_(x) is not None and (self.graph is not None or self._capture()):
-            self.graph.replay()
-            logits = self.logits
         else:
-            logits = self._run(input_ids=x)
+            self.ids.copy_(x)
+            logits = self._graph_step() if self.graphs else self._run(input_ids=self.ids)
         for layer in self.cache.layers:
             layer.length = seen + 1
         return CausalLMOutputWithPast(logits=logits, cache=self.cache)
+
+    def _graph_step(self) -> torch.Tensor:
+        if self.graph is None and not self._capture():
+            return self._run(input_ids=self.ids)
+        self.graph.replay()
+        return self.logits
 
     def _capture(self) -> bool:
         """Warm up on a side stream, then capture one step. False (and eager steps from now on) if this model's
