@@ -30,7 +30,7 @@ def export(checkpoint: str, output_dir: str, dtype: torch.dtype) -> Path:
     cfg = SignConfig.load(ckpt)
     if not cfg.lora or not (ckpt / ADAPTER_DIR).is_dir():
         raise CheckpointError(f"{ckpt}: has no LoRA adapter to merge (a stage-1 checkpoint is already plain)")
-    tok, _ = load_tokenizer(cfg.tokenizer)
+    tok, _ = load_tokenizer(cfg.tokenizer, cfg.chat_template)
     llm = load_llm(cfg.base_model, 16, dtype, torch.device("cpu"))
     fit_embeddings(llm, tok)
     merged = load_adapter_strict(llm, ckpt / ADAPTER_DIR).merge_and_unload()

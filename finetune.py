@@ -16,6 +16,7 @@ from model import SignConfig, assemble, load_tokenizer, read_projector_file, rea
 from signllava.checkpoint import CONFIG_NAME, PROJECTORS_NAME, resolve_checkpoint
 from signllava.config import parse_args
 from signllava.errors import CheckpointError, run_command
+from signllava.prompts import resolve_template
 from training import add_common_args, fit, load_data, model_config, setup_run, validate_args
 
 log = logging.getLogger("signllava")
@@ -59,12 +60,14 @@ def train(args) -> int:
         base, tok_path = prev_cfg.base_model, prev_cfg.tokenizer
     else:
         raise CheckpointError(f"{source}: carries no config.json naming its base model; pass --model")
-    tokenizer, added = load_tokenizer(tok_path)
+    # Stage 1's template unless --chat_template names another: the markers' and projectors' context.
+    template = resolve_template(args.chat_template) if args.chat_template else getattr(prev_cfg, "chat_template", None)
+    tokenizer, added = load_tokenizer(tok_path, template)
     data = load_data(env, tokenizer, stage1_modalities(args, prev_cfg, state),
                      expected_dims=prev_cfg.dims if prev_cfg else None)
     cfg = model_config(env, data, stage=2, base_model=base, tokenizer_path=tok_path, added_tokens=added,
                        projector_types=prev_cfg.projector_types if prev_cfg else None, bits=args.bits,
-                       lora=lora_config(args))
+                       lora=lora_config(args), chat_template=tokenizer.chat_template)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3, adapter="new",
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing)
     if "marker_embed.weight" not in state:

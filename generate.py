@@ -109,7 +109,7 @@ class Translator:
     def from_checkpoint(cls, path, device: torch.device | str | None = None) -> "Translator":
         from model import load_tokenizer
         ckpt, cfg = load_config(path)
-        tokenizer, _ = load_tokenizer(cfg.tokenizer)
+        tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.chat_template)
         return cls.load(ckpt, cfg, tokenizer, device)
 
     @classmethod
@@ -369,7 +369,7 @@ def run(args) -> int:
     from data import DataOptions, SignDataset
     from model import load_tokenizer
     ckpt, cfg = load_config(args.checkpoint)
-    tokenizer, _ = load_tokenizer(cfg.tokenizer)
+    tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.chat_template)
     ids = special_ids(tokenizer)
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"], system_prompt=cfg.system_prompt)
 

@@ -8,6 +8,7 @@ none of the original flags.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.errors import CheckpointError
 from signllava.prompts import MARKER_TOKENS, SYSTEM_PROMPT
 
+log = logging.getLogger("signllava")
+
 # ------------------------------------------------------------------------------------------ config
 @dataclass
 class SignConfig:
@@ -37,6 +40,7 @@ class SignConfig:
     markers: list[str] = field(default_factory=lambda: list(MARKER_TOKENS))
     added_tokens: bool = False                   # markers were added to a tokenizer that lacked them
     system_prompt: str = SYSTEM_PROMPT
+    chat_template: str | None = None             # the template trained with when not the tokenizer's own
     context_window: int = 0
     prelude_window: int = 0
     max_frames: int = 0
@@ -128,7 +132,11 @@ class SignLLM(nn.Module):
         # learn, they are saved with the projectors, and no weight decay touches the other 128k rows.
         self.marker_embed = nn.Embedding(len(marker_ids), hidden)
         with torch.no_grad():
-            w = emb.weight.detach().float()
+            # Statistics of what the embedding module outputs, not of its weight: some families scale inside
+            # it (Gemma multiplies by sqrt(hidden)). Up to 4096 evenly spaced rows (all of a small vocabulary).
+            vocab = emb.weight.shape[0]
+            rows = torch.linspace(0, vocab - 1, min(vocab, 4096), device=emb.weight.device).long()
+            w = emb(rows).detach().float()
             mean, std = w.mean(0, keepdim=True).cpu(), w.std().cpu()     # the LLM may already sit on a GPU
             gen = torch.Generator().manual_seed(1234)
             noise = torch.randn(len(marker_ids), hidden, generator=gen) * std * 0.1
@@ -277,16 +285,26 @@ def load_llm(name_or_path: str, bits: int, dtype: torch.dtype, device: torch.dev
         raise CheckpointError(f"{name_or_path}: cannot load the base model ({str(e).splitlines()[0]})") from None
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, chat_template: str | None = None):
+    """The tokenizer with the marker tokens, and whether they had to be added. `chat_template` (text)
+    replaces the tokenizer's own; a tokenizer without one gets prompts.BUILTIN_TEMPLATE. The template is
+    probed here (system role, end-of-turn token), so a broken one fails before any model weight loads."""
     from transformers import AutoTokenizer
-    from signllava.prompts import setup_special_tokens
+    from signllava.prompts import BUILTIN_TEMPLATE, chat_layout, setup_special_tokens
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
         raise CheckpointError(f"{name_or_path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-    if tok.chat_template is None:
-        raise CheckpointError(f"{name_or_path}: tokenizer has no chat template (use an instruct/chat model)")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    elif not tok.chat_template:
+        if tok.eos_token is None:
+            raise CheckpointError(f"{name_or_path}: the tokenizer has neither a chat template nor an end-of-sequence "
+                                  "token; give --chat_template FILE")
+        log.warning("%s has no chat template: using the built-in one (--chat_template builtin)", name_or_path)
+        tok.chat_template = BUILTIN_TEMPLATE
     added = setup_special_tokens(tok)
+    chat_layout(tok)
     return tok, added
 
 

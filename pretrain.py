@@ -14,6 +14,7 @@ import sys
 from model import assemble, load_tokenizer
 from signllava.config import parse_args
 from signllava.errors import run_command
+from signllava.prompts import resolve_template
 from training import RunEnv, add_common_args, barrier, fit, load_data, model_config, setup_run, validate_args
 
 log = logging.getLogger("signllava")
@@ -36,9 +37,10 @@ def embedded_base(env: RunEnv) -> str:
 def train(args) -> int:
     env = setup_run(args)
     base = args.model or embedded_base(env)
-    tokenizer, added = load_tokenizer(base)
+    tokenizer, added = load_tokenizer(base, resolve_template(args.chat_template))
     data = load_data(env, tokenizer)
-    cfg = model_config(env, data, stage=1, base_model=base, tokenizer_path=base, added_tokens=added)
+    cfg = model_config(env, data, stage=1, base_model=base, tokenizer_path=base, added_tokens=added,
+                       chat_template=tokenizer.chat_template)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing)
     return fit(env, model, cfg, data)

@@ -77,6 +77,10 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (each opens its own h5 handles)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="HF id or local path of a chat LLM (default: the embedded tiny Llama)")
+    g.add_argument("--chat_template", metavar="builtin|FILE",
+                   help="the prompt's chat template: 'builtin' (plain 'Role: text' lines, each closed by the "
+                        "tokenizer's end-of-sequence token; used anyway for a tokenizer without a template) or a "
+                        "Jinja file (default: the model's own; stage 2 and generation keep stage 1's)")
     g.add_argument("--projector_type", default="mlp2x_gelu",
                    help="linear | identity | mlpNx_gelu; per modality: 'mlp2x_gelu,pose=linear'")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -142,6 +146,8 @@ def validate_args(p: argparse.ArgumentParser, args):
         problems.append("--weight_decay must be >= 0")
     if args.data_dir and not Path(args.data_dir).is_dir():
         problems.append(f"--data_dir {args.data_dir}: no such directory")
+    if args.chat_template not in (None, "builtin") and not Path(args.chat_template).is_file():
+        problems.append(f"--chat_template {args.chat_template}: no such file (or 'builtin')")
     if not Path(args.deepspeed_config).is_file():
         problems.append(f"--deepspeed_config {args.deepspeed_config}: no such file")
     for flag in ("task_weights", "eval_task_weights"):

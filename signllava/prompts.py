@@ -1,22 +1,29 @@
 """Prompt text, the four tasks, and the token layout of one sample.
 
-A sample is rendered through the tokenizer's own chat template (Llama-3 format):
+A sample is rendered through the tokenizer's own chat template, whatever its family (Llama 3, ChatML,
+Gemma, Mistral, ...; a template-less base model gets BUILTIN_TEMPLATE):
 
-    system: SYSTEM_PROMPT
+    system: SYSTEM_PROMPT                  (folded into the user turn when the template has no system role)
     user:   <VISUAL>\n<task prompt, with context if any>
     assistant: <answer>
 
 <VISUAL> is one segment per modality, `<video_start> frame_1 … frame_T <video_end>`, in a fixed modality
-order. The marker tokens are reserved special tokens of the tokenizer (no vocabulary growth); frame
+order. The marker tokens are Llama 3's reserved special tokens (appended to other vocabularies); frame
 positions hold the pad id in `input_ids` and are replaced by projected features in the model.
-Labels are -100 everywhere except the answer tokens and the end-of-turn token that closes them.
-The generation prompt is the same ids up to and including `<|start_header_id|>assistant<|end_header_id|>\n\n`.
+Labels are -100 everywhere except the answer tokens and the end-of-turn token that closes them (read
+from the template: what it writes right after an answer, e.g. <|eot_id|>, <|im_end|>, <end_of_turn>;
+anything the template writes after that token, like ChatML's newline, is not trained). The generation
+prompt is the same ids up to the answer (Llama 3: up to `<|start_header_id|>assistant<|end_header_id|>\n\n`).
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from signllava.errors import CheckpointError
 
 SYSTEM_PROMPT = ("You are a helpful assistant that understands American Sign Language (ASL). "
                  "The user's video is given as one or more streams of visual features, each between "
@@ -134,6 +141,93 @@ def make_task(task: str, translation: str, keywords: list[str], vocabulary: list
     raise ValueError(f"unknown task {task!r}")
 
 
+# ----------------------------------------------------------------------------------------- templates
+# For a base model without a chat template (or `--chat_template builtin`): plain role lines, each turn closed
+# by the tokenizer's end-of-sequence token, which is thus the end-of-turn token the model learns to emit.
+BUILTIN_TEMPLATE = (
+    "{%- if bos_token and bos_token != eos_token %}{{ bos_token }}{% endif %}"
+    "{%- for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}"
+    "{{ eos_token }}\n{% endfor %}"
+    "{%- if add_generation_prompt %}Assistant:{% endif %}")
+# Templates that print today's date (Llama 3.1/3.2) see this one, in training and generation alike.
+TEMPLATE_DATE = datetime.date(2024, 7, 26)
+_PROBE_SYSTEM, _PROBE_USER, _PROBE_ANSWER = "Probe system text.", "Probe user text.", "Probe answer text."
+
+
+def model_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def resolve_template(spec: str | None) -> str | None:
+    """--chat_template: None (the model's own), 'builtin', or a Jinja file -> template text (None: own)."""
+    if spec is None:
+        return None
+    if spec == "builtin":
+        return BUILTIN_TEMPLATE
+    try:
+        return Path(spec).read_text(encoding="utf-8")
+    except OSError as e:
+        raise CheckpointError(f"--chat_template {spec}: cannot read the template file ({e.strerror})") from None
+
+
+def _fixed_date_macro() -> str:
+    """A Jinja macro `strftime_now(fmt)` for TEMPLATE_DATE. Defined at the top of a template it shadows the
+    wall-clock global transformers provides (a template variable cannot: callables are stripped from them)."""
+    chain = "".join(f" | replace('{d}', '{TEMPLATE_DATE.strftime(d)}')"
+                    for d in ("%d", "%b", "%B", "%Y", "%y", "%m", "%a", "%A", "%j", "%H", "%M", "%S", "%%"))
+    return "{%- macro strftime_now(fmt) -%}{{ fmt" + chain + " }}{%- endmacro %}"
+
+
+DATE_MACRO = _fixed_date_macro()
+
+
+def render_chat(tokenizer, messages: list[dict], generation: bool) -> str:
+    """The template's text for `messages` with a fixed date; any template error as one line naming the model."""
+    template = tokenizer.chat_template
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation,
+            chat_template=DATE_MACRO + template if isinstance(template, str) else None,
+            date_string=TEMPLATE_DATE.strftime("%d %b %Y"))
+    except Exception as e:      # jinja2 TemplateError / TypeError / ValueError from the model's own template
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{model_name(tokenizer)}: its chat template fails ({first})") from None
+
+
+@dataclass(frozen=True)
+class ChatLayout:
+    fold_system: bool       # the template has no system role: the system prompt opens the first user turn
+    eot: int                # the token that closes an assistant turn: last label, stop token
+
+
+def fold(system: str, user: str) -> str:
+    return f"{system}\n\n{user}"
+
+
+def chat_layout(tokenizer) -> ChatLayout:
+    """Probe the template: does it keep a system message, and which special token follows an answer."""
+    name = model_name(tokenizer)
+    user = {"role": "user", "content": _PROBE_USER}
+    try:
+        text = render_chat(tokenizer, [{"role": "system", "content": _PROBE_SYSTEM}, user], generation=True)
+        fold_system = _PROBE_SYSTEM not in text      # some templates drop a system message silently
+    except CheckpointError:                          # Gemma: raise_exception('System role not supported')
+        fold_system = True
+    if fold_system:
+        user = {"role": "user", "content": fold(_PROBE_SYSTEM, _PROBE_USER)}
+    full = render_chat(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER}], generation=False)
+    if _PROBE_ANSWER not in full:
+        raise CheckpointError(f"{name}: its chat template does not print the assistant's answer")
+    after = full[full.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    eot = next((i for i in ids if i in special), None)
+    if eot is None:
+        raise CheckpointError(f"{name}: its chat template closes the assistant turn with no special token "
+                              f"({after!r}); give --chat_template builtin or a template file")
+    return ChatLayout(fold_system, eot)
+
+
 # --------------------------------------------------------------------------------------- token layout
 class PromptBuilder:
     """Turns (segments, prompt, answer) into input_ids / labels / frame layout with one tokenizer."""
@@ -143,13 +237,16 @@ class PromptBuilder:
         self.start_id, self.end_id = marker_ids
         self.pad_id = pad_id
         self.system_prompt = system_prompt
+        self.layout = chat_layout(tokenizer)
 
     def _render(self, user: str, answer: str | None) -> str:
-        msgs = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
-        if answer is None:
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        msgs.append({"role": "assistant", "content": answer})
-        return self.tok.apply_chat_template(msgs, tokenize=False)
+        if self.layout.fold_system:
+            msgs = [{"role": "user", "content": fold(self.system_prompt, user)}]
+        else:
+            msgs = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
+        return render_chat(self.tok, msgs, generation=answer is None)
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -174,8 +271,13 @@ class PromptBuilder:
         if answer is not None:
             full_text = self._render(user, answer)
             if not full_text.startswith(gen_text):
-                raise ValueError("chat template: the generation prompt is not a prefix of the full conversation")
+                raise CheckpointError(f"{model_name(self.tok)}: its chat template's generation prompt is not a "
+                                      f"prefix of the conversation with the answer")
             answer_ids = self._encode(full_text[len(gen_text):])
+            if self.layout.eot not in answer_ids:
+                raise CheckpointError(f"{model_name(self.tok)}: its chat template does not close the answer "
+                                      f"{answer!r} with its end-of-turn token")
+            answer_ids = answer_ids[:answer_ids.index(self.layout.eot) + 1]    # what follows it is never generated
             ids += answer_ids
             labels += answer_ids
             seg += [-1] * len(answer_ids)
@@ -194,7 +296,8 @@ def setup_special_tokens(tokenizer) -> bool:
 
 def special_ids(tokenizer) -> dict:
     """marker ids, pad id (masked everywhere, so any id works; prefer Llama-3's reserved pad) and the
-    end-of-turn id generation stops at (<|eot_id|>, not <|end_of_text|>: see Llama-3 never-stops bugs)."""
+    end-of-turn id generation stops at: the one the template closes an answer with (<|eot_id|>, not
+    <|end_of_text|>, for Llama 3; <end_of_turn>, not <eos>, for Gemma), so the one trained as the last label."""
     def tid(t):
         i = tokenizer.convert_tokens_to_ids(t)
         return None if i in (None, tokenizer.unk_token_id) else i
@@ -204,7 +307,4 @@ def special_ids(tokenizer) -> dict:
     pad = tid("<|finetune_right_pad_id|>")
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eot = tid("<|eot_id|>")
-    if eot is None:
-        eot = tokenizer.eos_token_id
-    return {"markers": markers, "pad": pad, "eot": eot}
+    return {"markers": markers, "pad": pad, "eot": chat_layout(tokenizer).eot}
