@@ -20,6 +20,7 @@ import torch
 
 from signllava.layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
 from signllava.prompts import TASKS, PromptBuilder, context_ids, imperfect_context, make_task, translation_prompt
+from signllava.shard_index import ABSENT, clip_keys
 
 log = logging.getLogger("signllava")
 
@@ -101,26 +102,29 @@ class SignDataset(torch.utils.data.Dataset):
         for s in self.stores.values():
             s.check_files_present()
 
-        # Index: every annotated clip, minus those missing from a selected modality (counted, logged).
+        # Index: every annotated clip, minus those missing from a selected modality (counted, logged). Frame
+        # counts live in one int32 array [clip, modality] (-1: the modality lacks the clip), not in dicts.
         items = [(v, c, pos) for v, order in self.annotation.videos.items() for pos, c in enumerate(order)]
-        self.frames: dict[str, dict[tuple[str, str], int]] = {m: s.index() for m, s in self.stores.items()}
-        keep = []
-        dropped = {m: 0 for m in self.modalities}
-        for v, c, pos in items:
-            absent = [m for m in self.modalities if (v, c) not in self.frames[m]]
-            for m in absent:
-                dropped[m] += 1
-            if not absent:
-                keep.append((v, c, pos))
-        for m, n in dropped.items():
+        keys = clip_keys((v, c) for v, c, _ in items)
+        frames = np.zeros((len(items), len(self.modalities)), np.int32)
+        for k, m in enumerate(self.modalities):
+            frames[:, k] = self.stores[m].index().lookup(keys)
+        del keys
+        absent = frames == ABSENT
+        for m, n in zip(self.modalities, absent.sum(axis=0).tolist()):
             if n:
                 log.warning("%s/%s: %d of %d clips have no %s features and are left out", self.data_dir.name, split, n, len(items), m)
-        if not keep:
+        keep = np.flatnonzero(~absent.any(axis=1))
+        if not len(keep):
             raise DataError(f"{self.data_dir}: split {split!r} has no clip with features in all of {', '.join(self.modalities)}")
-        self.items = keep
+        self.items = [items[i] for i in keep.tolist()]
+        self.frames = np.ascontiguousarray(frames[keep])          # [len(self), modalities] int32
+        self._text_len = np.fromiter((len(self.annotation.clips[(v, c)].translation) for v, c, _ in self.items),
+                                     dtype=np.int32, count=len(self.items))
+        del items, frames, absent
 
         # Dims are read from the data (first clip), then every read is checked against them.
-        v0, c0, _ = keep[0]
+        v0, c0, _ = self.items[0]
         self.dims = {m: self.stores[m].dim(v0, c0) for m in self.modalities}
         if expected_dims:
             bad = [f"{m}: data {self.dims[m]} vs checkpoint {expected_dims[m]}" for m in self.modalities
@@ -138,19 +142,23 @@ class SignDataset(torch.utils.data.Dataset):
         self.fixed_task: str | None = None       # generation: one task for every item
         self.generation = False                  # True: prompt ids only (answer kept in meta as the reference)
         self._context_pool: list[str] | None = None      # sentences that --context_noise draws from
+        self.close()                             # reading the dims opened shards: leave nothing open to fork
+
+    def close(self):
+        """Close this process's h5 handles (the next read reopens lazily). make_loader calls it before workers fork."""
+        for s in self.stores.values():
+            s.close()
 
     def __len__(self):
         return len(self.items)
 
     def frame_tokens(self, i: int) -> int:
         """Positions of the clip's modality segments: frames after --max_frames plus two markers each."""
-        v, c, _ = self.items[i]
-        return sum(capped_len(self.frames[m][(v, c)], self.opts.max_frames) + 2 for m in self.modalities)
+        return sum(capped_len(int(t), self.opts.max_frames) + 2 for t in self.frames[i])
 
     def length(self, i: int) -> int:
         """Approximate token count, for length-grouped batching (no tokenisation needed)."""
-        v, c, _ = self.items[i]
-        return self.frame_tokens(i) + len(self.annotation.clips[(v, c)].translation) // 4
+        return self.frame_tokens(i) + int(self._text_len[i]) // 4
 
     def context_for(self, video: str, position: int) -> list[str]:
         order = self.annotation.videos[video]
@@ -311,7 +319,11 @@ def eval_batches(dataset: SignDataset, batch_size: int) -> list[list[int]]:
 
 def make_loader(dataset, batches: list[list], collate, num_workers: int, pin_memory: bool):
     """A DataLoader over a precomputed batch list. Batches are lists of `(index, epoch)` or indices.
-    Workers get their own torch generator so creating a loader never consumes the global RNG."""
+    Workers get their own torch generator so creating a loader never consumes the global RNG.
+    With workers, the parent's h5 handles are closed first: h5py handles must not cross a fork (the workers
+    would share file offsets and HDF5 state with the parent); each worker opens its own on first read."""
+    if num_workers > 0 and hasattr(dataset, "close"):
+        dataset.close()
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
         pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,

@@ -315,9 +315,6 @@ def generate_split(tr: Translator, ds, indices: list[int], *, task: str, predict
         # Lengths are read now: in predicted mode the context of this round only exists now.
         order = sorted(rnd, key=lambda i: -prompt_length(ds, i))
         batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-        if num_workers > 0:           # h5 handles must not cross the fork: each worker opens its own
-            for store in ds.stores.values():
-                store.close()
         for items in make_loader(ds, batches, _as_list, num_workers, pin_memory=False):
             keep = [it for it in items if it["task"] == task]
             skipped += len(items) - len(keep)

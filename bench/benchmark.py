@@ -733,8 +733,7 @@ def bench_loader(synth: Synth, specs: list[Spec], args, device: torch.device, ba
         plan = plan_epoch(lengths, batch_size, args.seed, 0, True)[:args.loader_batches]
         mine = [[(i, 0) for i in b] for b in plan]
         for w in args.workers:
-            # Exactly training.py's loader: make_loader(train_ds, ..., pin_memory=cuda), h5 handles opened by
-            # SignDataset's index scan left as they are.
+            # Exactly training.py's loader: make_loader(train_ds, ..., pin_memory=cuda).
             loader = make_loader(ds, mine, Collator(synth.ids["pad"]), w, device.type == "cuda")
             try:
                 t0 = time.perf_counter()
@@ -758,8 +757,7 @@ def bench_loader(synth: Synth, specs: list[Spec], args, device: torch.device, ba
             out["workers"][str(w)] = r
             log(f"  {w} workers: {r['samples_per_s']:.1f} samples/s steady ({r['samples_per_s_with_startup']:.1f} "
                 f"with startup {r['first_batch_s']:.2f} s)")
-        for s in ds.stores.values():
-            s.close()
+        ds.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -14,6 +14,7 @@ file and, where there is one, the video and clip. The CLIs print it without a tr
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import h5py
 import numpy as np
 
 from signllava.errors import DataError
+from signllava.shard_index import ClipIndex, cached_index
 
 # The original's splice order; modalities we do not know follow alphabetically.
 KNOWN_MODALITY_ORDER = ("mae", "sign2vec", "dino", "pose")
@@ -55,7 +57,7 @@ def natural_key(name: str):
 
 
 # ----------------------------------------------------------------------------------------- annotations
-@dataclass
+@dataclass(slots=True)        # no per-instance __dict__: a few hundred thousand of these are held
 class ClipText:
     translation: str
     paraphrases: list[str]
@@ -122,10 +124,11 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
         # clip_order is the only source of time order. How2Sign's lists are in plain text order
         # (_10 before _2), which scrambles context; if names end in numbers and the list is exactly
         # the lexicographic order of names that sort differently by number, sort naturally.
-        nat = sorted(ok_order, key=natural_key)
-        if ok_order == sorted(ok_order) and nat != ok_order and all(re.search(r"\d", c) for c in ok_order):
-            ok_order = nat
-            ann.resorted_videos += 1
+        if ok_order == sorted(ok_order) and all(re.search(r"\d", c) for c in ok_order):
+            nat = sorted(ok_order, key=natural_key)
+            if nat != ok_order:
+                ok_order = nat
+                ann.resorted_videos += 1
         ann.videos[video] = ok_order
     return ann
 
@@ -185,58 +188,92 @@ def parse_metadata(raw, path: Path, on_fault=None) -> tuple[dict[str, str], set[
     return out, bad
 
 
+def open_shard(path: Path, metadata: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard file missing (named by {metadata})") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable or corrupt h5 file ({e})") from None
+
+
+def walk_video(h: h5py.File, path: Path, video: str, metadata: Path, keys: list, frames: list):
+    """Append key and frame count of every array directly under h[video]. Uses h5py's low-level calls:
+    the high-level objects cost three times the time and leave megabytes of garbage per thousand clips."""
+    name = video.encode("utf-8", "surrogateescape")
+    try:
+        gid = h5py.h5o.open(h.id, name)
+    except (KeyError, ValueError, OSError, RuntimeError):       # no such link, a dangling one, an empty name
+        gid = None
+    if not isinstance(gid, h5py.h5g.GroupID):
+        raise DataError(f"{where(path, video)}: video placed in this shard by {metadata.name} but not in it")
+    try:
+        prefix = name + b"\0"
+        for clip in gid:
+            obj = h5py.h5o.open(gid, clip)
+            if isinstance(obj, h5py.h5d.DatasetID):
+                shape = obj.shape
+                keys.append(prefix + clip)
+                frames.append(shape[0] if shape else 0)
+    except (KeyError, ValueError, OSError, RuntimeError) as e:
+        raise DataError(f"{where(path, video)}: unreadable ({e})") from None
+
+
 class FeatureStore:
     """Per-modality sharded h5 features of one split.
 
-    h5 handles are opened lazily on first read in the process that reads (so each DataLoader worker
-    opens its own after the fork — h5py handles must not cross a fork) and stay open."""
+    h5 handles are opened lazily on first read in the process that reads, and stay open. Handles never cross a
+    fork: indexing leaves nothing open, make_loader (data.py) closes the parent's handles before DataLoader
+    workers start, and a process that finds handles opened by another process (its parent) drops them
+    without touching them and opens its own."""
 
     def __init__(self, modality: str, metadata: Path):
         self.modality = modality
         self.metadata = metadata
         self.video_shard, _ = parse_metadata(read_json(metadata), metadata)
+        self._shard_files = sorted({shard_path(metadata, s) for s in set(self.video_shard.values())})
         self._handles: dict[str, h5py.File] = {}
+        self._owner = os.getpid()          # the process that opened self._handles
 
     def shard_file(self, video: str) -> Path:
         return shard_path(self.metadata, self.video_shard[video])
 
     def shard_files(self) -> list[Path]:
-        return sorted({shard_path(self.metadata, s) for s in self.video_shard.values()})
+        return list(self._shard_files)
 
     def check_files_present(self):
         for p in self.shard_files():
             if not p.is_file():
                 raise DataError(f"{p}: shard file missing (named by {self.metadata})")
 
+    def open_handles(self) -> int:
+        return len(self._handles) if self._owner == os.getpid() else 0
+
     def _open(self, path: Path) -> h5py.File:
+        if self._owner != os.getpid():    # inherited through a fork: not ours to use or close
+            self._handles, self._owner = {}, os.getpid()
         h = self._handles.get(str(path))
         if h is None:
-            try:
-                h = h5py.File(path, "r")
-            except FileNotFoundError:
-                raise DataError(f"{path}: shard file missing (named by {self.metadata})") from None
-            except OSError as e:
-                raise DataError(f"{path}: unreadable or corrupt h5 file ({e})") from None
+            h = open_shard(path, self.metadata)
             self._handles[str(path)] = h
         return h
 
-    def index(self) -> dict[tuple[str, str], int]:
-        """(video, clip) -> frame count, for every clip the shards hold (reads headers only)."""
-        out = {}
+    def index(self) -> ClipIndex:
+        """Frame count of every clip the shards hold, from the cache beside the metadata file when it is
+        current, else read from the h5 headers (each shard opened, walked and closed in turn)."""
+        return cached_index(self.metadata, self.shard_files(), self._walk)
+
+    def _walk(self) -> ClipIndex:
         by_shard: dict[str, list[str]] = {}
         for video, shard in self.video_shard.items():
             by_shard.setdefault(shard, []).append(video)
+        keys, frames = [], []
         for shard, videos in by_shard.items():
             path = shard_path(self.metadata, shard)
-            h = self._open(path)
-            for video in videos:
-                g = h.get(video)
-                if not isinstance(g, h5py.Group):
-                    raise DataError(f"{where(path, video)}: video placed in this shard by {self.metadata.name} but not in it")
-                for clip, ds in g.items():
-                    if isinstance(ds, h5py.Dataset):
-                        out[(video, clip)] = ds.shape[0] if ds.ndim >= 1 else 0
-        return out
+            with open_shard(path, self.metadata) as h:
+                for video in videos:
+                    walk_video(h, path, video, self.metadata, keys, frames)
+        return ClipIndex.from_pairs(keys, frames)
 
     def dim(self, video: str, clip: str) -> int:
         ds = self._dataset(video, clip)
@@ -265,9 +302,10 @@ class FeatureStore:
         return check_array(arr, path, video, clip, expected_dim)
 
     def close(self):
-        for h in self._handles.values():
-            h.close()
-        self._handles.clear()
+        if self._owner == os.getpid():
+            for h in self._handles.values():
+                h.close()
+        self._handles = {}
 
     def __getstate__(self):
         # Never ship open handles to another process; the receiver reopens lazily.

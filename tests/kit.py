@@ -25,9 +25,9 @@ def write_json(path: Path, obj):
 
 
 def write_tiny_dataset(root: Path, dims: dict[str, int] = TINY_DIMS, videos_per_split=None, clips_per_video: int = 11,
-                       missing: dict[str, int] | None = None, seed: int = 0) -> Path:
+                       missing: dict[str, int] | None = None, seed: int = 0, compression: str | None = None) -> Path:
     """Every clip's features encode its words (a prototype per word), so the data is learnable.
-    `missing`: modality -> number of train clips left out of it."""
+    `missing`: modality -> number of train clips left out of it. `compression`: h5py's, e.g. "gzip"."""
     rng = np.random.default_rng(seed)
     protos = {m: rng.normal(size=(len(WORDS), d)).astype(np.float32) for m, d in dims.items()}
     videos_per_split = videos_per_split or {"train": 4, "dev": 2, "test": 1}
@@ -59,7 +59,7 @@ def write_tiny_dataset(root: Path, dims: dict[str, int] = TINY_DIMS, videos_per_
                     words = ann[video][clip]["translation"].split()
                     frames = np.concatenate([protos[m][WORDS.index(w)][None].repeat(2, 0) for w in words])
                     frames = frames + 0.1 * rng.normal(size=frames.shape)
-                    g.create_dataset(clip, data=frames.astype(np.float16))
+                    g.create_dataset(clip, data=frames.astype(np.float16), compression=compression)
             for h in handles.values():
                 h.close()
     return root
