@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from signllava import kernels
+from signllava import kernels, safe_load
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.errors import CheckpointError
 from signllava.prompts import MARKER_TOKENS, SYSTEM_PROMPT
@@ -241,10 +241,7 @@ def read_reference_states(path: Path) -> dict[str, torch.Tensor]:
     """The original's DeepSpeed file `mp_rank_00_model_states.pt`: its `module` dict with keys
     `model.<m>_projector.*` and `model.embed_tokens.weight`, whose last two rows are the
     <video_start>/<video_end> tokens it added (reference §5.4-5.6). Mapped to our names."""
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable DeepSpeed model-states file ({e})") from None
+    raw = safe_load.load(path)          # runs no code from the file; a pickled object is refused, naming it
     module = raw.get("module", raw) if isinstance(raw, dict) else None
     if not isinstance(module, dict):
         raise CheckpointError(f"{path}: no 'module' state dict inside")

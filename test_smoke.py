@@ -76,7 +76,7 @@ def test_dataset_reads_layout(tiny):
 
 # ------------------------------------------------------------------------------------------ stage 1
 def module_keys(ckpt: Path) -> list[str]:
-    states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return list(states["module"])
 
 

@@ -40,7 +40,7 @@ import torch
 from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch,
                   rank_share)
 from model import SignConfig, SignLLM, compute_dtype, parse_projector_types, save_projectors
-from signllava import checkpoint, portable_state
+from signllava import checkpoint, portable_state, safe_load
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, range_problems
@@ -189,15 +189,21 @@ def seed_everything(seed: int):
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, lists and numbers only, so that reading it back needs no pickled
+    object (signllava/safe_load.py): numpy's key array becomes a list of ints."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
 
 
 def set_rng_state(st: dict):
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, internal, gauss_next = st["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
@@ -518,6 +524,7 @@ def make_engine(state: TrainState, micro_batch: int | None):
     state.engine, _, _, _ = deepspeed.initialize(model=state.model, optimizer=optimizer, lr_scheduler=state.scheduler,
                                                  config=deepspeed_config(a.deepspeed_config, a, env.world, env.dtype,
                                                                          micro_batch))
+    safe_load.guard_engine(state.engine)             # DeepSpeed's own checkpoint reads run no code either
 
 
 def batch_geometry(batch_size: int, budget: int, grad_accum: int, world: int, packed: bool) -> str:
@@ -551,7 +558,7 @@ def resume(state: TrainState, directory: Path):
         portable_state.restore(state.engine, directory)
     state.step, state.best_dev_loss = saved["step"], saved.get("best_dev_loss")
     rng_file = directory / f"rng_state_{env.rank % saved['world_size']}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(safe_load.load(rng_file))
     log.info("resumed from %s at step %d", directory, state.step)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from signllava import safe_load
+
 PORTABLE_NAME = "optimizer_portable.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -77,7 +79,7 @@ def restore(engine, directory: Path):
     """Collective: load a portable state into an initialised engine of any world size / ZeRO stage."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    state = torch.load(Path(directory) / PORTABLE_NAME, map_location="cpu", weights_only=False)
+    state = safe_load.load(Path(directory) / PORTABLE_NAME)
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     missing = [n for n, _ in named if n not in state["params"]]
     if missing:

@@ -52,7 +52,7 @@ def test_qlora_zero2_learns_and_saves_only_trainables(s1):
     cfg = json.loads((ck / "config.json").read_text())
     assert cfg["stage"] == 2 and cfg["bits"] == 4 and cfg["lora"]["r"] == 64 and cfg["lora"]["lora_alpha"] == 16
     assert (ck / "adapter" / "adapter_config.json").is_file()
-    module = torch.load(ck / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(ck / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     assert not frozen_keys(module), frozen_keys(module)
     adapter = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
     targets = {k.split(".")[-3] for k in adapter}
@@ -74,7 +74,7 @@ def test_adapter_loads_with_peft_and_gives_same_logits(s1):
     tok, _ = load_tokenizer(cfg.tokenizer)
     cpu = torch.device("cpu")
     trained = assemble(cfg, tok, cpu, torch.float32, adapter="new")
-    module = torch.load(ck / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(ck / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
     assert trainable <= set(module)                                     # every trained tensor is in the state
     trained.load_state_dict({k: module[k] for k in trainable}, strict=False)
