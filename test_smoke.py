@@ -237,6 +237,29 @@ def test_unseen_layout_trains_with_only_data_dir(tiny):
 
 
 # ------------------------------------------------------------------------------------------ errors
+def test_resume_refuses_code_in_deepspeed_state(tiny, tmp_path):
+    """DeepSpeed reads its own optimizer-state file on --resume; one carrying an object whose unpickling
+    runs a command is refused (one line naming the file and the callable) and the command never runs."""
+    import shutil
+    from signllava import safe_load
+    from tests.kit import Payload
+    root, data, llm = tiny
+    s1 = root / "s1z2"
+    if not (s1 / "latest").exists():
+        run_script("pretrain.py", *train_args(data, llm, s1, 2, "--save_steps", 2))
+    out = tmp_path / "run"
+    shutil.copytree(s1, out)
+    ck = out / (out / "latest").read_text().strip()
+    optim = ck / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "pwned"
+    torch.save({**safe_load.load(optim, allow=safe_load.deepspeed_types()), "extra": Payload(marker)}, optim)
+    res = run_script("pretrain.py", *train_args(data, llm, out, 99, "--resume"), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: {optim}: needs posix.system") and "refused" in err, err
+    assert not marker.exists()
+
+
 def test_dims_mismatch_is_one_clear_line(tiny):
     root, data, llm = tiny
     other = write_tiny_dataset(root / "otherdims", dims={"mae": 7, "dino": 9, "pose": 6})

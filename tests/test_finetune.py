@@ -132,6 +132,32 @@ def test_projector_forms(s1):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_pickled_payload_is_refused_and_never_runs(s1, tmp_path):
+    """The original's model-states file loads; the same file carrying an object whose unpickling runs a
+    command is refused with one line naming the file and the callable, and the command never runs."""
+    import pickle
+    from model import CheckpointError, read_reference_states
+    from tests.kit import Payload
+    root, data, llm, stage1 = s1
+    good = reference_file(stage1 / "checkpoint-4", tmp_path / "mp_rank_00_model_states.pt", vocab=100)
+    assert any(k.startswith("projectors.") for k in read_reference_states(good))
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(Payload(live)))            # the payload is real: a plain unpickler runs it
+    assert live.exists()
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad" / "mp_rank_00_model_states.pt"
+    bad.parent.mkdir()
+    raw = torch.load(good, map_location="cpu", weights_only=True)
+    torch.save({**raw, "client_state": Payload(marker)}, bad)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: needs posix.system to load"):
+        read_reference_states(bad)
+    res = run_script("finetune.py", "--projector", bad, *train_args(data, llm, root / "ft_payload", 1), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: {bad}: needs posix.system") and "refused" in err, err
+    assert not marker.exists()
+
+
 def test_misshaped_projector_file_names_the_key(s1):
     root, data, llm, stage1 = s1
     state = load_file(str(stage1 / "checkpoint-4" / "projectors.safetensors"))
