@@ -170,7 +170,8 @@ def test_exact_resume_after_sigkill_and_kill_during_save(tiny):
     assert latest_checkpoint(out).name == "checkpoint-4" and resolve_checkpoint(out).name == "checkpoint-4"
     with pytest.raises(Exception, match="incomplete"):
         resolve_checkpoint(out / "checkpoint-6.tmp")
-    run_script("pretrain.py", *train_args(data, llm, out, 8, *common, "--resume"))
+    res = run_script("pretrain.py", *train_args(data, llm, out, 8, *common, "--resume"))
+    assert f"removed {out / 'checkpoint-6.tmp'}, left by an interrupted save" in res.stderr
     b = final_projectors(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 

@@ -24,6 +24,7 @@ from its plan, so step -> (epoch, step within the epoch) still follows from (see
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -40,10 +41,10 @@ import torch
 from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch,
                   rank_share)
 from model import SignConfig, SignLLM, compute_dtype, parse_projector_types, save_projectors
-from signllava import checkpoint, portable_state, safe_load
+from signllava import checkpoint, faults, portable_state, safe_load
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
-from signllava.errors import CheckpointError, DataError, range_problems
+from signllava.errors import CheckpointError, DataError, RunError, range_problems
 from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
 log = logging.getLogger("signllava")
@@ -98,6 +99,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--warmup_ratio", type=float, default=0.03)
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine and linear decay to lr * this")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_bad_steps", type=int, default=10,
+                   help="an optimizer step whose loss or gradient norm is not finite is skipped (no update) and "
+                        "counted; after this many in a row the run stops, naming the step and its clips")
     g.add_argument("--batch_size", type=int, default=8, help="micro-batch per rank (ignored for training batches "
                                                               "when --max_tokens_per_batch is on)")
     g.add_argument("--max_tokens_per_batch", type=int, default=0,
@@ -131,7 +135,7 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
 def validate_args(p: argparse.ArgumentParser, args):
     """Every flag problem at once, as argparse's one-line usage error (exit status 2)."""
     problems = range_problems(args, at_least_one=("batch_size", "grad_accum", "eval_batch_size", "save_steps",
-                                                  "eval_steps", "logging_steps"),
+                                                  "eval_steps", "logging_steps", "max_bad_steps"),
                               non_negative=("max_steps", "max_frames", "context_window", "prelude_window",
                                             "num_workers", "max_tokens_per_batch"))
     if args.max_steps == 0 and args.epochs <= 0:
@@ -235,7 +239,9 @@ def deepspeed_config(path: str, args, world: int, dtype: torch.dtype, micro_batc
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = args.grad_accum
     cfg["train_batch_size"] = micro * args.grad_accum * world
-    cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
+    # check_grad_overflow: ZeRO then discards a bf16 update whose gradient norm is not finite, as it
+    # always does in fp32 (train_step counts such skipped steps).
+    cfg["bf16"] = {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True}
     cfg["fp16"] = {"enabled": False}
     cfg["gradient_clipping"] = args.max_grad_norm
     cfg.setdefault("steps_per_print", 10**9)
@@ -379,6 +385,9 @@ def setup_run(args) -> RunEnv:
         raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for left in checkpoint.leftovers(out):
+            checkpoint.remove_leftover(left)
+            log.info("removed %s, left by an interrupted save", left)
     data_dir = Path(args.data_dir) if args.data_dir else out / "demo_data"
     if not args.data_dir and rank == 0 and not (data_dir / "annotation.train.json").exists():
         from signllava.demo import make_demo
@@ -442,8 +451,8 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
 
 @dataclass
 class TrainState:
-    """What the phases of `fit` share. `step` and `best_dev_loss` are all that a resume restores beyond
-    DeepSpeed's own state: the data position follows from the step (EpochPlans)."""
+    """What the phases of `fit` share. `step`, `best_dev_loss` and the skipped-step counts are all that a
+    resume restores beyond DeepSpeed's own state: the data position follows from the step (EpochPlans)."""
     env: RunEnv
     model: SignLLM
     cfg: SignConfig
@@ -456,6 +465,8 @@ class TrainState:
     step: int = 0
     best_dev_loss: float | None = None
     dev_loss: float | None = None
+    skipped_steps: int = 0          # steps whose update was discarded (non-finite loss or gradient norm)
+    bad_in_a_row: int = 0
 
 
 def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
@@ -481,7 +492,8 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
     if state.writer:
         state.writer.close()
     if env.rank == 0:
-        summary = {"steps": state.step, "dev_loss": state.dev_loss, "best_dev_loss": state.best_dev_loss,
+        summary = {"steps": state.step, "skipped_steps": state.skipped_steps, "dev_loss": state.dev_loss,
+                   "best_dev_loss": state.best_dev_loss,
                    "checkpoint": str(checkpoint.latest_checkpoint(env.out))}
         (env.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %s", summary)
@@ -557,6 +569,7 @@ def resume(state: TrainState, directory: Path):
                  env.world, env.zero_stage, saved["world_size"], saved.get("zero_stage"))
         portable_state.restore(state.engine, directory)
     state.step, state.best_dev_loss = saved["step"], saved.get("best_dev_loss")
+    state.skipped_steps, state.bad_in_a_row = saved.get("skipped_steps", 0), saved.get("bad_in_a_row", 0)
     rng_file = directory / f"rng_state_{env.rank % saved['world_size']}.pt"
     set_rng_state(safe_load.load(rng_file))
     log.info("resumed from %s at step %d", directory, state.step)
@@ -589,7 +602,8 @@ def evaluate(state: TrainState) -> float | None:
     loader = make_loader(dev, mine, Collator(state.data.pad_id), env.args.num_workers, env.device.type == "cuda")
     with torch.no_grad():
         for w, batch in zip(weights, loader):
-            loss, n = state.engine(**to_device(batch, env.device))
+            with faults.out_of_memory_named(batch, env.args, f"step {state.step}, dev evaluation", training=False):
+                loss, n = state.engine(**to_device(batch, env.device))
             tot += w * loss.item()
             cnt += w * n.item()
     state.engine.train()
@@ -598,11 +612,31 @@ def evaluate(state: TrainState) -> float | None:
 
 
 def save_checkpoint(state: TrainState):
-    """A complete checkpoint or none: written into `checkpoint-N.tmp`, renamed when every rank is done."""
+    """A complete checkpoint or none. A save that the file system refuses (full disk, permissions) stops the
+    run with one line and its `.tmp` removed; the previous checkpoint and `latest` stay as they were."""
+    env, step = state.env, state.step
+    try:
+        write_checkpoint(state)
+    except Exception as e:
+        why = faults.write_failure(e, env.out)
+        if why is None:
+            raise
+        if env.rank == 0:
+            checkpoint.remove_leftover(env.out / f"checkpoint-{step}.tmp")
+        last = checkpoint.latest_checkpoint(env.out)
+        raise RunError(f"{env.out / f'checkpoint-{step}'}: the save failed ({why}); run stopped, "
+                       f"{last.name if last else 'no checkpoint'} stays the latest complete checkpoint "
+                       f"(free space or fix permissions, then --resume)") from None
+
+
+def write_checkpoint(state: TrainState):
+    """Written into `checkpoint-N.tmp`, renamed when every rank is done."""
     env, a, step = state.env, state.env.args, state.step
     tmp = checkpoint.begin(env.out, step) if env.rank == 0 else env.out / f"checkpoint-{step}.tmp"
     barrier()
     state.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+    if checkpoint.fault_requested("save_error", step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / f"rng_state_{env.rank}.pt"))
     portable = portable_state.gather(state.engine)          # collective: full fp32 trainables + Adam moments
     torch.save(rng_state(), tmp / f"rng_state_{env.rank}.pt")
     if env.rank == 0:
@@ -612,7 +646,8 @@ def save_checkpoint(state: TrainState):
             "step": step, "stage": state.cfg.stage, "world_size": env.world, "grad_accum": a.grad_accum,
             "batch_size": a.batch_size, "max_tokens_per_batch": a.max_tokens_per_batch, "packing": a.packing,
             "seed": a.seed, "zero_stage": env.zero_stage, "dev_loss": state.dev_loss,
-            "best_dev_loss": state.best_dev_loss, "total_steps": state.total})
+            "best_dev_loss": state.best_dev_loss, "total_steps": state.total, "skipped_steps": state.skipped_steps,
+            "bad_in_a_row": state.bad_in_a_row})
     barrier()
     checkpoint.fault_point("mid_save", step)
     if env.rank == 0:
@@ -632,28 +667,66 @@ class Throughput:
         self.t0, self.tokens, self.samples, self.loss_sum, self.targets = time.time(), 0, 0, 0.0, 0.0
 
     def row(self, step: int, lr: float) -> dict:
+        """No loss when every step since the last line was skipped (skip_bad_step)."""
         dt = time.time() - self.t0
-        return {"step": step, "loss": self.loss_sum / max(self.targets, 1.0), "lr": lr,
+        loss = {"loss": self.loss_sum / self.targets} if self.targets else {}
+        return {"step": step, **loss, "lr": lr,
                 "samples_per_s": self.samples * self.world / dt, "tokens_per_s": self.tokens * self.world / dt}
 
 
 def train_step(state: TrainState, micro: list[dict], meter: Throughput):
-    """One optimizer step over this rank's micro-batches: the exact per-token mean over the global batch."""
+    """One optimizer step over this rank's micro-batches: the exact per-token mean over the global batch.
+    ZeRO discards an update whose gradient norm is not finite, on every rank alike (the norm is reduced
+    over the ranks); such a step, or one whose loss is not finite, goes to `skip_bad_step`."""
     env, engine = state.env, state.engine
     n_global = all_sum(sum(target_tokens(b) for b in micro), env.device)
     step_loss = 0.0
-    for b in micro:
-        loss_sum, _ = engine(**to_device(b, env.device))
-        # engine.backward divides by G and the gradient all-reduce averages over W; scaling by
-        # G*W/N gives the exact per-token mean over the global batch.
-        engine.backward(loss_sum * (env.per_step / max(n_global, 1.0)))
-        engine.step()
+    for k, b in enumerate(micro):
+        with faults.out_of_memory_named(b, env.args, f"step {state.step + 1}"):
+            if k == 0 and checkpoint.fault_requested("oom", state.step + 1):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by SIGNLLAVA_FAULT)")
+            loss_sum, _ = engine(**to_device(b, env.device))
+            if k == 0 and env.rank == 0 and checkpoint.fault_requested("nan_loss", state.step + 1):
+                loss_sum = loss_sum * float("nan")
+            # engine.backward divides by G and the gradient all-reduce averages over W; scaling by
+            # G*W/N gives the exact per-token mean over the global batch.
+            engine.backward(loss_sum * (env.per_step / max(n_global, 1.0)))
+            engine.step()
         step_loss += loss_sum.item()
         meter.samples += len(b["meta"])
         meter.tokens += int(b["attention_mask"].sum())
     state.step += 1
-    meter.loss_sum += all_sum(step_loss, env.device)
-    meter.targets += n_global
+    step_loss = all_sum(step_loss, env.device)
+    if math.isfinite(step_loss) and engine.was_step_applied():
+        state.bad_in_a_row = 0
+        meter.loss_sum += step_loss
+        meter.targets += n_global
+    else:
+        skip_bad_step(state, micro, "loss" if not math.isfinite(step_loss) else "gradient norm")
+
+
+def skip_bad_step(state: TrainState, micro: list[dict], what: str):
+    """(every rank) Count, log and record a step whose `what` was not finite; stop the run after
+    --max_bad_steps of them in a row, before anything is saved."""
+    env, a = state.env, state.env.args
+    clips = [None] * env.world
+    torch.distributed.all_gather_object(clips, [c for b in micro for c in faults.batch_clips(b)])
+    clips = faults.clip_list([c for rank in clips for c in rank])
+    last = checkpoint.latest_checkpoint(env.out)
+    last = last.name if last else "no checkpoint"
+    if state.engine.was_step_applied():        # only without ZeRO, whose fp32 optimizer checks nothing
+        raise RunError(f"step {state.step}: non-finite {what} (clips {clips}) and the optimizer applied the update "
+                       f"(ZeRO stage {env.zero_stage} does not discard it; ZeRO-1/2/3 does); run stopped, {last} "
+                       f"stays the latest complete checkpoint")
+    state.skipped_steps += 1
+    state.bad_in_a_row += 1
+    log.warning("step %d skipped: non-finite %s (%d in a row, %d in all); clips %s", state.step, what,
+                state.bad_in_a_row, state.skipped_steps, clips)
+    record(state, {"step": state.step, "skipped_steps": state.skipped_steps, "bad_in_a_row": state.bad_in_a_row})
+    if state.bad_in_a_row >= a.max_bad_steps:
+        raise RunError(f"step {state.step}: non-finite {what}, {state.bad_in_a_row} steps in a row "
+                       f"(--max_bad_steps {a.max_bad_steps}); run stopped, {last} stays the latest complete "
+                       f"checkpoint; this step's clips: {clips} (check their features, or lower --learning_rate)")
 
 
 def train(state: TrainState):
@@ -661,22 +734,22 @@ def train(state: TrainState):
     from tqdm import tqdm
     env, a = state.env, state.env.args
     collate = Collator(state.data.pad_id)
-    bar = tqdm(total=state.total, initial=state.step, disable=env.rank != 0, dynamic_ncols=True,
-               desc=f"stage {state.cfg.stage}")
     meter = Throughput(env.world)
     state.engine.train()
     epoch, k0 = state.plans.locate(state.step)
-    while state.step < state.total:
-        mine = [[(i, epoch) for i in b] for b in rank_share(state.plans.batches(epoch), env.rank, env.world, env.per_step)]
-        it = iter(make_loader(state.data.train, mine[k0 * a.grad_accum:], collate, a.num_workers, env.device.type == "cuda"))
-        for _ in range(k0, state.plans.steps(epoch)):
-            if state.step >= state.total:
-                break
-            train_step(state, [next(it) for _ in range(a.grad_accum)], meter)
-            bar.update(1)
-            after_step(state, meter, bar)
-        epoch, k0 = epoch + 1, 0
-    bar.close()
+    # A context, so that a run stopped by an error closes its bar before the error line is printed.
+    with tqdm(total=state.total, initial=state.step, disable=env.rank != 0, dynamic_ncols=True,
+              desc=f"stage {state.cfg.stage}") as bar:
+        while state.step < state.total:
+            mine = [[(i, epoch) for i in b] for b in rank_share(state.plans.batches(epoch), env.rank, env.world, env.per_step)]
+            it = iter(make_loader(state.data.train, mine[k0 * a.grad_accum:], collate, a.num_workers, env.device.type == "cuda"))
+            for _ in range(k0, state.plans.steps(epoch)):
+                if state.step >= state.total:
+                    break
+                train_step(state, [next(it) for _ in range(a.grad_accum)], meter)
+                bar.update(1)
+                after_step(state, meter, bar)
+            epoch, k0 = epoch + 1, 0
 
 
 def after_step(state: TrainState, meter: Throughput, bar):
@@ -687,7 +760,7 @@ def after_step(state: TrainState, meter: Throughput, bar):
         row = meter.row(step, lrs[0])
         if lrs[-1] != lrs[0]:                    # --projector_lr: the projectors' group comes last
             row["projector_lr"] = lrs[-1]
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", lr=f"{row['lr']:.2e}")
         if state.env.device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(state.env.device) / 2**30
         record(state, row)

@@ -124,9 +124,30 @@ def read_state(d: Path) -> dict:
     return json.loads((d / STATE_NAME).read_text())
 
 
+def leftovers(out_dir: Path) -> list[Path]:
+    """What an interrupted save or deletion leaves behind: `checkpoint-N.tmp`, `*.deleting`, `latest.tmp`."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(d for d in out_dir.iterdir()
+                  if (d.name.startswith("checkpoint-") and d.name.endswith((".tmp", ".deleting"))) or d.name == "latest.tmp")
+
+
+def remove_leftover(path: Path):
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fault_requested(name: str, step: int) -> bool:
+    """Testing aid: SIGNLLAVA_FAULT is a comma-separated list of <point>:<step>. Unset in normal use.
+    Points: mid_save, after_save (SIGKILL at that point of that step's save), save_error (the save fails
+    as on a full disk), oom (the step's first batch runs out of memory), nan_loss (its loss is NaN)."""
+    return f"{name}:{step}" in os.environ.get("SIGNLLAVA_FAULT", "").split(",")
+
+
 def fault_point(name: str, step: int):
-    """Testing aid for crash safety: SIGNLLAVA_FAULT=<point>:<step> kills this process with SIGKILL
-    at that point of that step's save (points: mid_save, after_save). Unset in normal use."""
-    spec = os.environ.get("SIGNLLAVA_FAULT")
-    if spec and spec == f"{name}:{step}":
+    """SIGKILL this process here if SIGNLLAVA_FAULT asks for it (crash-safety tests)."""
+    if fault_requested(name, step):
         os.kill(os.getpid(), signal.SIGKILL)

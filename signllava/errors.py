@@ -1,5 +1,5 @@
-"""The user's mistakes, as opposed to our bugs: each is one line naming the file (video, clip) or flag,
-printed as `error: ...` with exit status 2 instead of a traceback."""
+"""The user's mistakes, as opposed to our bugs, and faults that stop a run: each is one line naming the file
+(video, clip), batch or flag, printed as `error: ...` with exit status 2 instead of a traceback."""
 from __future__ import annotations
 
 import logging
@@ -15,12 +15,17 @@ class CheckpointError(Exception):
     """A checkpoint or projector file that does not fit the model; one line, naming the file."""
 
 
+class RunError(Exception):
+    """A run that cannot go on (out of memory, non-finite losses, a failed save): one line saying what
+    happened, which batch or file, and what to change; the last complete checkpoint is left as it was."""
+
+
 def run_command(main: Callable[[], int]) -> int:
     """Run a command's body with the house's logging; a user error becomes one line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return main()
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
