@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -56,12 +55,15 @@ def load(path: str | Path, map_location="cpu", allow: list[type] = ()):
     except pickle.UnpicklingError as e:
         kind = _refused_type(str(e))
         if kind is None:
-            raise CheckpointError(f"{path}: refused, not a plain tensor file ({str(e).strip().splitlines()[-1]})") from None
+            m = re.search(r"WeightsUnpickler error: (.+)", str(e))
+            why = m.group(1) if m else str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: refused, not a plain tensor file ({why})") from None
         raise CheckpointError(f"{path}: needs {kind} to load, which could run code; refused "
                               f"(only tensors, containers, strings and numbers are read)") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable torch file ({first})") from None
+    except Exception as e:       # truncated or not a torch file: the weights-only unpickler fails in many ways
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = first if isinstance(e, RuntimeError) else f"{type(e).__name__} {first}".strip()
+        raise CheckpointError(f"{path}: unreadable torch file ({detail})") from None
 
 
 def guard_engine(engine):

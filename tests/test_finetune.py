@@ -158,6 +158,21 @@ def test_pickled_payload_is_refused_and_never_runs(s1, tmp_path):
     assert not marker.exists()
 
 
+def test_unreadable_pt_file_is_one_line(tmp_path):
+    from signllava import safe_load
+    from signllava.errors import CheckpointError
+    whole = tmp_path / "whole.pt"
+    torch.save({"step": 3, "w": torch.ones(1000)}, whole)
+    assert safe_load.load(whole)["step"] == 3
+    cut, text = tmp_path / "cut.pt", tmp_path / "text.pt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    text.write_text("not a checkpoint")
+    for bad in (cut, text, tmp_path / "missing.pt"):
+        with pytest.raises(CheckpointError, match=rf"^{bad}: (unreadable torch file|not found|refused)") as err:
+            safe_load.load(bad)
+        assert "\n" not in str(err.value)
+
+
 def test_misshaped_projector_file_names_the_key(s1):
     root, data, llm, stage1 = s1
     state = load_file(str(stage1 / "checkpoint-4" / "projectors.safetensors"))
