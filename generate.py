@@ -1,26 +1,35 @@
 """Translate a split with a trained checkpoint (batched beam search from a shared prefill) and score it.
 
     python generate.py --checkpoint C --data_dir D --split dev --output OUT.json --metrics_out METRICS.json
-                       [--num_beams 5] [--max_new_tokens 64] [--batch_size 16]
-                       [--context none|gold|predicted|FILE] [--context_window N] [--prelude_window P]
-                       [--task translation|one_word_present|multi_word_present|is_reversed] [--limit N]
+                       [--report OUT.html] [--num_beams 5] [--max_new_tokens 192] [--min_new_tokens 0]
+                       [--batch_size 16] [--context none|gold|predicted|FILE] [--context_window N]
+                       [--prelude_window P] [--task translation|one_word_present|multi_word_present|is_reversed]
+                       [--limit N]
+    python generate.py --score_only OUT.json [--metrics_out METRICS.json] [--report OUT.html]
+    deepspeed --num_gpus N generate.py ...        # (or torchrun) the clips split across ranks, one output
 
 C is a stage-1 or stage-2 output dir (its latest complete checkpoint) or a checkpoint dir. Everything that
 must match training -- base model, tokenizer, modalities, dims, projector types, frame cap, default context
 windows -- comes from the checkpoint's config.json; a stage-2 checkpoint brings its LoRA adapter.
 
-Context (translation task):
+Context (translation task); the default is `predicted` for a checkpoint trained with a context window and
+`none` otherwise -- what a model meets at test time:
     none       no preceding sentences
-    gold       the reference translations of the preceding clips
+    gold       the reference translations of the preceding clips (only when asked: it flatters the score)
     predicted  the model's own outputs for the preceding clips of the same video. Clips are generated in
                rounds: round k holds the k-th clip of every video, so batches run across videos.
     FILE       the "hypothesis" fields of an earlier output JSON of this script
 Windows default to the checkpoint's (what it was trained with); clips with no features never give context.
 
 OUT.json has the annotation layout, {video: {"clip_order": [...], clip: {"translation", "paraphrases",
-"keywords", "hypothesis"}}} (+ "reference" and "prompt" for the yes/no tasks), holding the generated clips.
-METRICS.json: sacreBLEU corpus BLEU (with its signature), chrF, n; accuracy/precision/recall/F1 of 'yes'
-for the yes/no tasks.
+"keywords", "hypothesis"}}} holding the generated clips; translation adds each clip's "sentence_bleu" and
+"sentence_chrf" (and its "context" sentences when there were any), the yes/no tasks "reference" and "prompt".
+METRICS.json: sacreBLEU corpus BLEU (with its signature), chrF, n, the context mode and windows; accuracy /
+precision / recall / F1 of 'yes' for the yes/no tasks. --report: one self-contained HTML page (no server,
+nothing fetched) with the scores and every clip, worst first, filterable by video and text.
+
+Under a launcher each rank translates whole videos (so predicted context stays on one rank); rank 0 gathers
+and writes one output in clip order.
 
 Inference from Python:
 
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,9 +54,12 @@ from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
 from signllava.errors import CheckpointError, DataError, range_problems, run_command
 from signllava.layout import load_annotation
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
+from signllava.scoring import compute_metrics, format_table, sentence_scores, yes_no_metrics  # noqa: F401 (API)
 
 log = logging.getLogger("signllava")
-YES_NO_TASKS = ("one_word_present", "multi_word_present", "is_reversed")
+# Fits real sentences: How2Sign's longest references run past 60 words (~80-100 Llama-3 tokens). Beam search
+# stops at the end-of-turn token, so a roomy limit only costs on runaway outputs.
+MAX_NEW_TOKENS = 192
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -104,6 +117,8 @@ class Translator:
         # The context policy of training; may be changed for an experiment.
         self.context_window, self.prelude_window = cfg.context_window, cfg.prelude_window
         self.decode_steps = default_decode(device)
+        # Under ZeRO-3 every rank must run every forward: generate() keeps a finished rank stepping until all are.
+        self.synced_ranks = False
 
     @classmethod
     def from_checkpoint(cls, path, device: torch.device | str | None = None) -> "Translator":
@@ -136,7 +151,8 @@ class Translator:
 
     # -- the one generation path
     @torch.inference_mode()
-    def generate_ids(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[list[int]]:
+    def generate_ids(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = MAX_NEW_TOKENS,
+                     min_new_tokens: int = 0) -> list[list[int]]:
         """New token ids (up to, not including, the end-of-turn token) for each sample, in order.
         A sample is a dict like SignDataset's: input_ids, labels, segments, features (one per modality), modalities.
 
@@ -175,7 +191,8 @@ class Translator:
         # and takes the mask over the whole prompt; only new tokens come back.
         with steps:
             out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
-                                          max_new_tokens=max_new_tokens, eos_token_id=self.ids["eot"],
+                                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                                          synced_gpus=self.synced_ranks, eos_token_id=self.ids["eot"],
                                           pad_token_id=self.ids["pad"], use_cache=True, **{key: cache})
         eot = self.ids["eot"]
         return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
@@ -183,8 +200,9 @@ class Translator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def generate_items(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = 64) -> list[str]:
-        return [self.decode(r) for r in self.generate_ids(items, num_beams, max_new_tokens)]
+    def generate_items(self, items: list[dict], num_beams: int = 5, max_new_tokens: int = MAX_NEW_TOKENS,
+                       min_new_tokens: int = 0) -> list[str]:
+        return [self.decode(r) for r in self.generate_ids(items, num_beams, max_new_tokens, min_new_tokens)]
 
     # -- the API
     def make_item(self, features: dict[str, np.ndarray], prompt: str) -> dict:
@@ -220,46 +238,12 @@ class Translator:
         return translation_prompt([context[i] for i in pick if context[i]])
 
     def translate(self, features: dict[str, np.ndarray], context: list[str] | None = None,
-                  num_beams: int = 5, max_new_tokens: int = 64) -> str:
+                  num_beams: int = 5, max_new_tokens: int = MAX_NEW_TOKENS, min_new_tokens: int = 0) -> str:
         item = self.make_item(features, self.context_prompt(context))
-        return self.generate_items([item], num_beams, max_new_tokens)[0]
+        return self.generate_items([item], num_beams, max_new_tokens, min_new_tokens)[0]
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def _answers(text: str) -> list[str]:
-    return [a.strip().strip(".").lower() for a in text.split(",")]
-
-
-def yes_no_metrics(hyps: list[str], refs: list[str]) -> dict:
-    """Over the comma-separated answers, aligned by position; positive class 'yes'. A missing or
-    non-yes prediction counts as 'not yes'."""
-    tp = fp = fn = correct = total = 0
-    for h, r in zip(hyps, refs):
-        hs, rs = _answers(h), _answers(r)
-        for j, ra in enumerate(rs):
-            ha = hs[j] if j < len(hs) else ""
-            total += 1
-            correct += ha == ra
-            tp += ha == "yes" and ra == "yes"
-            fp += ha == "yes" and ra != "yes"
-            fn += ha != "yes" and ra == "yes"
-    prec = tp / (tp + fp) if tp + fp else 0.0
-    rec = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": correct / total if total else 0.0, "precision": prec, "recall": rec,
-            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "answers": total}
-
-
-def compute_metrics(hyps: list[str], refs: list[str], task: str = "translation") -> dict:
-    from sacrebleu.metrics import BLEU, CHRF
-    bleu, chrf = BLEU(), CHRF()
-    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
-    out = {"task": task, "n": len(hyps), "bleu": b.score, "chrf": c.score,
-           "signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
-    if task in YES_NO_TASKS:
-        out.update(yes_no_metrics(hyps, refs))
-    return out
-
-
 def bleurt_score(checkpoint: str, hyps: list[str], refs: list[str]) -> float | None:
     try:
         from bleurt import score as bleurt_lib
@@ -270,20 +254,37 @@ def bleurt_score(checkpoint: str, hyps: list[str], refs: list[str]) -> float | N
     return float(np.mean(scores)) if scores else 0.0
 
 
-def format_table(m: dict) -> str:
-    rows = [("BLEU", m["bleu"], m["signature"]), ("chrF", m["chrf"], m["chrf_signature"])]
-    if "bleurt" in m:
-        rows.append(("BLEURT", m["bleurt"], ""))
-    for k in ("accuracy", "precision", "recall", "f1"):
-        if k in m:
-            rows.append((k, 100 * m[k], "%"))
-    head = f"{m.get('split', '')} · task {m['task']} · {m['n']} clips"
-    if m["task"] == "translation" and "context" in m:
-        head += f" · context {m['context']}"
-    return "\n".join([head] + [f"  {name:<10}{val:7.2f}  {note}".rstrip() for name, val, note in rows])
-
-
 # ------------------------------------------------------------------------------------------- the split
+def context_policy(cfg: SignConfig, mode: str | None, context_window: int | None = None,
+                   prelude_window: int | None = None, task: str = "translation") -> tuple[str, int, int]:
+    """-> (context mode, window, prelude window). Honest by default: a checkpoint trained with a context window
+    gets its own predicted context (gold context does not exist at test time); one trained without gets none,
+    and so do the yes/no tasks, whose prompts carry no context."""
+    trained = (cfg.context_window > 0 or cfg.prelude_window > 0) and task == "translation"
+    mode = mode or ("predicted" if trained else "none")
+    if mode == "none":
+        return mode, 0, 0
+    cw = cfg.context_window if context_window is None else context_window
+    pw = cfg.prelude_window if prelude_window is None else prelude_window
+    return mode, cw, pw
+
+
+def generation_dataset(data_dir, split: str, builder: PromptBuilder, cfg: SignConfig, mode: str, cw: int, pw: int,
+                       task: str = "translation", seed: int = 42):
+    """The split as generation reads it (prompt ids only, one task, the checkpoint's modalities and frame cap):
+    the same clips in the same order for generate.py and for training's evaluation."""
+    from data import DataOptions, SignDataset
+    opts = DataOptions(modalities=list(cfg.modalities), max_frames=cfg.max_frames, frame_cap=cfg.frame_cap,
+                       context_window=cw, prelude_window=pw, task_weights={task: 1.0}, seed=seed)
+    ds = SignDataset(data_dir, split, builder, opts, train=False, expected_dims=cfg.dims)
+    ds.generation, ds.fixed_task = True, task
+    if mode == "predicted":
+        ds.context_texts = {}
+    elif mode not in ("none", "gold"):
+        ds.context_texts = read_hypotheses(Path(mode))
+    return ds
+
+
 def prompt_length(ds, i: int) -> int:
     """Approximate prompt tokens of clip i: its segments and its context sentences (about 4 characters a token)."""
     v, _, pos = ds.items[i]
@@ -292,8 +293,8 @@ def prompt_length(ds, i: int) -> int:
 
 def plan_rounds(ds, indices: list[int], predicted: bool) -> list[list[int]]:
     """One set of everything, or (predicted context) round k = the k-th generated clip of every video."""
-    if not predicted:
-        return [indices]
+    if not predicted or not indices:
+        return [indices] if indices else []
     by_video: dict[str, list[int]] = {}
     for i in indices:
         by_video.setdefault(ds.items[i][0], []).append(i)
@@ -303,14 +304,50 @@ def plan_rounds(ds, indices: list[int], predicted: bool) -> list[list[int]]:
     return [[lst[k] for lst in by_video.values() if len(lst) > k] for k in range(n)]
 
 
+def count_calls(ds, indices: list[int], predicted: bool, batch_size: int) -> int:
+    """How many batches (generate calls) generate_split makes for these clips."""
+    return sum(-(-len(r) // batch_size) for r in plan_rounds(ds, indices, predicted))
+
+
+def share_by_video(ds, indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's clips: whole videos (predicted context stays on one rank), dealt largest first to the rank
+    with the fewest clips so far. Every rank computes the same deal."""
+    if world == 1:
+        return list(indices)
+    by_video: dict[str, list[int]] = {}
+    for i in indices:
+        by_video.setdefault(ds.items[i][0], []).append(i)
+    load, mine = [0] * world, []
+    for lst in sorted(by_video.values(), key=len, reverse=True):
+        r = load.index(min(load))
+        load[r] += len(lst)
+        if r == rank:
+            mine += lst
+    return sorted(mine)
+
+
+def gather_results(results: dict, world: int) -> dict:
+    """Every rank's results, merged (on every rank)."""
+    if world == 1:
+        return results
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, results)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def generate_split(tr: Translator, ds, indices: list[int], *, task: str, predicted: bool, batch_size: int,
-                   num_beams: int, max_new_tokens: int, num_workers: int = 0) -> dict[tuple[str, str], dict]:
-    """(video, clip) -> {"hypothesis", "reference", "prompt"} for every clip that carries `task`."""
+                   num_beams: int, max_new_tokens: int, min_new_tokens: int = 0, num_workers: int = 0,
+                   calls: int | None = None, progress: bool = True) -> dict[tuple[str, str], dict]:
+    """(video, clip) -> {"hypothesis", "reference", "prompt", "context"} for every clip that carries `task`.
+    `calls` (ZeRO-3 with several ranks): make exactly that many generate calls, the ones beyond this rank's
+    own batches on a repeat of clip 0 whose output is dropped, so every rank runs every forward."""
     from tqdm import tqdm
     from data import make_loader
     results: dict[tuple[str, str], dict] = {}
-    skipped = 0
-    bar = tqdm(total=len(indices), desc="generate", dynamic_ncols=True, file=sys.stderr)
+    position = {(v, c): pos for v, c, pos in ds.items}
+    skipped = done = 0
+    dummy = [ds[0]] if calls is not None else []
+    bar = tqdm(total=len(indices), desc="generate", dynamic_ncols=True, file=sys.stderr, disable=not progress)
     for rnd in plan_rounds(ds, indices, predicted):
         # Lengths are read now: in predicted mode the context of this round only exists now.
         order = sorted(rnd, key=lambda i: -prompt_length(ds, i))
@@ -318,12 +355,17 @@ def generate_split(tr: Translator, ds, indices: list[int], *, task: str, predict
         for items in make_loader(ds, batches, _as_list, num_workers, pin_memory=False):
             keep = [it for it in items if it["task"] == task]
             skipped += len(items) - len(keep)
-            for it, hyp in zip(keep, tr.generate_items(keep, num_beams, max_new_tokens)):
+            hyps = tr.generate_items(keep or dummy, num_beams, max_new_tokens, min_new_tokens)
+            done += 1
+            for it, hyp in zip(keep, hyps):
                 key = (it["video"], it["clip"])
-                results[key] = {"hypothesis": hyp, "reference": it["answer"], "prompt": it["prompt"]}
+                results[key] = {"hypothesis": hyp, "reference": it["answer"], "prompt": it["prompt"],
+                                "context": ds.context_for(key[0], position[key])}
                 if predicted:
                     ds.context_texts[key] = hyp
             bar.update(len(items))
+    for _ in range(done, calls or 0):
+        tr.generate_items(dummy, num_beams, max_new_tokens, min_new_tokens)
     bar.close()
     if skipped:
         log.warning("%d clips cannot carry the task %s (no candidate words) and were skipped", skipped, task)
@@ -351,9 +393,22 @@ def build_output(ds, results: dict, task: str) -> dict:
                      "hypothesis": r["hypothesis"]}
             if task != "translation":
                 entry["reference"], entry["prompt"] = r["reference"], r["prompt"]
+            elif r["context"]:
+                entry["context"] = r["context"]
             vd[c] = entry
         out[video] = vd
     return out
+
+
+def score_output(output: dict, task: str) -> dict:
+    """Corpus metrics of an output JSON; for translation, each clip's sentence BLEU and chrF written into it."""
+    entries = [vd[c] for vd in output.values() for c in vd["clip_order"]]
+    hyps = [e["hypothesis"] for e in entries]
+    refs = [e.get("reference", e["translation"]) for e in entries]
+    if task == "translation":
+        for e, h, r in zip(entries, hyps, refs):
+            e.update(sentence_scores(h, r))
+    return compute_metrics(hyps, refs, task)
 
 
 def _write_json(path: str, obj):
@@ -362,78 +417,121 @@ def _write_json(path: str, obj):
     p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def init_ranks(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world, device). Under a launcher (deepspeed / torchrun set WORLD_SIZE > 1) each rank takes its
+    own GPU and a share of the clips; a plain run is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device_arg) if device_arg else default_device()
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank = torch.distributed.get_rank()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return rank, world, device
+
+
 def run(args) -> int:
-    from data import DataOptions, SignDataset
     from model import load_tokenizer
+    rank, world, device = init_ranks(args.device)
     ckpt, cfg = load_config(args.checkpoint)
     tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.chat_template)
     ids = special_ids(tokenizer)
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"], system_prompt=cfg.system_prompt)
-
-    mode = args.context
-    if mode == "none":
-        cw = pw = 0
-    else:
-        cw = cfg.context_window if args.context_window is None else args.context_window
-        pw = cfg.prelude_window if args.prelude_window is None else args.prelude_window
-    opts = DataOptions(modalities=list(cfg.modalities), max_frames=cfg.max_frames, frame_cap=cfg.frame_cap,
-                       context_window=cw, prelude_window=pw, task_weights={args.task: 1.0}, seed=args.seed)
+    mode, cw, pw = context_policy(cfg, args.context, args.context_window, args.prelude_window, args.task)
     # The data is checked against the checkpoint before the (possibly large) model is loaded.
-    ds = SignDataset(args.data_dir, args.split, builder, opts, train=False, expected_dims=cfg.dims)
-    ds.generation, ds.fixed_task = True, args.task
-    predicted = mode == "predicted"
-    if predicted:
-        ds.context_texts = {}
-    elif mode not in ("none", "gold"):
-        ds.context_texts = read_hypotheses(Path(mode))
+    ds = generation_dataset(args.data_dir, args.split, builder, cfg, mode, cw, pw, args.task, args.seed)
     indices = list(range(len(ds)))[:args.limit or None]
     if mode != "none" and args.task == "translation" and cw == 0 and pw == 0:
         log.warning("--context %s has no effect: the context windows are 0 (the checkpoint was trained without "
                     "context; set --context_window/--prelude_window to override)", mode)
 
-    device = torch.device(args.device) if args.device else default_device()
     tr = Translator.load(ckpt, cfg, tokenizer, device)
     tr.decode_steps = args.decode_steps or tr.decode_steps
-    log.info("checkpoint %s (stage %d), %s on %s; %d clips of %s/%s, context %s (window %d, prelude %d)",
+    mine = share_by_video(ds, indices, rank, world)
+    log.info("checkpoint %s (stage %d), %s on %s; %d clips of %s/%s (%d ranks), context %s (window %d, prelude %d)",
              ckpt, cfg.stage, ",".join(cfg.modalities), device, len(indices), Path(args.data_dir).name, args.split,
-             mode, cw, pw)
-    results = generate_split(tr, ds, indices, task=args.task, predicted=predicted, batch_size=args.batch_size,
-                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)
+             world, mode, cw, pw)
+    results = generate_split(tr, ds, mine, task=args.task, predicted=mode == "predicted",
+                             batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                             min_new_tokens=args.min_new_tokens, num_workers=args.num_workers, progress=rank == 0)
+    results = gather_results(results, world)
+    if rank != 0:
+        return 0
     if not results:
         raise DataError(f"{args.data_dir}: no clip of split {args.split!r} could be generated for task {args.task}")
     output = build_output(ds, results, args.task)
+    metrics = score_output(output, args.task)
     _write_json(args.output, output)
-
-    keys = [(v, c) for v, vd in output.items() for c in vd["clip_order"]]
-    hyps = [results[k]["hypothesis"] for k in keys]
-    refs = [results[k]["reference"] for k in keys]
-    metrics = compute_metrics(hyps, refs, args.task)
     if args.bleurt_checkpoint:
-        b = bleurt_score(args.bleurt_checkpoint, hyps, refs)
+        keys = [(v, c) for v, vd in output.items() for c in vd["clip_order"]]
+        b = bleurt_score(args.bleurt_checkpoint, [results[k]["hypothesis"] for k in keys],
+                         [results[k]["reference"] for k in keys])
         if b is not None:
             metrics["bleurt"] = b
     metrics.update({"split": args.split, "checkpoint": str(ckpt), "data_dir": str(args.data_dir),
                     "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
                     "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
-                    "max_new_tokens": args.max_new_tokens})
+                    "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+                    "limit": args.limit, "ranks": world, "decode_steps": tr.decode_steps})
+    finish(args, output, metrics)
+    return 0
+
+
+def finish(args, output: dict, metrics: dict):
+    """Write the metrics JSON and the HTML report when asked; print the table."""
     if args.metrics_out:
         _write_json(args.metrics_out, metrics)
+    if args.report:
+        from signllava.report import write_report
+        write_report(args.report, output, metrics)
     print(format_table(metrics))
+
+
+def score_only(args) -> int:
+    """Re-score an existing output JSON: sentence scores written back into it, corpus metrics printed (and
+    written to --metrics_out, keeping what an earlier metrics file there says about how it was generated)."""
+    path = Path(args.score_only)
+    try:
+        output = json.loads(path.read_text(encoding="utf-8"))
+        if not output or not all(isinstance(vd, dict) and "clip_order" in vd for vd in output.values()):
+            raise ValueError("not an output of generate.py (video -> {clip_order, clips})")
+        for v, vd in output.items():
+            for c in vd["clip_order"]:
+                if not isinstance(vd.get(c), dict) or "hypothesis" not in vd[c]:
+                    raise ValueError(f"video {v} clip {c}: no 'hypothesis'")
+    except (OSError, ValueError) as e:
+        raise DataError(f"--score_only {path}: {e}") from None
+    before = {}
+    if args.metrics_out and Path(args.metrics_out).is_file():
+        before = json.loads(Path(args.metrics_out).read_text(encoding="utf-8"))
+    metrics = {**before, **score_output(output, args.task), "output": str(path)}
+    _write_json(str(path), output)
+    finish(args, output, metrics)
     return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="stage-1/2 output dir or checkpoint dir")
-    p.add_argument("--data_dir", required=True)
+    p.add_argument("--checkpoint", help="stage-1/2 output dir or checkpoint dir")
+    p.add_argument("--data_dir")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
-    p.add_argument("--output", required=True, help="annotation-shaped JSON with a 'hypothesis' per clip")
+    p.add_argument("--output", help="annotation-shaped JSON with a 'hypothesis' per clip (and its sentence scores)")
     p.add_argument("--metrics_out", help="metrics JSON")
+    p.add_argument("--report", metavar="OUT.html", help="a self-contained HTML page of the scores and every clip, "
+                                                        "worst first, filterable by video and text")
+    p.add_argument("--score_only", metavar="OUT.json", help="re-score an existing --output JSON; no generation")
     p.add_argument("--num_beams", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--min_new_tokens", type=int, default=0, help="the original's min_length (0: none)")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--context", default="gold", metavar="none|gold|predicted|FILE",
-                   help="context sentences for the translation task (default: gold; the windows decide how many)")
+    p.add_argument("--context", metavar="none|gold|predicted|FILE",
+                   help="context sentences for the translation task (default: predicted when the checkpoint was "
+                        "trained with a context window, else none; gold only when asked: it does not exist at "
+                        "test time). The windows decide how many")
     p.add_argument("--context_window", type=int, help="preceding sentences (default: the checkpoint's)")
     p.add_argument("--prelude_window", type=int, help="first sentences of the video (default: the checkpoint's)")
     p.add_argument("--task", default="translation", choices=TASKS)
@@ -444,14 +542,24 @@ def main(argv=None) -> int:
     p.add_argument("--decode_steps", choices=DECODE_MODES, help="beam-search steps: graph (CUDA graphs; the default on "
                    "a GPU), static (the same fixed buffers, no graph), eager (the default on a CPU)")
     p.add_argument("--bleurt_checkpoint", metavar="PATH", help="also score BLEURT with this checkpoint (needs the bleurt package)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
     problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"),
-                              non_negative=("context_window", "prelude_window", "limit", "num_workers"))
-    if args.context not in ("none", "gold", "predicted") and not Path(args.context).is_file():
+                              non_negative=("context_window", "prelude_window", "limit", "num_workers",
+                                            "min_new_tokens"))
+    if args.min_new_tokens > args.max_new_tokens:
+        problems.append("--min_new_tokens must not exceed --max_new_tokens")
+    if args.score_only:
+        if not Path(args.score_only).is_file():
+            problems.append(f"--score_only {args.score_only}: no such file")
+    else:
+        problems += [f"--{n} is required (unless --score_only)" for n in ("checkpoint", "data_dir", "output")
+                     if getattr(args, n) is None]
+    if args.context not in (None, "none", "gold", "predicted") and not Path(args.context).is_file():
         problems.append(f"--context {args.context}: not none, gold, predicted or an existing output JSON")
     if problems:
         p.error("; ".join(problems))
-    return run_command(lambda: run(args))
+    return run_command(lambda: score_only(args) if args.score_only else run(args))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ from signllava.errors import CheckpointError, DataError, RunError, range_problem
 from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
 log = logging.getLogger("signllava")
+EVAL_GENERATE_CAP = 500                         # default dev clips translated at each evaluation
+# --metric_for_best -> the metrics.jsonl key it reads; dev loss is better lower, the scores higher.
+BEST_KEYS = {"bleu": "dev_bleu", "chrf": "dev_chrf", "dev_loss": "dev_loss"}
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -124,7 +127,18 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--save_steps", type=int, default=500)
     g.add_argument("--save_total_limit", type=int, default=3, help="complete checkpoints kept (0: all)")
     g.add_argument("--eval_steps", type=int, default=500)
-    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument("--eval_batch_size", type=int, default=16, help="dev batches, for the loss and for translation")
+    g.add_argument("--eval_generate", type=int, default=None, metavar="N",
+                   help="dev clips translated (beam search, as generate.py) and scored with BLEU and chrF at every "
+                        f"evaluation: the first N, as `generate.py --limit N` takes them (default: all when the dev "
+                        f"split has at most {EVAL_GENERATE_CAP}, else the first {EVAL_GENERATE_CAP}; 0: off)")
+    g.add_argument("--eval_num_beams", type=int, default=5, help="beams of the evaluation's translation")
+    g.add_argument("--eval_max_new_tokens", type=int,
+                   help="token limit of the evaluation's translations (default: twice the longest reference of the "
+                        "subset + 8, so an untrained model's runaway outputs stay cheap)")
+    g.add_argument("--metric_for_best", choices=sorted(BEST_KEYS),
+                   help="what picks OUTPUT_DIR/best, the checkpoint rotation never removes (default: bleu when "
+                        "translation is on, else dev_loss)")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest complete checkpoint")
     g.add_argument("--overwrite_output_dir", action="store_true")
@@ -135,11 +149,15 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
 def validate_args(p: argparse.ArgumentParser, args):
     """Every flag problem at once, as argparse's one-line usage error (exit status 2)."""
     problems = range_problems(args, at_least_one=("batch_size", "grad_accum", "eval_batch_size", "save_steps",
-                                                  "eval_steps", "logging_steps", "max_bad_steps"),
+                                                  "eval_steps", "logging_steps", "max_bad_steps", "eval_num_beams",
+                                                  "eval_max_new_tokens"),
                               non_negative=("max_steps", "max_frames", "context_window", "prelude_window",
-                                            "num_workers", "max_tokens_per_batch"))
+                                            "num_workers", "max_tokens_per_batch", "eval_generate"))
     if args.max_steps == 0 and args.epochs <= 0:
         problems.append("give --max_steps N or --epochs E > 0")
+    if args.metric_for_best in ("bleu", "chrf") and args.eval_generate == 0:
+        problems.append(f"--metric_for_best {args.metric_for_best} needs translation at evaluation "
+                        "(--eval_generate is 0)")
     if not 0 <= args.label_smoothing < 1:
         problems.append("--label_smoothing must be in [0, 1)")
     problems += [f"--{n} must be in [0, 1]" for n in ("context_dropout", "context_noise", "warmup_ratio", "min_lr_ratio")
@@ -450,9 +468,33 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
 
 
 @dataclass
+class Best:
+    """The best evaluation so far by `metric` (a --metric_for_best name): its step and score."""
+    metric: str
+    step: int | None = None
+    score: float | None = None
+
+    def improved_by(self, score: float) -> bool:
+        if self.score is None:
+            return True
+        return score < self.score if self.metric == "dev_loss" else score > self.score
+
+
+@dataclass
+class EvalTranslation:
+    """Training's translation of a fixed dev subset: generate.py's Translator on the model being trained,
+    the dev split read as generate.py reads it (same clips, order, prompts, context policy)."""
+    translator: object
+    dataset: object
+    indices: list[int]
+    context: str
+    max_new_tokens: int
+
+
+@dataclass
 class TrainState:
-    """What the phases of `fit` share. `step`, `best_dev_loss` and the skipped-step counts are all that a
-    resume restores beyond DeepSpeed's own state: the data position follows from the step (EpochPlans)."""
+    """What the phases of `fit` share. `step`, `best_dev_loss`, `best` and the skipped-step counts are all
+    that a resume restores beyond DeepSpeed's own state: the data position follows from the step (EpochPlans)."""
     env: RunEnv
     model: SignLLM
     cfg: SignConfig
@@ -467,6 +509,9 @@ class TrainState:
     dev_loss: float | None = None
     skipped_steps: int = 0          # steps whose update was discarded (non-finite loss or gradient norm)
     bad_in_a_row: int = 0
+    best: Best | None = None                    # None: no dev split, nothing to pick by
+    translation: EvalTranslation | None = None
+    dev_postfix: dict | None = None             # the last evaluation, for the progress bar
 
 
 def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
@@ -482,6 +527,7 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
     plans, total, micro_batch = plan(env, data)
     state = TrainState(env, model, cfg, data, plans, total)
     make_engine(state, micro_batch)
+    setup_evaluation(state)
     if resume_from is not None:
         resume(state, resume_from)
     if env.rank == 0:
@@ -492,13 +538,24 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
     if state.writer:
         state.writer.close()
     if env.rank == 0:
-        summary = {"steps": state.step, "skipped_steps": state.skipped_steps, "dev_loss": state.dev_loss,
-                   "best_dev_loss": state.best_dev_loss,
-                   "checkpoint": str(checkpoint.latest_checkpoint(env.out))}
-        (env.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("done: %s", summary)
+        write_summary(state)
     barrier()
     return 0
+
+
+def write_summary(state: TrainState):
+    """(rank 0) train_summary.json (the last and the best evaluation) and the curves picture."""
+    from signllava.curves import draw_curves
+    out, best = state.env.out, state.best
+    summary = {"steps": state.step, "skipped_steps": state.skipped_steps, "dev_loss": state.dev_loss,
+               "best_dev_loss": state.best_dev_loss, "checkpoint": str(checkpoint.latest_checkpoint(out))}
+    if best is not None and best.step is not None:
+        summary["best"] = {"metric": best.metric, "step": best.step, "score": best.score,
+                           "checkpoint": str(out / f"checkpoint-{best.step}")}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("done: %s", summary)
+    if (out / "metrics.jsonl").is_file():
+        log.info("curves: %s", draw_curves(out))
 
 
 def plan(env: RunEnv, data: Data) -> tuple[EpochPlans, int, int | None]:
@@ -570,6 +627,7 @@ def resume(state: TrainState, directory: Path):
         portable_state.restore(state.engine, directory)
     state.step, state.best_dev_loss = saved["step"], saved.get("best_dev_loss")
     state.skipped_steps, state.bad_in_a_row = saved.get("skipped_steps", 0), saved.get("bad_in_a_row", 0)
+    restore_best(state, saved, directory)
     rng_file = directory / f"rng_state_{env.rank % saved['world_size']}.pt"
     set_rng_state(safe_load.load(rng_file))
     log.info("resumed from %s at step %d", directory, state.step)
@@ -611,6 +669,95 @@ def evaluate(state: TrainState) -> float | None:
     return tot / max(cnt, 1.0)
 
 
+def setup_evaluation(state: TrainState):
+    """What picks the best checkpoint and, unless --eval_generate 0, the dev subset translated at evaluation
+    (context as generate.py's default: the model's own predictions when trained with a window, else none)."""
+    env, a = state.env, state.env.args
+    if state.data.dev is None:
+        return
+    n = EVAL_GENERATE_CAP if a.eval_generate is None else a.eval_generate
+    if n > 0:
+        from generate import Translator, context_policy, generation_dataset
+        tr = Translator(state.model, state.data.tokenizer, state.cfg, env.device)
+        tr.synced_ranks = env.zero3 and env.world > 1
+        if env.zero3:       # ZeRO-3 gathers each layer's weights in hooks around its forward: no static buffers
+            tr.decode_steps = "eager"
+        mode, cw, pw = context_policy(state.cfg, None)
+        ds = generation_dataset(env.data_dir, "dev", tr.builder, state.cfg, mode, cw, pw, seed=a.seed)
+        indices = list(range(min(n, len(ds))))
+        longest = max(len(tr.tokenizer(ds.annotation.clips[tuple(ds.items[i][:2])].translation)["input_ids"])
+                      for i in indices)
+        state.translation = EvalTranslation(tr, ds, indices, mode, a.eval_max_new_tokens or 2 * longest + 8)
+        log.info("evaluation translates %d of %d dev clips (%d beams, context %s; generate.py --limit %d "
+                 "--num_beams %d --max_new_tokens %d repeats it)", len(indices), len(ds), a.eval_num_beams, mode,
+                 len(indices), a.eval_num_beams, state.translation.max_new_tokens)
+    state.best = Best(a.metric_for_best or ("bleu" if state.translation else "dev_loss"))
+
+
+def restore_best(state: TrainState, saved: dict, directory: Path):
+    """Best-tracking as it stood at the checkpoint; `O/best` repointed in case the kill came between the
+    checkpoint's commit and the pointer's move."""
+    if state.best is None or saved.get("best_metric") is None:
+        return
+    if saved["best_metric"] != state.best.metric:
+        raise CheckpointError(f"{directory}: its run picks the best checkpoint by {saved['best_metric']}; resume "
+                              f"with --metric_for_best {saved['best_metric']}")
+    state.best = Best(saved["best_metric"], saved["best_step"], saved["best_score"])
+    if state.env.rank == 0 and state.best.step is not None and (state.env.out / f"checkpoint-{state.best.step}").is_dir():
+        checkpoint.point_best(state.env.out, state.best.step)
+
+
+def evaluate_translation(state: TrainState) -> dict | None:
+    """BLEU and chrF of the fixed dev subset, translated by generate.py's batched beam search: each rank its
+    share of the videos, gathered; under ZeRO-3 with several ranks every rank makes the same number of generate
+    calls (padded with dummy ones) and generate() keeps finished ranks stepping. The RNG is put back afterwards,
+    so evaluating never changes the training trajectory."""
+    from generate import count_calls, gather_results, generate_split, share_by_video
+    from signllava.scoring import compute_metrics
+    t, env, a = state.translation, state.env, state.env.args
+    if t is None:
+        return None
+    predicted = t.context == "predicted"
+    if predicted:
+        t.dataset.context_texts = {}             # context from this evaluation's own outputs only
+    mine = share_by_video(t.dataset, t.indices, env.rank, env.world)
+    calls = None
+    if t.translator.synced_ranks:
+        n = torch.tensor([count_calls(t.dataset, mine, predicted, a.eval_batch_size)], device=env.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        calls = int(n.item())
+    saved_rng = rng_state()
+    state.engine.eval()
+    results = generate_split(t.translator, t.dataset, mine, task="translation", predicted=predicted,
+                             batch_size=a.eval_batch_size, num_beams=a.eval_num_beams,
+                             max_new_tokens=t.max_new_tokens, num_workers=a.num_workers, calls=calls,
+                             progress=False)
+    state.engine.train()
+    set_rng_state(saved_rng)
+    results = gather_results(results, env.world)
+    keys = [k for k in (tuple(t.dataset.items[i][:2]) for i in t.indices) if k in results]
+    m = compute_metrics([results[k]["hypothesis"] for k in keys], [results[k]["reference"] for k in keys])
+    return {"dev_bleu": m["bleu"], "dev_chrf": m["chrf"]}
+
+
+def run_evaluation(state: TrainState) -> bool:
+    """Dev loss and (if on) translation scores, logged; True when they make this step the new best."""
+    state.dev_loss = evaluate(state)
+    if state.dev_loss is None:
+        return False
+    best = state.best_dev_loss
+    state.best_dev_loss = state.dev_loss if best is None else min(best, state.dev_loss)
+    row = {"step": state.step, "dev_loss": state.dev_loss, **(evaluate_translation(state) or {})}
+    log.info("step %d: %s", state.step, ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items() if k != "step"))
+    record(state, row)
+    state.dev_postfix = {k: f"{v:.4f}" if k == "dev_loss" else f"{v:.2f}" for k, v in row.items() if k != "step"}
+    score = row[BEST_KEYS[state.best.metric]]
+    if not state.best.improved_by(score):
+        return False
+    state.best = Best(state.best.metric, state.step, score)
+    return True
+
+
 def save_checkpoint(state: TrainState):
     """A complete checkpoint or none. A save that the file system refuses (full disk, permissions) stops the
     run with one line and its `.tmp` removed; the previous checkpoint and `latest` stay as they were."""
@@ -631,7 +778,7 @@ def save_checkpoint(state: TrainState):
 
 def write_checkpoint(state: TrainState):
     """Written into `checkpoint-N.tmp`, renamed when every rank is done."""
-    env, a, step = state.env, state.env.args, state.step
+    env, a, step, best = state.env, state.env.args, state.step, state.best
     tmp = checkpoint.begin(env.out, step) if env.rank == 0 else env.out / f"checkpoint-{step}.tmp"
     barrier()
     state.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
@@ -647,11 +794,12 @@ def write_checkpoint(state: TrainState):
             "batch_size": a.batch_size, "max_tokens_per_batch": a.max_tokens_per_batch, "packing": a.packing,
             "seed": a.seed, "zero_stage": env.zero_stage, "dev_loss": state.dev_loss,
             "best_dev_loss": state.best_dev_loss, "total_steps": state.total, "skipped_steps": state.skipped_steps,
-            "bad_in_a_row": state.bad_in_a_row})
+            "bad_in_a_row": state.bad_in_a_row,
+            **({"best_metric": best.metric, "best_step": best.step, "best_score": best.score} if best else {})})
     barrier()
     checkpoint.fault_point("mid_save", step)
     if env.rank == 0:
-        log.info("saved %s", checkpoint.commit(tmp, step, a.save_total_limit))
+        log.info("saved %s", checkpoint.commit(tmp, step, a.save_total_limit, best.step if best else None))
     barrier()
     checkpoint.fault_point("after_save", step)
 
@@ -753,24 +901,23 @@ def train(state: TrainState):
 
 
 def after_step(state: TrainState, meter: Throughput, bar):
-    """Log, evaluate and save when their step has come (always at the last step)."""
+    """Log, evaluate and save when their step has come (always at the last step; a new best always saved)."""
     a, step, last = state.env.args, state.step, state.step == state.total
     if step % a.logging_steps == 0 or last:
         lrs = state.scheduler.get_last_lr()
         row = meter.row(step, lrs[0])
         if lrs[-1] != lrs[0]:                    # --projector_lr: the projectors' group comes last
             row["projector_lr"] = lrs[-1]
-        bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", lr=f"{row['lr']:.2e}")
+        bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", lr=f"{row['lr']:.2e}", **(state.dev_postfix or {}))
         if state.env.device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(state.env.device) / 2**30
         record(state, row)
         meter.reset()
+    new_best = False
     if step % a.eval_steps == 0 or last:
-        state.dev_loss = evaluate(state)
-        if state.dev_loss is not None:
-            best = state.best_dev_loss
-            state.best_dev_loss = state.dev_loss if best is None else min(best, state.dev_loss)
-            log.info("step %d: dev loss %.4f", step, state.dev_loss)
-            record(state, {"step": step, "dev_loss": state.dev_loss})
-    if step % a.save_steps == 0 or last:
+        new_best = run_evaluation(state)
+        if state.dev_postfix:
+            bar.set_postfix(**state.dev_postfix)
+    # A new best is saved even off --save_steps: `O/best` must name a checkpoint that exists.
+    if step % a.save_steps == 0 or last or new_best:
         save_checkpoint(state)

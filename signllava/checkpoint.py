@@ -3,6 +3,8 @@
     O/checkpoint-<step>.tmp/   being written (ignored by everything)
     O/checkpoint-<step>/       complete: renamed from .tmp only after every file is written and synced
     O/latest                   the name of the newest complete checkpoint, replaced atomically
+    O/best                     the name of the best one so far (training's --metric_for_best), likewise;
+                               rotation never removes it
 
 A kill at any moment leaves either the old `latest` pointing at an intact checkpoint, or the new one.
 Deletion of old checkpoints renames first (`.deleting`) so a half-deleted one never looks complete.
@@ -23,6 +25,7 @@ CONFIG_NAME = "config.json"                    # SignConfig: how to rebuild the 
 PROJECTORS_NAME = "projectors.safetensors"     # projectors + marker rows
 ADAPTER_DIR = "adapter"                        # stage 2: the LoRA adapter in PEFT's format
 STATE_NAME = "trainer_state.json"
+POINTERS = ("latest", "best")                  # files in O naming a checkpoint directory
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -37,23 +40,39 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: int(_CKPT_RE.match(d.name).group(1)))
 
 
+def pointed(pointer: Path) -> Path | None:
+    """The complete checkpoint a pointer file (O/latest, O/best) names, else None."""
+    if not pointer.is_file():
+        return None
+    cand = pointer.parent / pointer.read_text().strip()
+    return cand if is_complete(cand) else None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """What `O/latest` names if that is complete; else the newest complete checkpoint."""
     out_dir = Path(out_dir)
-    pointer = out_dir / "latest"
-    if pointer.is_file():
-        cand = out_dir / pointer.read_text().strip()
-        if is_complete(cand):
-            return cand
+    found = pointed(out_dir / "latest")
+    if found is not None:
+        return found
     done = complete_checkpoints(out_dir)
     return done[-1] if done else None
 
 
+def best_checkpoint(out_dir: Path) -> Path | None:
+    return pointed(Path(out_dir) / "best")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir as given, or the latest complete checkpoint of an output dir."""
+    """A checkpoint dir as given, the checkpoint a pointer file (O/latest, O/best) names, or the latest
+    complete checkpoint of an output dir."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or output directory")
+    if p.is_file() and p.name in POINTERS:
+        found = pointed(p)
+        if found is None:
+            raise CheckpointError(f"{p}: names {p.read_text().strip()!r}, which is not a complete checkpoint")
+        return found
     if p.is_dir() and (p / CONFIG_NAME).is_file() and (p / PROJECTORS_NAME).is_file():
         if p.name.endswith((".tmp", ".deleting")):
             raise CheckpointError(f"{p}: incomplete checkpoint (its save was interrupted)")
@@ -94,19 +113,28 @@ def begin(out_dir: Path, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, step: int, keep: int) -> Path:
-    """(rank 0) Sync, rename into place, repoint `latest`, drop old checkpoints beyond `keep`."""
+def commit(tmp: Path, step: int, keep: int, best_step: int | None = None) -> Path:
+    """(rank 0) Sync, rename into place, repoint `latest` (and `best` when this step is the best), drop old
+    checkpoints beyond the newest `keep` -- never the best one. Pointers move before anything is removed, so a
+    kill at any moment leaves both naming complete checkpoints."""
     _fsync_tree(tmp)
     final = tmp.with_name(f"checkpoint-{step}")
     if final.exists():                       # re-saving a step after a resume: replace it
         _remove(final)
     os.replace(tmp, final)
     write_atomic(final.parent / "latest", final.name + "\n")
+    if best_step == step:
+        point_best(final.parent, step)
     if keep > 0:
         for old in complete_checkpoints(final.parent)[:-keep]:
-            if old != final:
+            if old != final and old.name != f"checkpoint-{best_step}":
                 _remove(old)
     return final
+
+
+def point_best(out_dir: Path, step: int):
+    """(rank 0) `O/best` := checkpoint-<step>, atomically."""
+    write_atomic(Path(out_dir) / "best", f"checkpoint-{step}\n")
 
 
 def _remove(d: Path):

@@ -266,8 +266,14 @@ def test_output_json_and_metrics(env, tmp_path):
     for v, vd in out.items():
         assert set(vd) == {"clip_order", *vd["clip_order"]}
         for c in vd["clip_order"]:
-            assert set(vd[c]) == {"translation", "paraphrases", "keywords", "hypothesis"}
+            # each clip's sentence scores; the gold context it was given (none for a video's first clip)
+            context = {"context"} if c not in ("vA_0", "vB_0") else set()
+            assert set(vd[c]) == {"translation", "paraphrases", "keywords", "hypothesis", "sentence_bleu",
+                                  "sentence_chrf", *context}
             assert vd[c]["translation"] == clips[c] and isinstance(vd[c]["hypothesis"], str)
+            h, r = vd[c]["hypothesis"], vd[c]["translation"]
+            assert vd[c]["sentence_bleu"] == pytest.approx(sacrebleu.sentence_bleu(h, [r]).score)
+            assert vd[c]["sentence_chrf"] == pytest.approx(sacrebleu.sentence_chrf(h, [r]).score)
     hyps = [out[v][c]["hypothesis"] for v in out for c in out[v]["clip_order"]]
     refs = [out[v][c]["translation"] for v in out for c in out[v]["clip_order"]]
     assert met["n"] == 6 and met["task"] == "translation"
@@ -370,6 +376,92 @@ def test_predicted_context_in_clip_order(env, tmp_path, monkeypatch):
                       name="file")
     assert {(v, c): p for call in calls for v, c, p in call} == prompts
     assert {(v, c): out2[v][c]["hypothesis"] for v in out2 for c in out2[v]["clip_order"]} == hyp
+
+
+def test_default_context_and_score_only(env, tmp_path):
+    """A checkpoint trained with a context window gets its own predicted context unless gold is asked for;
+    --score_only re-scores an edited output without generating, keeping how it was made."""
+    import sacrebleu
+    out, met = run_cli(env, tmp_path, "--num_beams", 1, "--max_new_tokens", 6, name="dflt")
+    assert met["context"] == "predicted" and (met["context_window"], met["prelude_window"]) == (1, 1)
+    out["vA"]["vA_1"]["hypothesis"] = out["vA"]["vA_1"]["translation"]          # one clip made perfect
+    path, met_path = tmp_path / "dflt.json", tmp_path / "dflt.metrics.json"
+    path.write_text(json.dumps(out))
+    assert generate.main(["--score_only", str(path), "--metrics_out", str(met_path)]) == 0
+    rescored, met2 = json.loads(path.read_text()), json.loads(met_path.read_text())
+    assert rescored["vA"]["vA_1"]["sentence_bleu"] == pytest.approx(100.0)
+    hyps = [rescored[v][c]["hypothesis"] for v in rescored for c in rescored[v]["clip_order"]]
+    refs = [rescored[v][c]["translation"] for v in rescored for c in rescored[v]["clip_order"]]
+    assert met2["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score) and met2["bleu"] != met["bleu"]
+    assert met2["context"] == "predicted" and met2["n"] == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"vA": {"clip_order": ["vA_0"], "vA_0": {"translation": "x"}}}))
+    assert generate.main(["--score_only", str(bad)]) == 2                      # one line, exit status 2
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp: Path, url: str, *flags: str) -> str:
+    """Open `url` in headless Chromium (fresh profile) -> stdout (the DOM after scripts ran, with --dump-dom)."""
+    import shutil
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the report's browser check is skipped")
+    profile = tmp / f"profile{len(list(tmp.glob('profile*')))}"
+    res = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def visible_rows(dom: str) -> list[str]:
+    """Clip names of the report's rows that are not hidden."""
+    import re
+    rows = re.findall(r"<tr ([^>]*data-video=[^>]*)>(.*?)</tr>", dom, re.S)
+    return [re.findall(r"<td>([^<]*)</td>", cells)[1] for attrs, cells in rows if "hidden" not in attrs]
+
+
+def test_report_in_a_real_browser(env, tmp_path):
+    """The HTML report as a person sees it: every clip there, worst first, the filters really filter."""
+    report = tmp_path / "report.html"
+    out, met = run_cli(env, tmp_path, "--context", "gold", "--num_beams", 2, "--max_new_tokens", 6,
+                       "--report", report, name="rep")
+    clips = [c for v in out for c in out[v]["clip_order"]]
+    dom = chromium(tmp_path, report.as_uri(), "--dump-dom")
+    shown = visible_rows(dom)
+    assert sorted(shown) == sorted(clips) and f"showing {len(clips)} of {len(clips)} clips" in dom
+    scores = [out[c.split("_")[0]][c]["sentence_bleu"] for c in shown]
+    assert scores == sorted(scores)                                               # worst first
+    assert f"{met['bleu']:.2f}" in dom and met["signature"] in dom and ">gold (window 1, prelude 1)<" in dom
+    assert "http://" not in dom.replace("http://www.w3.org", "") and "https://" not in dom   # nothing fetched
+    # by video, by text (the filter state is in the address, as a person's bookmark would keep it)
+    assert sorted(visible_rows(chromium(tmp_path, report.as_uri() + "#video=vB", "--dump-dom"))) == ["vB_0", "vB_1", "vB_2"]
+    word = out["vA"]["vA_1"]["translation"].split()[0]
+    hits = [c for v in out for c in out[v]["clip_order"]
+            if word.lower() in " ".join([c, out[v][c]["translation"], out[v][c]["hypothesis"],
+                                         *out[v][c].get("context", [])]).lower()]
+    assert sorted(visible_rows(chromium(tmp_path, report.as_uri() + f"#q={word}", "--dump-dom"))) == sorted(hits)
+    assert 0 < len(hits) < len(clips)
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, report.as_uri(), f"--screenshot={shot}", "--window-size=1200,800")
+    from PIL import Image
+    img = Image.open(shot).convert("L")
+    assert img.size == (1200, 800) and len(set(img.getdata())) > 10              # a page was drawn, not a blank
+
+
+def test_two_ranks_write_one_output_in_clip_order(env, tmp_path):
+    """deepspeed --num_gpus 2 generate.py: each rank its videos, one output equal to the one-rank output."""
+    from tests.kit import run_script
+    common = ["--checkpoint", env["ckpt"], "--data_dir", env["data"], "--num_beams", 2, "--max_new_tokens", 6,
+              "--batch_size", 1, "--num_workers", 0, "--device", "cpu"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert generate.main([*map(str, common), "--output", str(one)]) == 0
+    run_script("generate.py", *common, "--output", two, "--metrics_out", tmp_path / "two.metrics.json",
+               launcher=True, ranks=2)
+    assert two.read_text() == one.read_text()
+    assert json.loads((tmp_path / "two.metrics.json").read_text())["ranks"] == 2
 
 
 def test_stage2_adapter_is_loaded(env, tmp_path):
