@@ -55,7 +55,14 @@ BEST_KEYS = {"bleu": "dev_bleu", "chrf": "dev_chrf", "dev_loss": "dev_loss"}
 
 # ------------------------------------------------------------------------------------------- flags
 def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool = True, output_help: str | None = None):
-    g = p.add_argument_group("data")
+    """The flags both stages share, in four groups; `lr` is the stage's default learning rate."""
+    add_data_args(p.add_argument_group("data"))
+    add_model_args(p.add_argument_group("model"))
+    add_optimisation_args(p.add_argument_group("optimisation"), lr)
+    add_run_args(p.add_argument_group("run"), output_required, output_help)
+
+
+def add_data_args(g):
     g.add_argument("--data_dir", help="dataset in the Sign LLaVA layout (default: the built-in demo language, "
                                       "written to OUTPUT_DIR/demo_data)")
     g.add_argument("--modalities", help="comma-separated subset of the modality folders (default: all)")
@@ -79,7 +86,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
                         "without trusting it blindly, as it must with its own predictions at test time")
     g.add_argument("--max_num_words", type=int, default=5, help="most words asked in multi_word_present")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (each opens its own h5 handles)")
-    g = p.add_argument_group("model")
+
+
+def add_model_args(g):
     g.add_argument("--model", help="HF id or local path of a chat LLM (default: the embedded tiny Llama)")
     g.add_argument("--chat_template", metavar="builtin|FILE",
                    help="the prompt's chat template: 'builtin' (plain 'Role: text' lines, each closed by the "
@@ -92,7 +101,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
                    help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
                         "row, no padding, attention within each sample: the varlen flash kernel on GPU)")
     g.add_argument("--label_smoothing", type=float, default=0.0)
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_args(g, lr: float):
     g.add_argument("--learning_rate", "--lr", type=float, default=lr)
     g.add_argument("--weight_decay", type=float, default=0.1,
                    help="AdamW decay of weight matrices (biases, norms and marker rows never decay); 0.1 as in the "
@@ -121,7 +132,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
     g.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches (default groups similar lengths to cut padding)")
     g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("run")
+
+
+def add_run_args(g, output_required: bool, output_help: str | None):
     g.add_argument("--output_dir", required=output_required, help=output_help)
     g.add_argument("--deepspeed_config", default=str(Path(__file__).with_name("ds_config_zero2.json")))
     g.add_argument("--save_steps", type=int, default=500)
@@ -162,10 +175,9 @@ def validate_args(p: argparse.ArgumentParser, args):
         problems.append("--label_smoothing must be in [0, 1)")
     problems += [f"--{n} must be in [0, 1]" for n in ("context_dropout", "context_noise", "warmup_ratio", "min_lr_ratio")
                  if not 0 <= getattr(args, n) <= 1]
-    problems += [f"--{n} must be > 0" for n in ("learning_rate", "projector_lr")
-                 if getattr(args, n, None) is not None and getattr(args, n) <= 0]
-    if args.weight_decay < 0:
-        problems.append("--weight_decay must be >= 0")
+    # A rate of 0 is allowed: a run that only loads, evaluates and saves (tests use it to check loading).
+    problems += [f"--{n} must be >= 0" for n in ("learning_rate", "projector_lr", "weight_decay")
+                 if getattr(args, n, None) is not None and getattr(args, n) < 0]
     if args.data_dir and not Path(args.data_dir).is_dir():
         problems.append(f"--data_dir {args.data_dir}: no such directory")
     if args.chat_template not in (None, "builtin") and not Path(args.chat_template).is_file():
