@@ -44,11 +44,47 @@ def parse_task_weights(text: str | None) -> dict[str, float]:
     return out
 
 
+def parse_max_frames(text: str | int | None) -> dict[str, int]:
+    """'300' (every modality) or 'mae=300,sign2vec=150' (others uncapped) -> {modality or '*': cap}; 0 is no cap."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, int):
+        return {"*": text} if text else {}
+    out = {}
+    for part in str(text).split(","):
+        name, eq, val = part.rpartition("=")
+        key = name.strip() if eq else "*"
+        try:
+            n = int(val)
+        except ValueError:
+            raise ValueError(f"--max_frames: {val.strip()!r} is not a whole number (give 300 or mae=300,sign2vec=150)") from None
+        if n < 0:
+            raise ValueError(f"--max_frames: {part.strip()!r} is negative")
+        out[key] = n
+    return out
+
+
+def frame_limits(spec: dict | int | None, modalities: list[str]) -> dict[str, int]:
+    """Each modality's cap (0: none) from a parsed --max_frames or a config's saved value (an int in
+    checkpoints written before per-modality caps)."""
+    spec = parse_max_frames(spec) if not isinstance(spec, dict) else spec
+    unknown = sorted(set(spec) - set(modalities) - {"*"})
+    if unknown:
+        raise DataError(f"--max_frames names modalities not in the data: {', '.join(unknown)} "
+                        f"(modalities: {', '.join(modalities)})")
+    return {m: int(spec.get(m, spec.get("*", 0))) for m in modalities}
+
+
 @dataclass
 class DataOptions:
     modalities: list[str] | None = None          # None: every modality folder present
-    max_frames: int = 0                          # 0: no cap
-    frame_cap: str = "stride"                    # stride (uniform subsample) | truncate
+    max_frames: dict | int = field(default_factory=dict)   # per modality ('*': all); 0 / missing: no cap
+    frame_cap: str = "stride"                    # stride (uniform subsample) | truncate | pool (window means)
+    missing_modality: str = "drop"               # a clip without one modality: drop it | absent (learned row)
+    modality_dropout: float = 0.0                # training: each present modality -> absent with this chance
+    absent_modalities: tuple = ()                # trained modalities never read (generation from a subset)
+    max_seq_len: int = 0                         # 0: no guard; else frames capped (or clips skipped) to fit
+    long_samples: str = "cap"                    # cap | skip, for clips longer than max_seq_len
     context_window: int = 0
     prelude_window: int = 0
     use_paraphrases: bool = False
@@ -60,12 +96,23 @@ class DataOptions:
 
 
 def cap_frames(arr: np.ndarray, max_frames: int, mode: str) -> np.ndarray:
+    """At most max_frames frames: the first ones (truncate), evenly spaced ones (stride), or the means of
+    max_frames consecutive windows of near-equal size (pool: every frame counts, none is dropped)."""
     if max_frames <= 0 or len(arr) <= max_frames:
         return arr
     if mode == "truncate":
         return arr[:max_frames]
+    if mode == "pool":
+        starts = np.linspace(0, len(arr), max_frames + 1).astype(np.int64)
+        sums = np.add.reduceat(arr.astype(np.float32), starts[:-1], axis=0)
+        return (sums / np.diff(starts)[:, None]).astype(arr.dtype)
     idx = np.linspace(0, len(arr) - 1, max_frames).round().astype(np.int64)
     return arr[idx]
+
+
+def segment_sizes(feats: list[np.ndarray], modalities: list[str], absent) -> list[int]:
+    """Positions between each segment's markers: its frames, or the one absent row."""
+    return [1 if m in absent else len(f) for m, f in zip(modalities, feats)]
 
 
 def capped_len(t: int, max_frames: int) -> int:
@@ -93,48 +140,36 @@ class SignDataset(torch.utils.data.Dataset):
 
         found = discover_modalities(self.data_dir, split)
         wanted = opts.modalities or (list(expected_dims) if expected_dims else list(found))
-        missing = [m for m in wanted if m not in found]
+        self.modalities = sorted(wanted, key=modality_rank)        # the splice order, absent ones included
+        self.read_modalities = [m for m in self.modalities if m not in opts.absent_modalities]
+        missing = [m for m in self.read_modalities if m not in found]
         if missing:
             raise DataError(f"{self.data_dir}: no metadata for split {split!r} in modality folder(s) {', '.join(missing)}"
                             f" (found: {', '.join(found) or 'none'})")
-        self.modalities = sorted(wanted, key=modality_rank)
-        self.stores = {m: FeatureStore(m, found[m]) for m in self.modalities}
+        if not self.read_modalities:
+            raise DataError(f"{self.data_dir}: every modality ({', '.join(self.modalities)}) is marked absent")
+        self.stores = {m: FeatureStore(m, found[m]) for m in self.read_modalities}
         for s in self.stores.values():
             s.check_files_present()
 
-        # Index: every annotated clip, minus those missing from a selected modality (counted, logged). Frame
-        # counts live in one int32 array [clip, modality] (-1: the modality lacks the clip), not in dicts.
+        # Frame counts live in one int32 array [clip, modality] (ABSENT: no features), not in dicts; modalities
+        # never read (generation from a subset) are ABSENT throughout.
         items = [(v, c, pos) for v, order in self.annotation.videos.items() for pos, c in enumerate(order)]
         keys = clip_keys((v, c) for v, c, _ in items)
-        frames = np.zeros((len(items), len(self.modalities)), np.int32)
+        frames = np.full((len(items), len(self.modalities)), ABSENT, np.int32)
         for k, m in enumerate(self.modalities):
-            frames[:, k] = self.stores[m].index().lookup(keys)
+            if m in self.stores:
+                frames[:, k] = self.stores[m].index().lookup(keys)
         del keys
-        absent = frames == ABSENT
-        for m, n in zip(self.modalities, absent.sum(axis=0).tolist()):
-            if n:
-                log.warning("%s/%s: %d of %d clips have no %s features and are left out", self.data_dir.name, split, n, len(items), m)
-        keep = np.flatnonzero(~absent.any(axis=1))
-        if not len(keep):
-            raise DataError(f"{self.data_dir}: split {split!r} has no clip with features in all of {', '.join(self.modalities)}")
+        keep = self._keep(items, frames)
         self.items = [items[i] for i in keep.tolist()]
         self.frames = np.ascontiguousarray(frames[keep])          # [len(self), modalities] int32
+        del items, frames
+        self.dims = self._read_dims(expected_dims)
+        self.limits = frame_limits(opts.max_frames, self.modalities)
+        self.too_long = self._apply_length_guard()
         self._text_len = np.fromiter((len(self.annotation.clips[(v, c)].translation) for v, c, _ in self.items),
                                      dtype=np.int32, count=len(self.items))
-        del items, frames, absent
-
-        # Dims are read from the data (first clip), then every read is checked against them.
-        v0, c0, _ = self.items[0]
-        self.dims = {m: self.stores[m].dim(v0, c0) for m in self.modalities}
-        if expected_dims:
-            bad = [f"{m}: data {self.dims[m]} vs checkpoint {expected_dims[m]}" for m in self.modalities
-                   if m in expected_dims and expected_dims[m] != self.dims[m]]
-            unknown = [m for m in self.modalities if m not in expected_dims]
-            if unknown:
-                raise DataError(f"{self.data_dir}: modality {', '.join(unknown)} was not trained by the checkpoint "
-                                f"(it knows {', '.join(expected_dims)})")
-            if bad:
-                raise DataError(f"{self.stores[self.modalities[0]].metadata.parent.parent}: feature dims differ from the checkpoint ({'; '.join(bad)})")
         self.vocabulary = sorted({k.lower() for ct in self.annotation.clips.values() for k in ct.keywords})
         names = list(opts.task_weights)
         w = np.asarray([opts.task_weights[t] for t in names], dtype=np.float64)
@@ -143,6 +178,61 @@ class SignDataset(torch.utils.data.Dataset):
         self.generation = False                  # True: prompt ids only (answer kept in meta as the reference)
         self._context_pool: list[str] | None = None      # sentences that --context_noise draws from
         self.close()                             # reading the dims opened shards: leave nothing open to fork
+
+    def _keep(self, items: list, frames: np.ndarray) -> np.ndarray:
+        """Rows to keep: all but (drop) those missing from a read modality, or (absent) all, the missing
+        modalities' segments left to their learned absent rows; either way counted per modality."""
+        cols = [k for k, m in enumerate(self.modalities) if m in self.stores]
+        lacking = frames[:, cols] == ABSENT
+        absent_mode = self.opts.missing_modality == "absent"
+        fate = "given the learned absent segment" if absent_mode else "left out"
+        for k, n in zip(cols, lacking.sum(axis=0).tolist()):
+            if n:
+                log.warning("%s/%s: %d of %d clips have no %s features and are %s", self.data_dir.name, self.split, n,
+                            len(items), self.modalities[k], fate)
+        if absent_mode:
+            empty = np.flatnonzero(lacking.all(axis=1))
+            if len(empty):
+                v, c, _ = items[int(empty[0])]
+                raise DataError(f"{self.data_dir}/{self.split}: video {v!r} clip {c!r} has features in none of "
+                                f"{', '.join(self.read_modalities)}")
+            return np.arange(len(items))
+        keep = np.flatnonzero(~lacking.any(axis=1))
+        if not len(keep):
+            raise DataError(f"{self.data_dir}: split {self.split!r} has no clip with features in all of "
+                            f"{', '.join(self.read_modalities)}")
+        return keep
+
+    def _read_dims(self, expected_dims: dict[str, int] | None) -> dict[str, int]:
+        """Dims read from the data (each modality's first clip that has it), then every read is checked against
+        them; modalities that are never read take the checkpoint's."""
+        dims = {}
+        for k, m in enumerate(self.modalities):
+            if m in self.stores:
+                v, c, _ = self.items[int(np.flatnonzero(self.frames[:, k] != ABSENT)[0])]
+                dims[m] = self.stores[m].dim(v, c)
+        never_read = [m for m in self.modalities if m not in dims]
+        if never_read and not expected_dims:
+            raise DataError(f"modality {', '.join(never_read)} is marked absent but no checkpoint gives its feature dim")
+        if expected_dims:
+            unknown = [m for m in self.modalities if m not in expected_dims]
+            if unknown:
+                raise DataError(f"{self.data_dir}: modality {', '.join(unknown)} was not trained by the checkpoint "
+                                f"(it knows {', '.join(expected_dims)})")
+            bad = [f"{m}: data {dims[m]} vs checkpoint {expected_dims[m]}" for m in dims if expected_dims[m] != dims[m]]
+            if bad:
+                raise DataError(f"{self.stores[self.read_modalities[0]].metadata.parent.parent}: feature dims differ "
+                                f"from the checkpoint ({'; '.join(bad)})")
+            dims.update({m: expected_dims[m] for m in never_read})
+        return {m: dims[m] for m in self.modalities}
+
+    def absent_in(self, i: int) -> list[str]:
+        """Modalities of the splice order clip i has no features for (absent segments)."""
+        return [m for m, t in zip(self.modalities, self.frames[i].tolist()) if t == ABSENT]
+
+    def segment_lengths(self, i: int) -> list[int]:
+        """Positions between each segment's markers after --max_frames: frames, or 1 for an absent row."""
+        return [1 if t == ABSENT else capped_len(t, self.limits[m]) for m, t in zip(self.modalities, self.frames[i].tolist())]
 
     def close(self):
         """Close this process's h5 handles (the next read reopens lazily). make_loader calls it before workers fork."""
@@ -153,8 +243,9 @@ class SignDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def frame_tokens(self, i: int) -> int:
-        """Positions of the clip's modality segments: frames after --max_frames plus two markers each."""
-        return sum(capped_len(int(t), self.opts.max_frames) + 2 for t in self.frames[i])
+        """Positions of the clip's modality segments: frames after --max_frames (one for an absent segment)
+        plus two markers each."""
+        return sum(n + 2 for n in self.segment_lengths(i))
 
     def length(self, i: int) -> int:
         """Approximate token count, for length-grouped batching (no tokenisation needed)."""
@@ -177,9 +268,75 @@ class SignDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([o.seed, epoch, i, 1])
         return imperfect_context(context, rng, o.context_dropout, o.context_noise, self._context_pool)
 
-    def read_features(self, video: str, clip: str) -> list[np.ndarray]:
-        return [cap_frames(self.stores[m].read(video, clip, self.dims[m]), self.opts.max_frames, self.opts.frame_cap)
+    def read_features(self, video: str, clip: str, absent: list[str] = ()) -> list[np.ndarray]:
+        """One array per modality of the splice order; an absent one is empty ([0, D])."""
+        return [np.zeros((0, self.dims[m]), np.float32) if m in absent else
+                cap_frames(self.stores[m].read(video, clip, self.dims[m]), self.limits[m], self.opts.frame_cap)
                 for m in self.modalities]
+
+    def dropped_modalities(self, i: int, epoch: int, absent: list[str]) -> list[str]:
+        """--modality_dropout: present modalities this training sample replaces by their absent rows, never all.
+        Drawn from its own generator keyed on (seed, epoch, index), so resume is exact and the other draws
+        of the sample are the same with or without dropout."""
+        present = [m for m in self.modalities if m not in absent]
+        p = self.opts.modality_dropout
+        if not self.train or p <= 0 or len(present) < 2:
+            return []
+        rng = np.random.default_rng([self.opts.seed, epoch, i, 2])     # 1: --context_noise's stream
+        drop = rng.random(len(present)) < p
+        if drop.all():
+            drop[int(rng.integers(len(present)))] = False
+        return [m for m, d in zip(present, drop) if d]
+
+    # -- the --max_seq_len guard
+    def _apply_length_guard(self) -> int:
+        """Clips whose translation sample (longest target, full context) exceeds --max_seq_len: skipped
+        (long_samples=skip) or counted and capped when loaded. Exact token counts only for clips whose cheap
+        upper bound (a byte-level token holds at least one byte) is over the limit."""
+        limit = self.opts.max_seq_len
+        if limit <= 0:
+            return 0
+        base = len(self.builder.build([0] * len(self.modalities), "", None)[0]) + 16   # template + answer's own tokens
+        over = []
+        for i, (v, c, pos) in enumerate(self.items):
+            text = self.annotation.clips[(v, c)]
+            prompt = translation_prompt(self.context_for(v, pos))
+            answers = [text.translation] + (text.paraphrases if self.train and self.opts.use_paraphrases else [])
+            answer = max(answers, key=lambda t: len(t.encode()))
+            if self.frame_tokens(i) + base + len(prompt.encode()) + len(answer.encode()) <= limit:
+                continue
+            if len(self.builder.build(self.segment_lengths(i), prompt, answer)[0]) > limit:
+                over.append(i)
+        if over and self.opts.long_samples == "skip":
+            keep = np.setdiff1d(np.arange(len(self.items)), over)
+            self.items = [self.items[j] for j in keep.tolist()]
+            self.frames = np.ascontiguousarray(self.frames[keep])
+            log.warning("%s/%s: %d clips are longer than --max_seq_len %d and are skipped", self.data_dir.name,
+                        self.split, len(over), limit)
+            if not self.items:
+                raise DataError(f"{self.data_dir}: every clip of split {self.split!r} is longer than --max_seq_len {limit}")
+        elif over:
+            log.warning("%s/%s: %d clips are longer than --max_seq_len %d; their frames are capped to fit",
+                        self.data_dir.name, self.split, len(over), limit)
+        return len(over)
+
+    def _fit_frames(self, feats: list[np.ndarray], absent: list[str], length: int, where: str) -> list[np.ndarray]:
+        """Fewer frames (the --frame_cap rule, each present modality in proportion) so that a sample of
+        `length` tokens fits --max_seq_len; text is never cut. An error if the text alone does not fit."""
+        limit = self.opts.max_seq_len
+        present = [k for k, m in enumerate(self.modalities) if m not in absent]
+        total = sum(len(feats[k]) for k in present)
+        budget = total - (length - limit)
+        if budget < len(present):
+            raise DataError(f"{where}: its text takes {length - total} tokens; --max_seq_len {limit} leaves no room "
+                            f"for its frames")
+        out = list(feats)
+        for k in present:
+            out[k] = cap_frames(feats[k], max(1, len(feats[k]) * budget // total), self.opts.frame_cap)
+        while sum(len(out[k]) for k in present) > budget:      # the max(1, .) floors can overshoot: trim the longest
+            k = max(present, key=lambda j: len(out[j]))
+            out[k] = cap_frames(out[k], len(out[k]) - 1, self.opts.frame_cap)
+        return out
 
     def __getitem__(self, key):
         # The batch plan hands out (index, epoch); plain integer indexing means epoch 0.
@@ -188,7 +345,9 @@ class SignDataset(torch.utils.data.Dataset):
         text = self.annotation.clips[(video, clip)]
         seed = [self.opts.seed, epoch, i] if self.train else [self.opts.seed, i]
         rng = np.random.default_rng(seed)
-        feats = self.read_features(video, clip)
+        absent = self.absent_in(i)
+        absent += self.dropped_modalities(i, epoch, absent)
+        feats = self.read_features(video, clip, absent)
         task = self.fixed_task or self._tasks[int(rng.choice(len(self._tasks), p=self._task_p))]
         sample = None
         if task != "translation":
@@ -204,9 +363,13 @@ class SignDataset(torch.utils.data.Dataset):
             prompt, answer = sample.prompt, sample.answer
             if sample.reverse_time:
                 feats = [np.ascontiguousarray(f[::-1]) for f in feats]
-        ids, labels, seg = self.builder.build([len(f) for f in feats], prompt, None if self.generation else answer)
+        answer_in = None if self.generation else answer
+        ids, labels, seg = self.builder.build(segment_sizes(feats, self.modalities, absent), prompt, answer_in)
+        if 0 < self.opts.max_seq_len < len(ids):
+            feats = self._fit_frames(feats, absent, len(ids), f"{self.data_dir}/{self.split}: video {video!r} clip {clip!r}")
+            ids, labels, seg = self.builder.build(segment_sizes(feats, self.modalities, absent), prompt, answer_in)
         return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats,
-                "modalities": self.modalities, "video": video, "clip": clip, "task": task,
+                "modalities": self.modalities, "absent": absent, "video": video, "clip": clip, "task": task,
                 "prompt": prompt, "answer": answer}
 
 
@@ -215,7 +378,8 @@ class Collator:
 
     Frames of modality m from every sample are concatenated into `features[m]` [N_m, D_m];
     `frame_index[m]` [N_m] gives each frame's flat position in the [B, L] sequence, so the model
-    splices all frames of the batch with one indexed write per modality."""
+    splices all frames of the batch with one indexed write per modality. `absent_index[m]` holds the one
+    position of each absent segment of modality m (its learned absent row goes there)."""
 
     def __init__(self, pad_id: int, padding_side: str = "right"):
         self.pad_id, self.padding_side = pad_id, padding_side
@@ -227,6 +391,7 @@ class Collator:
         mask = np.zeros((B, L), dtype=np.int64)
         feats: dict[str, list] = {}
         index: dict[str, list] = {}
+        absent: dict[str, list] = {}
         for b, it in enumerate(items):
             n = len(it["input_ids"])
             off = 0 if self.padding_side == "right" else L - n
@@ -235,12 +400,16 @@ class Collator:
             mask[b, off:off + n] = 1
             for k, m in enumerate(it["modalities"]):
                 pos = np.nonzero(it["segments"] == k)[0] + off + b * L
+                if m in it.get("absent", ()):
+                    absent.setdefault(m, []).append(pos)
+                    continue
                 feats.setdefault(m, []).append(it["features"][k])
                 index.setdefault(m, []).append(pos)
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "attention_mask": torch.from_numpy(mask),
                 "features": {m: torch.from_numpy(np.concatenate(v)) for m, v in feats.items()},
                 "frame_index": {m: torch.from_numpy(np.concatenate(v)) for m, v in index.items()},
+                "absent_index": {m: torch.from_numpy(np.concatenate(v)) for m, v in absent.items()},
                 "meta": [{k: it[k] for k in ("video", "clip", "task", "prompt", "answer")} for it in items]}
 
 

@@ -63,16 +63,20 @@ def train(args) -> int:
     # Stage 1's template unless --chat_template names another: the markers' and projectors' context.
     template = resolve_template(args.chat_template) if args.chat_template else getattr(prev_cfg, "chat_template", None)
     tokenizer, added = load_tokenizer(tok_path, template)
-    data = load_data(env, tokenizer, stage1_modalities(args, prev_cfg, state),
+    data = load_data(env, tokenizer, base, stage1_modalities(args, prev_cfg, state),
                      expected_dims=prev_cfg.dims if prev_cfg else None)
     cfg = model_config(env, data, stage=2, base_model=base, tokenizer_path=tok_path, added_tokens=added,
                        projector_types=prev_cfg.projector_types if prev_cfg else None, bits=args.bits,
                        lora=lora_config(args), chat_template=tokenizer.chat_template)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3, adapter="new",
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing)
-    if "marker_embed.weight" not in state:
-        log.warning("%s has no marker rows (trained with frozen embeddings): they start from their init", source)
-        state = {**state, "marker_embed.weight": model.marker_embed.weight.detach().cpu()}
+    # The original's checkpoints may lack the marker rows (frozen embeddings), and stage-1 runs of before
+    # modality embeddings lack those: such rows start from their init (modality rows at zero change nothing).
+    init = {k: v.detach().cpu() for k, v in model.projector_state().items() if k.startswith("marker_embed.")}
+    lacking = sorted(set(init) - set(state))
+    if lacking:
+        log.warning("%s has no %s: they start from their init", source, ", ".join(lacking))
+        state = {**state, **{k: init[k] for k in lacking}}
     model.load_projector_state(state, source)
     return fit(env, model, cfg, data)
 

@@ -146,7 +146,8 @@ class Translator:
         batch = self.collate(items)
         dev = self.device
         emb = self.model.embed(batch["input_ids"].to(dev), {m: t.to(dev) for m, t in batch["features"].items()},
-                               {m: t.to(dev) for m, t in batch["frame_index"].items()})
+                               {m: t.to(dev) for m, t in batch["frame_index"].items()},
+                               {m: t.to(dev) for m, t in batch["absent_index"].items()})
         return emb, batch["attention_mask"].to(dev)
 
     # -- the one generation path
@@ -206,17 +207,26 @@ class Translator:
 
     # -- the API
     def make_item(self, features: dict[str, np.ndarray], prompt: str) -> dict:
-        """A sample from raw features (any subset of the checkpoint's modalities) and a prompt text."""
-        from data import cap_frames
+        """A sample from raw features (any subset of the checkpoint's modalities; the others get their learned
+        absent rows) and a prompt text. Frames are capped as in training."""
+        from data import cap_frames, frame_limits, segment_sizes
         if not features:
             raise ValueError(f"no features given (the checkpoint knows {', '.join(self.cfg.modalities)})")
         unknown = [m for m in features if m not in self.cfg.modalities]
         if unknown:
             raise ValueError(f"modality {', '.join(map(repr, unknown))} was not trained by this checkpoint "
                              f"(it knows {', '.join(self.cfg.modalities)})")
-        mods = [m for m in self.cfg.modalities if m in features]
+        if self.cfg.modality_embeddings:
+            mods = list(self.cfg.modalities)
+        else:     # a checkpoint of before absent rows: the given segments in training's order, as it was trained
+            mods = [m for m in self.cfg.modalities if m in features]
+        absent = [m for m in mods if m not in features]
+        limits = frame_limits(self.cfg.max_frames, list(self.cfg.modalities))
         feats = []
         for m in mods:
+            if m in absent:
+                feats.append(np.zeros((0, self.cfg.dims[m]), np.float32))
+                continue
             a = np.asarray(features[m])
             if a.ndim != 2 or a.shape[1] != self.cfg.dims[m]:
                 raise ValueError(f"modality {m!r}: features of shape {tuple(a.shape)}, the checkpoint expects "
@@ -225,10 +235,10 @@ class Translator:
                 raise ValueError(f"modality {m!r}: zero frames")
             if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
                 raise ValueError(f"modality {m!r}: features must be finite floating-point values")
-            feats.append(cap_frames(a, self.cfg.max_frames, self.cfg.frame_cap))
-        ids, labels, seg = self.builder.build([len(f) for f in feats], prompt, None)
+            feats.append(cap_frames(a, limits[m], self.cfg.frame_cap))
+        ids, labels, seg = self.builder.build(segment_sizes(feats, mods, absent), prompt, None)
         return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats, "modalities": mods,
-                "video": None, "clip": None, "task": "translation", "prompt": prompt, "answer": None}
+                "absent": absent, "video": None, "clip": None, "task": "translation", "prompt": prompt, "answer": None}
 
     def context_prompt(self, context: list[str] | None) -> str:
         """Training's policy: `context` is the video's preceding sentences in time order; the checkpoint's
@@ -270,12 +280,14 @@ def context_policy(cfg: SignConfig, mode: str | None, context_window: int | None
 
 
 def generation_dataset(data_dir, split: str, builder: PromptBuilder, cfg: SignConfig, mode: str, cw: int, pw: int,
-                       task: str = "translation", seed: int = 42):
+                       task: str = "translation", seed: int = 42, absent: tuple[str, ...] = ()):
     """The split as generation reads it (prompt ids only, one task, the checkpoint's modalities and frame cap):
     the same clips in the same order for generate.py and for training's evaluation."""
     from data import DataOptions, SignDataset
     opts = DataOptions(modalities=list(cfg.modalities), max_frames=cfg.max_frames, frame_cap=cfg.frame_cap,
-                       context_window=cw, prelude_window=pw, task_weights={task: 1.0}, seed=seed)
+                       absent_modalities=absent, missing_modality="absent" if cfg.modality_embeddings else "drop",
+                       max_seq_len=cfg.max_seq_len, context_window=cw, prelude_window=pw, task_weights={task: 1.0},
+                       seed=seed)
     ds = SignDataset(data_dir, split, builder, opts, train=False, expected_dims=cfg.dims)
     ds.generation, ds.fixed_task = True, task
     if mode == "predicted":
@@ -434,6 +446,22 @@ def init_ranks(device_arg: str | None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def absent_modalities(cfg: SignConfig, given: str | None) -> list[str]:
+    """The trained modalities --modalities leaves out: each gets its learned absent row."""
+    if not given:
+        return []
+    names = [m.strip() for m in given.split(",") if m.strip()]
+    unknown = [m for m in names if m not in cfg.modalities]
+    if unknown:
+        raise CheckpointError(f"--modalities {', '.join(unknown)}: not trained by this checkpoint "
+                              f"(it knows {', '.join(cfg.modalities)})")
+    left_out = [m for m in cfg.modalities if m not in names]
+    if left_out and not cfg.modality_embeddings:
+        raise CheckpointError(f"--modalities {given}: this checkpoint predates learned absent rows; it needs every "
+                              f"modality it was trained with ({', '.join(cfg.modalities)})")
+    return left_out
+
+
 def run(args) -> int:
     from model import load_tokenizer
     rank, world, device = init_ranks(args.device)
@@ -443,7 +471,8 @@ def run(args) -> int:
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"], system_prompt=cfg.system_prompt)
     mode, cw, pw = context_policy(cfg, args.context, args.context_window, args.prelude_window, args.task)
     # The data is checked against the checkpoint before the (possibly large) model is loaded.
-    ds = generation_dataset(args.data_dir, args.split, builder, cfg, mode, cw, pw, args.task, args.seed)
+    ds = generation_dataset(args.data_dir, args.split, builder, cfg, mode, cw, pw, args.task, args.seed,
+                            absent=tuple(absent_modalities(cfg, args.modalities)))
     indices = list(range(len(ds)))[:args.limit or None]
     if mode != "none" and args.task == "translation" and cw == 0 and pw == 0:
         log.warning("--context %s has no effect: the context windows are 0 (the checkpoint was trained without "
@@ -535,6 +564,8 @@ def main(argv=None) -> int:
     p.add_argument("--context_window", type=int, help="preceding sentences (default: the checkpoint's)")
     p.add_argument("--prelude_window", type=int, help="first sentences of the video (default: the checkpoint's)")
     p.add_argument("--task", default="translation", choices=TASKS)
+    p.add_argument("--modalities", help="comma-separated subset of the checkpoint's modalities to read; the others "
+                                        "get their learned absent rows (default: all it was trained with)")
     p.add_argument("--limit", type=int, default=0, help="only the first N clips (0: all)")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading features")
     p.add_argument("--seed", type=int, default=42, help="seed of the yes/no task questions")

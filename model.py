@@ -43,8 +43,14 @@ class SignConfig:
     chat_template: str | None = None             # the template trained with when not the tokenizer's own
     context_window: int = 0
     prelude_window: int = 0
-    max_frames: int = 0
+    max_frames: dict | int = 0                   # {modality: cap}; an int (one cap for all) in older checkpoints
     frame_cap: str = "stride"
+    max_seq_len: int = 0                         # frames of a longer prompt are capped to fit (0: no guard)
+    # Each modality's frames get a learned row added (which stream is this?), and a clip without a modality
+    # gets that modality's learned "absent" row as its segment. Checkpoints written before these rows
+    # existed load with False: their segments are told apart by position only, and every trained
+    # modality must be given to them.
+    modality_embeddings: bool = False
     format: str = "signllava-1"
 
     def save(self, directory: Path):
@@ -115,6 +121,45 @@ def parse_projector_types(text: str, modalities: list[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ model
+TRAINABLE_PREFIXES = ("projectors.", "marker_embed.")      # what projectors.safetensors holds
+
+
+class SegmentRows(nn.Module):
+    """The learned rows around the projected frames, saved with the projectors under `marker_embed.`:
+    `weight` [2, H], the start/end marker rows shared by every segment (an Embedding's weight, so the
+    original's two marker rows map onto it); with modality embeddings, `modality` [M, H], added to every
+    frame of modality m (zero at init: a new run starts out as one without them), and `absent` [M, H],
+    the single position standing for a modality a clip lacks (or that --modality_dropout hid). Rows are
+    read through module calls only (embedding lookups), so that ZeRO-3 gathers them first."""
+
+    def __init__(self, modalities: list[str], hidden: int, init: torch.Tensor, std: torch.Tensor, with_modalities: bool):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1234)
+        self.weight = nn.Parameter(init + torch.randn(2, hidden, generator=gen) * std * 0.1)
+        self.index = {m: k for k, m in enumerate(modalities)}
+        if with_modalities:
+            self.modality = nn.Embedding(len(modalities), hidden)
+            self.absent = nn.Embedding(len(modalities), hidden)
+            with torch.no_grad():
+                self.modality.weight.zero_()
+                self.absent.weight.copy_(init + torch.randn(len(modalities), hidden, generator=gen) * std * 0.1)
+
+    @property
+    def has_modalities(self) -> bool:
+        return hasattr(self, "modality")
+
+    def forward(self, slot: torch.Tensor) -> torch.Tensor:
+        return F.embedding(slot, self.weight)
+
+    def tables(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(modality rows [M, H], absent rows [M, H]), or None without modality embeddings. Every forward reads
+        both whole, whatever the batch holds: under ZeRO-3 the gather is collective, so every rank must ask."""
+        if not self.has_modalities:
+            return None
+        idx = torch.arange(len(self.index), device=device)
+        return self.modality(idx), self.absent(idx)
+
+
 class SignLLM(nn.Module):
     def __init__(self, llm: nn.Module, cfg: SignConfig, marker_ids: tuple[int, int], label_smoothing: float = 0.0):
         super().__init__()
@@ -128,9 +173,8 @@ class SignLLM(nn.Module):
         hidden = emb.weight.shape[1]
         self.projectors = nn.ModuleDict({m: build_projector(cfg.projector_types[m], cfg.dims[m], hidden)
                                          for m in cfg.modalities})
-        # The markers' input rows are trained here, not in the (frozen) embedding matrix: only two rows
+        # The markers' input rows are trained here, not in the (frozen) embedding matrix: only these rows
         # learn, they are saved with the projectors, and no weight decay touches the other 128k rows.
-        self.marker_embed = nn.Embedding(len(marker_ids), hidden)
         with torch.no_grad():
             # Statistics of what the embedding module outputs, not of its weight: some families scale inside
             # it (Gemma multiplies by sqrt(hidden)). Up to 4096 evenly spaced rows (all of a small vocabulary).
@@ -138,14 +182,12 @@ class SignLLM(nn.Module):
             rows = torch.linspace(0, vocab - 1, min(vocab, 4096), device=emb.weight.device).long()
             w = emb(rows).detach().float()
             mean, std = w.mean(0, keepdim=True).cpu(), w.std().cpu()     # the LLM may already sit on a GPU
-            gen = torch.Generator().manual_seed(1234)
-            noise = torch.randn(len(marker_ids), hidden, generator=gen) * std * 0.1
-            self.marker_embed.weight.copy_(mean + noise)
+        self.marker_embed = SegmentRows(cfg.modalities, hidden, mean, std, cfg.modality_embeddings)
         self.register_buffer("marker_ids", torch.tensor(marker_ids, dtype=torch.long), persistent=False)
 
     # -- pieces shared by training and generation
-    def embed(self, input_ids, features: dict, frame_index: dict) -> torch.Tensor:
-        """Token embeddings with markers and projected frames spliced in: [B, L, H]."""
+    def embed(self, input_ids, features: dict, frame_index: dict, absent_index: dict | None = None) -> torch.Tensor:
+        """Token embeddings with markers, projected frames and absent rows spliced in: [B, L, H]."""
         emb = self.llm.get_input_embeddings()(input_ids)
         slot = torch.full_like(input_ids, -1)
         for k in range(len(self.marker_ids)):
@@ -154,6 +196,8 @@ class SignLLM(nn.Module):
         emb = torch.where((slot >= 0).unsqueeze(-1), marker, emb)
         B, L, H = emb.shape
         flat = emb.reshape(B * L, H)
+        rows = self.marker_embed
+        tables = rows.tables(emb.device)
         for m, feats in features.items():
             if m not in self.projectors:
                 raise CheckpointError(f"modality {m!r} has no projector (model knows {', '.join(self.projectors)})")
@@ -161,16 +205,26 @@ class SignLLM(nn.Module):
             weight = next(proj.parameters(), None)      # None for the identity projector
             dtype = weight.dtype if weight is not None else emb.dtype
             out = proj(feats.to(device=emb.device, dtype=dtype)).to(emb.dtype)
+            if tables is not None:
+                out = out + tables[0][rows.index[m]].to(emb.dtype)
             flat = flat.index_copy(0, frame_index[m].to(emb.device), out)
+        for m, pos in (absent_index or {}).items():
+            if m not in rows.index:
+                raise CheckpointError(f"modality {m!r} was not trained (model knows {', '.join(rows.index)})")
+            if tables is None:
+                raise CheckpointError(f"this checkpoint has no learned absent rows (trained before modality "
+                                      f"embeddings): give it every modality it was trained with "
+                                      f"({', '.join(rows.index)}); {m!r} is missing")
+            flat = flat.index_copy(0, pos.to(emb.device), tables[1][rows.index[m]].to(emb.dtype).expand(len(pos), -1))
         return flat.view(B, L, H)
 
     def decoder(self):
         return self.llm.get_decoder()
 
-    def forward(self, input_ids, attention_mask, labels, features, frame_index):
+    def forward(self, input_ids, attention_mask, labels, features, frame_index, absent_index=None):
         """Returns (sum of token losses, number of target tokens). The caller normalises, so the loss
         is a per-token mean over the whole (accumulated, all-rank) batch rather than a mean of means."""
-        emb = self.embed(input_ids, features, frame_index)
+        emb = self.embed(input_ids, features, frame_index, absent_index)
         if self.packing:
             hidden, target = self._packed_hidden(emb, attention_mask, labels)
         else:
@@ -200,7 +254,7 @@ class SignLLM(nn.Module):
 
     # -- trainable state by name
     def projector_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("projectors.", "marker_embed."))}
+        return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}
 
     def load_projector_state(self, state: dict[str, torch.Tensor], source: str):
         """Strict by name and shape; the error lists every missing, unexpected and mis-shaped key."""
@@ -280,6 +334,17 @@ def load_llm(name_or_path: str, bits: int, dtype: torch.dtype, device: torch.dev
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
     except OSError as e:
         raise CheckpointError(f"{name_or_path}: cannot load the base model ({str(e).splitlines()[0]})") from None
+
+
+def max_positions(name_or_path: str) -> int:
+    """The LLM config's maximum positions (0 if it names none): the default --max_seq_len."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        raise CheckpointError(f"{name_or_path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(getattr(cfg, "max_position_embeddings", 0) or 0)
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):

@@ -4,7 +4,7 @@ exact resume, complete-or-invisible checkpoints.
 A stage script (pretrain.py, finetune.py) reads its flags, then runs top to bottom:
 
     env = setup_run(args)                       # distributed init, device, seed, output and data dirs
-    data = load_data(env, tokenizer)            # train / dev splits; their dims size the projectors
+    data = load_data(env, tokenizer, base)      # train / dev splits; their dims size the projectors
     cfg = model_config(env, data, stage, ...)   # what every checkpoint saves to rebuild the model
     model = assemble(cfg, ...)                  # only the stage's parameters require grad
     return fit(env, model, cfg, data)           # plan -> engine -> resume -> train (evaluate, save)
@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_task_weights, plan_epoch,
-                  rank_share)
-from model import SignConfig, SignLLM, compute_dtype, parse_projector_types, save_projectors
+from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_max_frames, parse_task_weights,
+                  plan_epoch, rank_share)
+from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
+                   save_projectors)
 from signllava import checkpoint, faults, portable_state, safe_load
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
@@ -66,8 +67,22 @@ def add_data_args(g):
     g.add_argument("--data_dir", help="dataset in the Sign LLaVA layout (default: the built-in demo language, "
                                       "written to OUTPUT_DIR/demo_data)")
     g.add_argument("--modalities", help="comma-separated subset of the modality folders (default: all)")
-    g.add_argument("--max_frames", type=int, default=0, help="cap frames per modality (0: no cap)")
-    g.add_argument("--frame_cap", choices=["stride", "truncate"], default="stride")
+    g.add_argument("--max_frames", default="0",
+                   help="cap frames per modality: '300' for all, or 'mae=300,sign2vec=150' (others uncapped); 0: no cap")
+    g.add_argument("--frame_cap", choices=["stride", "truncate", "pool"], default="stride",
+                   help="how --max_frames caps: evenly spaced frames (stride), the first ones (truncate), or the "
+                        "means of equal windows (pool: every frame counts)")
+    g.add_argument("--missing_modality", choices=["drop", "absent"], default="drop",
+                   help="a clip without features in a selected modality: left out (drop), or kept with that "
+                        "modality's learned absent row as its segment (absent); both counted in the log")
+    g.add_argument("--modality_dropout", type=float, default=0.0, metavar="P",
+                   help="training: each present modality of a clip is replaced by its absent row with chance P "
+                        "(never all of them), so that any subset of modalities works at inference")
+    g.add_argument("--max_seq_len", type=int, default=0,
+                   help="longest training sequence in tokens (default 0: the LLM config's maximum positions)")
+    g.add_argument("--long_samples", choices=["cap", "skip"], default="cap",
+                   help="a clip longer than --max_seq_len: its frames capped to fit (cap) or left out, counted "
+                        "(skip); the text is never cut")
     g.add_argument("--context_window", type=int, default=0, help="preceding sentences given as context")
     g.add_argument("--prelude_window", type=int, default=0, help="first sentences of the video given as context")
     g.add_argument("--use_paraphrases", action="store_true", help="sample targets from translation + paraphrases")
@@ -164,8 +179,14 @@ def validate_args(p: argparse.ArgumentParser, args):
     problems = range_problems(args, at_least_one=("batch_size", "grad_accum", "eval_batch_size", "save_steps",
                                                   "eval_steps", "logging_steps", "max_bad_steps", "eval_num_beams",
                                                   "eval_max_new_tokens"),
-                              non_negative=("max_steps", "max_frames", "context_window", "prelude_window",
+                              non_negative=("max_steps", "context_window", "prelude_window", "max_seq_len",
                                             "num_workers", "max_tokens_per_batch", "eval_generate"))
+    try:
+        parse_max_frames(args.max_frames)
+    except ValueError as e:
+        problems.append(str(e))
+    if not 0 <= args.modality_dropout < 1:
+        problems.append("--modality_dropout must be in [0, 1)")
     if args.max_steps == 0 and args.epochs <= 0:
         problems.append("give --max_steps N or --epochs E > 0")
     if args.metric_for_best in ("bleu", "chrf") and args.eval_generate == 0:
@@ -249,7 +270,8 @@ def to_device(batch: dict, device) -> dict:
             "attention_mask": batch["attention_mask"].to(device, non_blocking=nb),
             "labels": batch["labels"].to(device, non_blocking=nb),
             "features": {m: t.to(device, non_blocking=nb) for m, t in batch["features"].items()},
-            "frame_index": {m: t.to(device, non_blocking=nb) for m, t in batch["frame_index"].items()}}
+            "frame_index": {m: t.to(device, non_blocking=nb) for m, t in batch["frame_index"].items()},
+            "absent_index": {m: t.to(device, non_blocking=nb) for m, t in batch.get("absent_index", {}).items()}}
 
 
 def target_tokens(batch: dict) -> int:
@@ -312,7 +334,7 @@ SCHEDULES = {"cosine": lambda prog, floor: floor + (1 - floor) * 0.5 * (1 + math
 
 def write_trainable_weights(state: dict[str, torch.Tensor], model: SignLLM, cfg: SignConfig, directory: Path):
     """What a checkpoint is used for later: projectors.safetensors (+ adapter/ in PEFT format) + config.json."""
-    save_projectors({k: v for k, v in state.items() if k.startswith(("projectors.", "marker_embed."))}, directory)
+    save_projectors({k: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIXES)}, directory)
     lora = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
     if lora:
         model.llm.save_pretrained(str(directory / ADAPTER_DIR), state_dict=lora, safe_serialization=True)
@@ -444,15 +466,18 @@ class Data:
     dev: SignDataset | None
 
 
-def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
+def load_data(env: RunEnv, tokenizer, base_model: str, modalities: list[str] | None = None,
               expected_dims: dict[str, int] | None = None) -> Data:
     """Train and dev splits of --data_dir. `modalities` (default: --modalities, else every folder) and
-    `expected_dims` come from a stage-1 checkpoint when there is one."""
+    `expected_dims` come from a stage-1 checkpoint when there is one; `base_model`'s config gives the
+    default --max_seq_len."""
     a = env.args
     ids = special_ids(tokenizer)
     if a.modalities:
         modalities = a.modalities.split(",")
-    opts = DataOptions(modalities=modalities, max_frames=a.max_frames, frame_cap=a.frame_cap,
+    opts = DataOptions(modalities=modalities, max_frames=parse_max_frames(a.max_frames), frame_cap=a.frame_cap,
+                       missing_modality=a.missing_modality, modality_dropout=a.modality_dropout,
+                       max_seq_len=a.max_seq_len or max_positions(base_model), long_samples=a.long_samples,
                        context_window=a.context_window, prelude_window=a.prelude_window,
                        use_paraphrases=a.use_paraphrases, task_weights=parse_task_weights(a.task_weights),
                        max_num_words=a.max_num_words, seed=a.seed, context_dropout=a.context_dropout,
@@ -475,8 +500,9 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
     ptypes = projector_types or parse_projector_types(a.projector_type, mods)
     return SignConfig(base_model=base_model, tokenizer=tokenizer_path, modalities=mods, dims=data.train.dims,
                       projector_types={m: ptypes[m] for m in mods}, stage=stage, added_tokens=added_tokens,
-                      context_window=a.context_window, prelude_window=a.prelude_window, max_frames=a.max_frames,
-                      frame_cap=a.frame_cap, **extra)
+                      context_window=a.context_window, prelude_window=a.prelude_window,
+                      max_frames=data.train.limits, frame_cap=a.frame_cap, max_seq_len=data.train.opts.max_seq_len,
+                      modality_embeddings=True, **extra)
 
 
 @dataclass
