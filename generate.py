@@ -4,7 +4,7 @@
                        [--report OUT.html] [--num_beams 5] [--max_new_tokens 192] [--min_new_tokens 0]
                        [--batch_size 16] [--context none|gold|predicted|FILE] [--context_window N]
                        [--prelude_window P] [--task translation|one_word_present|multi_word_present|is_reversed]
-                       [--limit N]
+                       [--limit N] [--modalities pose]  (a subset: the others get their learned absent rows)
     python generate.py --score_only OUT.json [--metrics_out METRICS.json] [--report OUT.html]
     deepspeed --num_gpus N generate.py ...        # (or torchrun) the clips split across ranks, one output
 
