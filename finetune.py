@@ -63,8 +63,8 @@ def train(args) -> int:
     # Stage 1's template unless --chat_template names another: the markers' and projectors' context.
     template = resolve_template(args.chat_template) if args.chat_template else getattr(prev_cfg, "chat_template", None)
     tokenizer, added = load_tokenizer(tok_path, template)
-    data = load_data(env, tokenizer, base, stage1_modalities(args, prev_cfg, state),
-                     expected_dims=prev_cfg.dims if prev_cfg else None)
+    data = load_data(env, tokenizer, stage1_modalities(args, prev_cfg, state),
+                     expected_dims=prev_cfg.dims if prev_cfg else None, base_model=base)
     cfg = model_config(env, data, stage=2, base_model=base, tokenizer_path=tok_path, added_tokens=added,
                        projector_types=prev_cfg.projector_types if prev_cfg else None, bits=args.bits,
                        lora=lora_config(args), chat_template=tokenizer.chat_template)

@@ -38,7 +38,7 @@ def train(args) -> int:
     env = setup_run(args)
     base = args.model or embedded_base(env)
     tokenizer, added = load_tokenizer(base, resolve_template(args.chat_template))
-    data = load_data(env, tokenizer, base)
+    data = load_data(env, tokenizer, base_model=base)
     cfg = model_config(env, data, stage=1, base_model=base, tokenizer_path=base, added_tokens=added,
                        chat_template=tokenizer.chat_template)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,

@@ -4,7 +4,7 @@ exact resume, complete-or-invisible checkpoints.
 A stage script (pretrain.py, finetune.py) reads its flags, then runs top to bottom:
 
     env = setup_run(args)                       # distributed init, device, seed, output and data dirs
-    data = load_data(env, tokenizer, base)      # train / dev splits; their dims size the projectors
+    data = load_data(env, tokenizer, base_model=base)   # train / dev splits; their dims size the projectors
     cfg = model_config(env, data, stage, ...)   # what every checkpoint saves to rebuild the model
     model = assemble(cfg, ...)                  # only the stage's parameters require grad
     return fit(env, model, cfg, data)           # plan -> engine -> resume -> train (evaluate, save)
@@ -466,8 +466,8 @@ class Data:
     dev: SignDataset | None
 
 
-def load_data(env: RunEnv, tokenizer, base_model: str, modalities: list[str] | None = None,
-              expected_dims: dict[str, int] | None = None) -> Data:
+def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
+              expected_dims: dict[str, int] | None = None, base_model: str | None = None) -> Data:
     """Train and dev splits of --data_dir. `modalities` (default: --modalities, else every folder) and
     `expected_dims` come from a stage-1 checkpoint when there is one; `base_model`'s config gives the
     default --max_seq_len."""
@@ -477,7 +477,7 @@ def load_data(env: RunEnv, tokenizer, base_model: str, modalities: list[str] | N
         modalities = a.modalities.split(",")
     opts = DataOptions(modalities=modalities, max_frames=parse_max_frames(a.max_frames), frame_cap=a.frame_cap,
                        missing_modality=a.missing_modality, modality_dropout=a.modality_dropout,
-                       max_seq_len=a.max_seq_len or max_positions(base_model), long_samples=a.long_samples,
+                       max_seq_len=a.max_seq_len or (max_positions(base_model) if base_model else 0), long_samples=a.long_samples,
                        context_window=a.context_window, prelude_window=a.prelude_window,
                        use_paraphrases=a.use_paraphrases, task_weights=parse_task_weights(a.task_weights),
                        max_num_words=a.max_num_words, seed=a.seed, context_dropout=a.context_dropout,
