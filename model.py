@@ -396,11 +396,12 @@ def disable_dropout(module: nn.Module):
 
 def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtype, zero3: bool = False,
              adapter: str | None = None, gradient_checkpointing: bool = False,
-             label_smoothing: float = 0.0) -> SignLLM:
+             label_smoothing: float = 0.0, compile_layers: str | None = None) -> SignLLM:
     """Build the whole model from a config: base LLM (4-bit if cfg.bits == 4), frozen; then LoRA —
     new (`adapter="new"`, from cfg.lora) or loaded from a PEFT directory — and the projectors.
     Only projectors, marker rows and LoRA weights require grad. The LLM runs on kernels.ATTENTION (SDPA
-    unless a forward passes packed boundaries); packed training is SignLLM.packing."""
+    unless a forward passes packed boundaries); packed training is SignLLM.packing. `compile_layers`: a
+    torch.compile backend for the decoder layers (kernels.compile_decoder_layers), None for eager."""
     from signllava.kernels import use_packed_attention
     from signllava.prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
@@ -409,6 +410,8 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     fit_embeddings(llm, tokenizer)
     llm.requires_grad_(False)
     disable_dropout(llm)
+    if compile_layers:
+        kernels.compile_decoder_layers(llm, compile_layers)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no enable_input_require_grads() hack for a frozen base.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

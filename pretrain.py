@@ -42,7 +42,8 @@ def train(args) -> int:
     cfg = model_config(env, data, stage=1, base_model=base, tokenizer_path=base, added_tokens=added,
                        chat_template=tokenizer.chat_template)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,
-                     gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing)
+                     gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
+                     compile_layers=args.compile_layers)
     return fit(env, model, cfg, data)
 
 

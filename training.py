@@ -42,7 +42,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
                   plan_epoch, rank_share)
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
-from signllava import checkpoint, faults, portable_state, safe_load
+from signllava import checkpoint, faults, kernels, portable_state, safe_load
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
@@ -112,6 +112,10 @@ def add_model_args(g):
     g.add_argument("--projector_type", default="mlp2x_gelu",
                    help="linear | identity | mlpNx_gelu; per modality: 'mlp2x_gelu,pose=linear'")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--compile_layers", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile each decoder layer for training steps (regional; evaluation stays eager). "
+                        "The flag alone: inductor; aot_eager traces without generating kernels (debugging). "
+                        "Not under ZeRO-3, whose hooks gather each layer's weights around its forward")
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
                         "row, no padding, attention within each sample: the varlen flash kernel on GPU)")
@@ -448,6 +452,9 @@ def setup_run(args) -> RunEnv:
     barrier()
     with open(args.deepspeed_config) as f:
         zero_stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+    if zero_stage == 3 and args.compile_layers:
+        raise RunError(f"--compile_layers: not with ZeRO-3 ({args.deepspeed_config}), whose hooks gather and release "
+                       "each layer's weights around its forward; use ZeRO-2 or drop the flag")
     if zero_stage == 3 and world == 1 and device.type == "cuda":
         # Measured on one H200 (issue 16): QLoRA 3.9 k real tokens/s under ZeRO-3 against 10-11 k under ZeRO-2.
         log.warning("ZeRO-3 on one GPU: parameters are gathered and released layer by layer on every pass with no "
@@ -780,12 +787,14 @@ def evaluate_translation(state: TrainState) -> dict | None:
 
 def run_evaluation(state: TrainState) -> bool:
     """Dev loss and (if on) translation scores, logged; True when they make this step the new best."""
-    state.dev_loss = evaluate(state)
-    if state.dev_loss is None:
-        return False
+    with kernels.eager_layers():
+        state.dev_loss = evaluate(state)
+        if state.dev_loss is None:
+            return False
+        scores = evaluate_translation(state) or {}
     best = state.best_dev_loss
     state.best_dev_loss = state.dev_loss if best is None else min(best, state.dev_loss)
-    row = {"step": state.step, "dev_loss": state.dev_loss, **(evaluate_translation(state) or {})}
+    row = {"step": state.step, "dev_loss": state.dev_loss, **scores}
     log.info("step %d: %s", state.step, ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items() if k != "step"))
     record(state, row)
     state.dev_postfix = {k: f"{v:.4f}" if k == "dev_loss" else f"{v:.2f}" for k, v in row.items() if k != "step"}

@@ -27,7 +27,9 @@ What is timed (every ratio is against a baseline measured in the same run):
                        flash kernel), the budget counting real tokens; first at (d)'s budget, then at 1.5x if
                        that peaked under 70 % of the device's memory. Before timing, the packed and padded
                        losses of one batch are compared (packing_check in the JSON);
-                   * = ours: the fastest configuration that ran among (b), (d), (f) (and (e)).
+                   (g) ours packed with compiled decoder layers (training's --compile_layers: regional
+                       torch.compile, inductor) at the fastest (f)'s budget; the warmup steps pay the compilation;
+                   * = ours: the fastest configuration that ran among (b), (d), (f), (g) (and (e)).
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
                    stays within 24 GiB (a 24 GB card); if none does, (e) times up to two more checkpointed
                    configurations: a token budget (packed unless --no_packing) sized by a linear fit of peak
@@ -288,15 +290,21 @@ def longest(plan: list[list[int]], seq_lens: np.ndarray, packed: bool = False) -
     return max(plan, key=lambda b: int(seq_lens[b].sum()) if packed else len(b) * int(seq_lens[b].max()))
 
 
-def packing_check(model, synth: Synth, specs: list[Spec], device: torch.device, n: int = 6) -> dict:
+def packing_check(model, synth: Synth, specs: list[Spec], device: torch.device, n: int = 6,
+                  compile_backend: str = "none") -> dict:
     """The packed path's loss and trainable-parameter gradients against the padded path's on one batch of n
     samples, on this device and dtype (on the GPU: the varlen flash kernel against SDPA over padded rows).
     The noise floor: the same padded batch, padded on the left instead of the right (same maths, other
     kernels' rounding) -- in bf16 through 32 random layers the gradients differ visibly even there."""
+    from signllava import kernels
     from signllava.kernels import varlen_available
     from training import to_device
     out = {}
-    for name, side, packed in (("right", "right", False), ("left", "left", False), ("packed", "right", True)):
+    runs = [("right", "right", False), ("left", "left", False), ("packed", "right", True)]
+    compiled = compile_backend != "none"
+    for name, side, packed in runs + ([("compiled", "right", True)] if compiled else []):
+        if name == "compiled":
+            kernels.compile_decoder_layers(base_llm(model), compile_backend)
         batch = to_device({k: v for k, v in collate(synth, specs, list(range(n)), side).items() if k != "meta"}, device)
         model.packing = packed
         model.zero_grad(set_to_none=True)
@@ -304,6 +312,9 @@ def packing_check(model, synth: Synth, specs: list[Spec], device: torch.device, 
         (loss_sum / cnt).backward()
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
         out[name] = (loss_sum.item() / cnt.item(), grads)
+    if compiled:
+        kernels.uncompile_decoder_layers(base_llm(model))
+        torch._dynamo.reset()
     model.packing = False
     model.zero_grad(set_to_none=True)
     lu, gu = out["right"]
@@ -315,6 +326,10 @@ def packing_check(model, synth: Synth, specs: list[Spec], device: torch.device, 
            "kernel": "varlen flash" if varlen_available(device) else "SDPA per sample"}
     res["loss_rel_diff"], res["grad_rel_diff"] = rel("packed")
     res["noise_loss_rel_diff"], res["noise_grad_rel_diff"] = rel("left")
+    if compiled:      # --compile_layers' packed path against the eager packed path
+        res["compiled_loss_rel_diff"], res["compiled_grad_rel_diff"] = rel("compiled")
+        log(f"compiled layers vs padded: loss rel diff {res['compiled_loss_rel_diff']:.1e}, gradient rel diff "
+            f"{res['compiled_grad_rel_diff']:.1e}")
     log(f"packing check ({res['kernel']}): loss rel diff {res['loss_rel_diff']:.1e}, gradient rel diff "
         f"{res['grad_rel_diff']:.1e}; padded left vs right (noise floor): {res['noise_loss_rel_diff']:.1e}, "
         f"{res['noise_grad_rel_diff']:.1e}")
@@ -388,6 +403,12 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                 and not out_of_time(args, f"{section} (f) packed, larger budget", results)):
             token_budget(int(1.5 * budget), False, "(f)", packed=True)
 
+    fast_f = max((r for r in results if r["name"].startswith("(f)") and r["status"] == "ok"),
+                 key=lambda r: r["pop_samples_per_s"], default=None)
+    if fast_f and args.compile_backend != "none" and not out_of_time(args, f"{section} (g) packed, compiled layers", results):
+        compiled_layers(section, model, args.compile_backend, results,
+                        lambda: token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers"))
+
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)
         probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
@@ -430,6 +451,26 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     del trainer
     free_memory()
     return results
+
+
+def compiled_layers(section: str, model, backend: str, results: list[dict], timed) -> None:
+    """(g): training's --compile_layers (kernels.compile_decoder_layers) at the fastest (f) budget;
+    the first steps pay the compilation (warmup). A compile failure is recorded, not raised; the layers are
+    eager again afterwards."""
+    from signllava import kernels
+    llm = base_llm(model)
+    kernels.compile_decoder_layers(llm, backend)
+    t0 = time.perf_counter()
+    try:
+        r = timed()
+        r["wall_s_with_compile"] = time.perf_counter() - t0
+    except Exception as e:         # noqa: BLE001 -- what failed to compile is a result of the run
+        results.append({"name": f"(g) {section} compiled layers", "role": "ours", "status": "error",
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__})
+        log(f"  (g) compiled layers failed: {results[-1]['error']}")
+    finally:
+        kernels.uncompile_decoder_layers(llm)
+        torch._dynamo.reset()
 
 
 def fits(r: dict, limit_gb: float) -> bool:
@@ -873,6 +914,9 @@ def parse_args(argv=None):
     g.add_argument("--batch_sizes", type=ints, default=[16, 8, 4, 2], help="candidates for ours, largest first")
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
     g.add_argument("--no_packing", dest="packing", action="store_false", help="skip (f) packed rows; (e) padded")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="(g): the fastest (f) with training's --compile_layers BACKEND (none: skip (g); aot_eager "
+                        "only traces, for a quick CPU run of the code path)")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
     g.add_argument("--qlora_mem_gb", type=float, default=24,
@@ -1012,7 +1056,9 @@ def main(argv=None) -> dict:
     def stage1():
         model = assemble_with(state["llm"], sign_config(1, 16), tok, device, dtype)
         cast_params_(model, dtype)
-        R["stage1"] = {"packing_check": packing_check(model, synth, specs, device)} if args.packing else {}
+        R["stage1"] = ({"packing_check": packing_check(model, synth, specs, device,
+                                                        compile_backend=args.compile_backend)}
+                       if args.packing else {})
         R["stage1"]["configs"] = bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)
 
     def gen_bf16():

@@ -108,3 +108,36 @@ def test_fused_ops_equal_stock_llama(tok, synth, stage):
     stock = loss_and_grads(model, batch, True)
     assert kernels.fuse_rms_norm(model) == 2 * n_layers + 1
     assert_same(fused, stock)
+
+
+# ------------------------------------------------------------------------------------------ compiled layers
+@pytest.mark.parametrize("backend", ["traced"])
+def test_compiled_layers_equal_eager(tok, synth, backend):
+    """--compile_layers: every decoder layer goes through torch.compile, and the loss and gradients are the eager
+    ones, packed and padded; under eager_layers() (evaluation) the layers run eagerly again. `traced` runs
+    dynamo's graphs as traced (it counts them). `inductor` (generated CPU kernels) passes too, but its
+    compilation takes about a minute on two cores: run it with -k inductor after adding it here."""
+    from signllava import kernels
+    torch._dynamo.reset()
+    specs = make_specs(4, 6, frames=(6, 40), answer=(5, 20))
+    batch = collate(synth, specs, [0, 1, 2, 3])
+    torch.manual_seed(0)
+    model = assemble_with(build_llm("tiny", CPU, F32), sign_config(1, 16), tok, CPU, F32).train()
+    eager = [loss_and_grads(model, batch, packing) for packing in (True, False)]
+    graphs = []
+
+    def traced(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    assert kernels.compile_decoder_layers(model.llm, traced if backend == "traced" else backend) == \
+        SHAPES["tiny"]["num_hidden_layers"]
+    compiled = [loss_and_grads(model, batch, packing) for packing in (True, False)]
+    for a, b in zip(eager, compiled):
+        assert_same(a, b)
+    if backend == "traced":
+        assert graphs                                            # dynamo really traced the layers
+        seen = len(graphs)
+        with kernels.eager_layers():
+            assert_same(loss_and_grads(model, batch, False), eager[1])
+        assert len(graphs) == seen                               # nothing compiled for the eager pass
+    torch._dynamo.reset()
