@@ -112,7 +112,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_args(data: Path, model: Path, out: Path, steps: int, *extra, zero: int = 2) -> list:
+def train_args(data: Path, model: Path, out: Path, steps: int, *extra, zero: int = 2, translate: bool = False) -> list:
+    """A short training run's flags. Evaluation (at the last step) measures the dev loss only unless `translate`:
+    the tests of translation at evaluation ask for it, the others would pay a beam search of the dev split."""
     return ["--data_dir", data, "--model", model, "--output_dir", out, "--max_steps", steps, "--batch_size", 4,
             "--deepspeed_config", REPO / f"ds_config_zero{zero}.json", "--num_workers", 0, "--logging_steps", 1,
-            "--eval_steps", 1000, "--learning_rate", 3e-3, *extra]
+            "--eval_steps", 1000, "--learning_rate", 3e-3, *(() if translate else ("--eval_generate", 0)), *extra]

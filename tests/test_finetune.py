@@ -245,9 +245,10 @@ def test_demo_defaults_need_nothing_but_projector(tmp_path):
     """No --data_dir, no --model: the demo language and the embedded tiny Llama; stage 2 then needs only
     --projector (its base model, tokenizer and output dir come from the stage-1 run)."""
     s1 = tmp_path / "demo_s1"
-    run_script("pretrain.py", "--output_dir", s1, "--max_steps", 1, "--num_workers", 0)
+    # --eval_generate 0: the one step's evaluation would otherwise translate all 154 dev clips (half the time)
+    run_script("pretrain.py", "--output_dir", s1, "--max_steps", 1, "--num_workers", 0, "--eval_generate", 0)
     assert (s1 / "base_model" / "tokenizer.json").is_file() and (s1 / "demo_data" / "annotation.dev.json").is_file()
-    run_script("finetune.py", "--projector", s1, "--max_steps", 1, "--num_workers", 0)
+    run_script("finetune.py", "--projector", s1, "--max_steps", 1, "--num_workers", 0, "--eval_generate", 0)
     assert (tmp_path / "demo_s1-stage2" / "latest").read_text().strip() == "checkpoint-1"
 
 
