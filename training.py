@@ -173,7 +173,9 @@ def add_run_args(g, output_required: bool, output_help: str | None):
                         "translation is on, else dev_loss)")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest complete checkpoint")
-    g.add_argument("--overwrite_output_dir", action="store_true")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh in an OUTPUT_DIR that holds a run: its checkpoints, latest/best, metrics.jsonl, "
+                        "summary, curves and TensorBoard events are removed first (other files stay)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_config_arg(g)
 
@@ -444,6 +446,10 @@ def setup_run(args) -> RunEnv:
         for left in checkpoint.leftovers(out):
             checkpoint.remove_leftover(left)
             log.info("removed %s, left by an interrupted save", left)
+        if args.overwrite_output_dir and not args.resume:
+            gone = checkpoint.clear_run(out)
+            if gone:
+                log.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(gone))
     data_dir = Path(args.data_dir) if args.data_dir else out / "demo_data"
     if not args.data_dir and rank == 0 and not (data_dir / "annotation.train.json").exists():
         from signllava.demo import make_demo

@@ -143,6 +143,32 @@ def _remove(d: Path):
     shutil.rmtree(gone, ignore_errors=True)
 
 
+# What training writes beside the checkpoints: its records, the curves, TensorBoard's events.
+RUN_RECORDS = ("metrics.jsonl", "train_summary.json", "curves.png", "runs")
+
+
+def clear_run(out_dir: Path) -> list[str]:
+    """(rank 0, --overwrite_output_dir) The previous run's pointers, complete checkpoints and records go, so that
+    nothing of it (an O/best, metrics.jsonl lines, curves) passes for the new run's; anything else in the
+    directory (data, notes) stays. Pointers first: a kill midway never leaves one naming a removed checkpoint.
+    Returns the names removed."""
+    out_dir = Path(out_dir)
+    gone = []
+    for name in POINTERS:
+        if (out_dir / name).is_file():
+            (out_dir / name).unlink()
+            gone.append(name)
+    for d in complete_checkpoints(out_dir):
+        _remove(d)
+        gone.append(d.name)
+    for name in RUN_RECORDS:
+        path = out_dir / name
+        if path.exists():
+            remove_leftover(path)
+            gone.append(name)
+    return gone
+
+
 def write_state(d: Path, state: dict):
     with open(d / STATE_NAME, "w") as f:
         json.dump(state, f, indent=1)

@@ -42,6 +42,21 @@ def test_rotation_keeps_newest_and_best(tmp_path):
         checkpoint.resolve_checkpoint(tmp_path / "best")
 
 
+def test_overwrite_clears_the_previous_run_and_nothing_else(tmp_path):
+    """--overwrite_output_dir: no O/best, checkpoint or metrics line of the old run passes for the new run's."""
+    for step in (2, 4):
+        checkpoint.commit(fake_checkpoint(tmp_path, step), step, keep=0, best_step=2)
+    for name in ("metrics.jsonl", "train_summary.json", "curves.png", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "demo_data").mkdir()
+    gone = checkpoint.clear_run(tmp_path)
+    assert set(gone) == {"latest", "best", "checkpoint-2", "checkpoint-4", "metrics.jsonl", "train_summary.json",
+                         "curves.png", "runs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data", "notes.txt"]
+    assert checkpoint.latest_checkpoint(tmp_path) is None and checkpoint.clear_run(tmp_path) == []
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("best")
