@@ -11,8 +11,10 @@ For each size it writes a split in the real layout (layout.py: annotation.train.
   old       the index code of main before the compact index (OldIndex below, kept only to measure against):
             every group walked with h5py's high-level objects, a dict of (video, clip) tuples per modality,
             shards left open;
-  new cold  SignDataset(...) with no cache beside the data: h5 headers walked with h5py's low-level calls,
-            shards closed after indexing, frame counts in one int32 array, the index cache written;
+  new cold serial   SignDataset(...) with no cache beside the data: h5 headers walked with h5py's low-level
+            calls, shards closed after indexing, frame counts in one int32 array, the index cache written;
+  new cold  the same with the shards walked by a pool of worker processes (layout.map_shards; CPU seconds
+            are then the parent's only);
   new warm  SignDataset(...) again: the index read from the cache.
 
 Each row reports wall seconds, CPU seconds of the process (the steadier figure on a shared machine), RSS after the imports (torch and all, the same for every mode), and peak RSS
@@ -150,6 +152,9 @@ def measure(mode: str, data_dir: Path) -> dict:
     builder = PromptBuilder(tok, ids["markers"], ids["pad"])
     base = rss_mb()
     t, cpu = time.perf_counter(), time.process_time()
+    if mode == "serial":                 # new cold, but every shard walked in this process
+        from signllava import layout
+        layout.PARALLEL_WALK_MIN_VIDEOS = 1 << 62
     if mode == "old":
         ix = OldIndex(data_dir, "train")
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
@@ -173,6 +178,10 @@ def run_measure(mode: str, data_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the run
+# old; new cold with the shards walked in this process, then in worker processes (layout.map_shards); new warm
+LABELS = ("old", "new_cold_serial", "new_cold", "new_warm")
+
+
 def fit(rows: list[dict], key: str, project: int) -> dict:
     """Linear through the two largest sizes: per clip and projected to `project` clips."""
     a, b = rows[-2], rows[-1]
@@ -208,27 +217,30 @@ def main(argv=None):
             t = time.perf_counter()
             write_split(d, n, mods, args.clips_per_video, args.shards, tuple(args.frames))
             row = {"clips": n, "write_s": time.perf_counter() - t}
-            for mode, label in (("old", "old"), ("new", "new_cold"), ("new", "new_warm")):
+            for mode, label in (("old", "old"), ("serial", "new_cold_serial"), ("new", "new_cold"), ("new", "new_warm")):
                 row[label] = run_measure(mode, d)
-            if len({row[k]["digest"] for k in ("old", "new_cold", "new_warm")}) != 1:
+                if label == "new_cold_serial":
+                    for cache in d.glob("*/.*.index.npz"):       # the parallel first start must walk again
+                        cache.unlink()
+            if len({row[k]["digest"] for k in LABELS}) != 1:
                 raise SystemExit(f"{n} clips: old and new indexes differ")
-            for k in ("old", "new_cold", "new_warm"):
+            for k in LABELS:
                 row[k].pop("digest")
             R["sizes"].append(row)
             print(f"{n:>8} clips x {len(mods)}: " + "  ".join(
-                f"{k} {row[k]['seconds']:6.1f} s ({row[k]['cpu_s']:.1f} cpu) {row[k]['index_mb']:6.0f} MB" for k in ("old", "new_cold", "new_warm"))
+                f"{k} {row[k]['seconds']:6.1f} s ({row[k]['cpu_s']:.1f} cpu) {row[k]['index_mb']:6.0f} MB" for k in LABELS)
                 + f"  (base {row['old']['base_mb']:.0f} MB)", flush=True)
             shutil.rmtree(d, ignore_errors=True)
             out.write_text(json.dumps(R, indent=1))           # kept as it grows: a long run stopped early still counts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = [{"clips": r["clips"], **{f"{k}_{q}": r[k][q] for k in ("old", "new_cold", "new_warm")
+    rows = [{"clips": r["clips"], **{f"{k}_{q}": r[k][q] for k in LABELS
                                     for q in ("seconds", "cpu_s", "index_mb")}} for r in R["sizes"]]
     R["projection"] = {key: fit(rows, key, args.project) for key in rows[0] if key != "clips"}
     R["load_avg_end"] = os.getloadavg()
     print(f"projected to {args.project} clips x {len(mods)} modalities (linear in clips from the two largest sizes):")
-    for k in ("old", "new_cold", "new_warm"):
-        print(f"  {k:<9} {R['projection'][k + '_seconds']['projected']:7.0f} s  "
+    for k in LABELS:
+        print(f"  {k:<15} {R['projection'][k + '_seconds']['projected']:7.0f} s  "
               f"({R['projection'][k + '_cpu_s']['projected']:.0f} s cpu)  "
               f"{R['projection'][k + '_index_mb']['projected'] / 1024:6.2f} GB above the imports")
     out.write_text(json.dumps(R, indent=1))

@@ -219,6 +219,37 @@ def walk_video(h: h5py.File, path: Path, video: str, metadata: Path, keys: list,
         raise DataError(f"{where(path, video)}: unreadable ({e})") from None
 
 
+def walk_shard(job: tuple[Path, list[str], Path]) -> tuple[list[bytes], list[int]]:
+    """Keys and frame counts of the given videos of one shard (opened, walked, closed)."""
+    path, videos, metadata = job
+    keys: list[bytes] = []
+    frames: list[int] = []
+    with open_shard(path, metadata) as h:
+        for video in videos:
+            walk_video(h, path, video, metadata, keys, frames)
+    return keys, frames
+
+
+# A first start on a large split walks its shards in worker processes (h5py holds the GIL, so threads would
+# not help): at YouTube-ASL size one process takes minutes. Small splits (tests, dev sets) stay in-process,
+# where a process pool's start would cost more than the walk.
+PARALLEL_WALK_MIN_VIDEOS = 2000
+PARALLEL_WALK_MAX_WORKERS = 16
+
+
+def map_shards(fn, jobs: list, clips: int) -> list:
+    """fn over the shard jobs, in order: in a pool of processes ('forkserver': nothing of a training process's
+    threads or CUDA state is forked) when there are several shards, several cores and at least
+    PARALLEL_WALK_MIN_VIDEOS videos; in this process otherwise. A DataError in a worker is raised here."""
+    workers = min(len(jobs), len(os.sched_getaffinity(0)), PARALLEL_WALK_MAX_WORKERS)
+    if workers < 2 or clips < PARALLEL_WALK_MIN_VIDEOS:
+        return [fn(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        return list(pool.map(fn, jobs))
+
+
 class FeatureStore:
     """Per-modality sharded h5 features of one split.
 
@@ -267,12 +298,11 @@ class FeatureStore:
         by_shard: dict[str, list[str]] = {}
         for video, shard in self.video_shard.items():
             by_shard.setdefault(shard, []).append(video)
+        jobs = [(shard_path(self.metadata, shard), videos, self.metadata) for shard, videos in by_shard.items()]
         keys, frames = [], []
-        for shard, videos in by_shard.items():
-            path = shard_path(self.metadata, shard)
-            with open_shard(path, self.metadata) as h:
-                for video in videos:
-                    walk_video(h, path, video, self.metadata, keys, frames)
+        for k, f in map_shards(walk_shard, jobs, clips=len(self.video_shard)):
+            keys += k
+            frames += f
         return ClipIndex.from_pairs(keys, frames)
 
     def dim(self, video: str, clip: str) -> int:

@@ -60,6 +60,34 @@ def test_index_matches_plain_walk_and_leaves_nothing_open(tmp_path, builder):
     assert all(cache_path(s.metadata).is_file() for s in ds.stores.values())
 
 
+def test_parallel_walk_gives_the_same_index_and_names_a_missing_video(tmp_path, builder, monkeypatch):
+    """A large split's first start walks its shards in worker processes: the same index as in-process, and a
+    worker's DataError reaches the caller with the file and the video."""
+    import concurrent.futures
+    from signllava import layout
+    data = write_tiny_dataset(tmp_path / "d")
+    in_process = dataset(data, builder)
+    pools = []
+
+    class Spy(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *a, **k):
+            pools.append(a[0] if a else k.get("max_workers"))
+            super().__init__(*a, **k)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Spy)
+    monkeypatch.setattr(layout, "PARALLEL_WALK_MIN_VIDEOS", 0)
+    monkeypatch.setattr(layout.os, "sched_getaffinity", lambda pid: {0, 1})       # two cores, as on CI
+    for m in in_process.modalities:
+        cache_path(in_process.stores[m].metadata).unlink()
+    pooled = dataset(data, builder)
+    assert pools == [2] * len(in_process.modalities)                                # 3 shards, 2 workers each
+    assert pooled.items == in_process.items and np.array_equal(pooled.frames, in_process.frames)
+    cache_path(pooled.stores["mae"].metadata).unlink()
+    with h5py.File(data / "mae" / "mae.train.1.h5", "a") as h:
+        del h["trainvid1"]
+    with pytest.raises(DataError, match=r"mae\.train\.1\.h5.*trainvid1.*not in it"):
+        dataset(data, builder)
+
+
 def test_cache_is_used_and_rebuilt_when_stale_or_corrupt(tmp_path, builder, monkeypatch, caplog):
     data = write_tiny_dataset(tmp_path / "d")
     first = dataset(data, builder)
