@@ -4,7 +4,8 @@
                        [--report OUT.html] [--num_beams 5] [--max_new_tokens 192] [--min_new_tokens 0]
                        [--batch_size 16] [--context none|gold|predicted|FILE] [--context_window N]
                        [--prelude_window P] [--task translation|one_word_present|multi_word_present|is_reversed]
-                       [--limit N] [--modalities pose]  (a subset: the others get their learned absent rows)
+                       [--limit N] [--no_repeat_ngram_size N]
+                       [--modalities pose]  (a subset: the others get their learned absent rows)
     python generate.py --score_only OUT.json [--metrics_out METRICS.json] [--report OUT.html]
     deepspeed --num_gpus N generate.py ...        # (or torchrun) the clips split across ranks, one output
 
@@ -119,6 +120,9 @@ class Translator:
         self.decode_steps = default_decode(device)
         # Under ZeRO-3 every rank must run every forward: generate() keeps a finished rank stepping until all are.
         self.synced_ranks = False
+        # Off as in the original; N > 0: no n-gram of N tokens twice in a hypothesis (an under-trained model's
+        # loops, which run to max_new_tokens and dominate the corpus BLEU, are cut short).
+        self.no_repeat_ngram_size = 0
 
     @classmethod
     def from_checkpoint(cls, path, device: torch.device | str | None = None) -> "Translator":
@@ -193,7 +197,7 @@ class Translator:
         with steps:
             out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
                                           max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-                                          synced_gpus=self.synced_ranks, eos_token_id=self.ids["eot"],
+                                          no_repeat_ngram_size=self.no_repeat_ngram_size or None, synced_gpus=self.synced_ranks, eos_token_id=self.ids["eot"],
                                           pad_token_id=self.ids["pad"], use_cache=True, **{key: cache})
         eot = self.ids["eot"]
         return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
@@ -480,6 +484,7 @@ def run(args) -> int:
 
     tr = Translator.load(ckpt, cfg, tokenizer, device)
     tr.decode_steps = args.decode_steps or tr.decode_steps
+    tr.no_repeat_ngram_size = args.no_repeat_ngram_size
     mine = share_by_video(ds, indices, rank, world)
     log.info("checkpoint %s (stage %d), %s on %s; %d clips of %s/%s (%d ranks), context %s (window %d, prelude %d)",
              ckpt, cfg.stage, ",".join(cfg.modalities), device, len(indices), Path(args.data_dir).name, args.split,
@@ -505,7 +510,7 @@ def run(args) -> int:
                     "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
                     "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
                     "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-                    "limit": args.limit, "ranks": world, "decode_steps": tr.decode_steps})
+                    "no_repeat_ngram_size": args.no_repeat_ngram_size, "limit": args.limit, "ranks": world, "decode_steps": tr.decode_steps})
     finish(args, output, metrics)
     return 0
 
@@ -556,6 +561,9 @@ def main(argv=None) -> int:
     p.add_argument("--num_beams", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--min_new_tokens", type=int, default=0, help="the original's min_length (0: none)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0, metavar="N",
+                   help="forbid any N-gram of tokens twice in a hypothesis: cuts an under-trained model's loops, "
+                        "which run to --max_new_tokens and weigh heavily in corpus BLEU (0: off, as the original)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--context", metavar="none|gold|predicted|FILE",
                    help="context sentences for the translation task (default: predicted when the checkpoint was "
@@ -577,7 +585,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"),
                               non_negative=("context_window", "prelude_window", "limit", "num_workers",
-                                            "min_new_tokens"))
+                                            "min_new_tokens", "no_repeat_ngram_size"))
     if args.min_new_tokens > args.max_new_tokens:
         problems.append("--min_new_tokens must not exceed --max_new_tokens")
     if args.score_only:

@@ -234,6 +234,25 @@ def test_batched_equals_one_at_a_time(env, num_beams):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
+def test_no_repeat_ngram_size_cuts_loops(env, num_beams):
+    """--no_repeat_ngram_size N: no N-gram twice in any hypothesis (here N = 1: the tiny model repeats tokens).
+    generate() sees the generated ids only (the prompt goes in as embeddings), so the prompt's words stay allowed."""
+    tr, items = env["tr"], env["items"]
+    plain = tr.generate_ids(items, num_beams, 24)
+
+    def repeats(row, n):
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        return len(grams) - len(set(grams))
+    assert any(repeats(r, 1) for r in plain)                                    # repeats to cut
+    tr.no_repeat_ngram_size = 1
+    try:
+        guarded = tr.generate_ids(items, num_beams, 24)
+    finally:
+        tr.no_repeat_ngram_size = 0
+    assert not any(repeats(r, 1) for r in guarded) and guarded != plain
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
 def test_shared_prefill_equals_plain_hf_generate(env, num_beams):
     tr, items = env["tr"], env["items"]
     assert len({len(it["input_ids"]) for it in items}) > 3                        # real left padding
