@@ -52,10 +52,10 @@ def test_smollm2_both_stages_and_generation_stop(smol, tmp_path):
     common = ["--data_dir", data, "--model", smol, "--batch_size", 4, "--num_workers", 0, "--logging_steps", 1,
               "--eval_steps", 1000, "--eval_generate", 0]
     s1 = tmp_path / "s1"
-    run_script("pretrain.py", *common, "--output_dir", s1, "--max_steps", 6, "--save_steps", 6, launcher=True)
+    run_script("pretrain.py", *common, "--output_dir", s1, "--max_steps", 16, "--save_steps", 16, launcher=True)
     assert losses(s1)[-1] < losses(s1)[0] - 1, losses(s1)
     # tied embeddings and two appended marker rows, yet only projectors and marker rows are saved
-    saved = load_file(str(s1 / "checkpoint-6" / "projectors.safetensors"))
+    saved = load_file(str(s1 / "checkpoint-16" / "projectors.safetensors"))
     assert saved["marker_embed.weight"].shape == (2, 576)
     assert all(k.startswith(("projectors.", "marker_embed.")) for k in saved), sorted(saved)
     s2 = tmp_path / "s2"
@@ -64,14 +64,17 @@ def test_smollm2_both_stages_and_generation_stop(smol, tmp_path):
     assert losses(s2)[-1] < losses(s2)[0], losses(s2)
     adapter = load_file(str(s2 / "checkpoint-2" / "adapter" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter), [k for k in adapter if "lora_" not in k]
-    # The stage-2 checkpoint generates through the shared path with <|im_end|> as its stop token. (Stopping
-    # well before the limit needs a model that has learnt the answers: measured in the README's SmolLM2 demo,
-    # not in these few steps, after which it still describes the prompt at length.)
+    # Generation stops at SmolLM2's own end of turn, <|im_end|>, well before the limit: after 16 steps (loss about
+    # 1.2) some dev answers are short sentences and end there, others still loop to the limit. Stage 1's
+    # checkpoint (fp32 base) and stage 2's (4-bit base + adapter) both generate through the shared path.
     from generate import Translator
     from data import DataOptions, SignDataset
-    tr = Translator.from_checkpoint(s2, device="cpu")
-    assert tr.ids["eot"] == IM_END
-    ds = SignDataset(data, "dev", tr.builder, DataOptions(modalities=tr.cfg.modalities), train=False)
-    ds.generation = True
-    out = tr.generate_ids([ds[i] for i in range(2)], num_beams=2, max_new_tokens=6)
-    assert len(out) == 2 and all(0 < len(row) <= 6 and IM_END not in row for row in out), out
+    for ckpt, limit in ((s1, 40), (s2, 6)):
+        tr = Translator.from_checkpoint(ckpt, device="cpu")
+        assert tr.ids["eot"] == IM_END
+        ds = SignDataset(data, "dev", tr.builder, DataOptions(modalities=tr.cfg.modalities), train=False)
+        ds.generation = True
+        out = tr.generate_ids([ds[i] for i in range(4 if ckpt == s1 else 2)], num_beams=1, max_new_tokens=limit)
+        assert all(0 < len(row) <= limit and IM_END not in row for row in out), out
+        if ckpt == s1:
+            assert min(len(row) for row in out) <= limit // 2, [tr.decode(r) for r in out]      # stopped early
