@@ -405,8 +405,9 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
 
     fast_f = max((r for r in results if r["name"].startswith("(f)") and r["status"] == "ok"),
                  key=lambda r: r["pop_samples_per_s"], default=None)
-    if fast_f and args.compile_backend != "none" and not out_of_time(args, f"{section} (g) packed, compiled layers", results):
-        compiled_layers(section, model, args.compile_backend, results,
+    backend = resolved_compile_backend(args, device)
+    if fast_f and backend != "none" and not out_of_time(args, f"{section} (g) packed, compiled layers", results):
+        compiled_layers(section, model, backend, results,
                         lambda: token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers"))
 
     def fixed_gc(bs: int) -> dict:
@@ -451,6 +452,11 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     del trainer
     free_memory()
     return results
+
+
+def resolved_compile_backend(args, device: torch.device) -> str:
+    """--compile_backend, or its default for the device."""
+    return args.compile_backend or ("inductor" if device.type == "cuda" else "none")
 
 
 def compiled_layers(section: str, model, backend: str, results: list[dict], timed) -> None:
@@ -914,9 +920,9 @@ def parse_args(argv=None):
     g.add_argument("--batch_sizes", type=ints, default=[16, 8, 4, 2], help="candidates for ours, largest first")
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
     g.add_argument("--no_packing", dest="packing", action="store_false", help="skip (f) packed rows; (e) padded")
-    g.add_argument("--compile_backend", default="inductor",
-                   help="(g): the fastest (f) with training's --compile_layers BACKEND (none: skip (g); aot_eager "
-                        "only traces, for a quick CPU run of the code path)")
+    g.add_argument("--compile_backend",
+                   help="(g): the fastest (f) with training's --compile_layers BACKEND (default: inductor on a GPU, "
+                        "none on a CPU, where compiling takes minutes; none: skip (g); aot_eager only traces)")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
     g.add_argument("--qlora_mem_gb", type=float, default=24,
@@ -1057,7 +1063,7 @@ def main(argv=None) -> dict:
         model = assemble_with(state["llm"], sign_config(1, 16), tok, device, dtype)
         cast_params_(model, dtype)
         R["stage1"] = ({"packing_check": packing_check(model, synth, specs, device,
-                                                        compile_backend=args.compile_backend)}
+                                                        compile_backend=resolved_compile_backend(args, device))}
                        if args.packing else {})
         R["stage1"]["configs"] = bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)
 
