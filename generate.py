@@ -197,7 +197,8 @@ class Translator:
         with steps:
             out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, num_beams=num_beams, do_sample=False,
                                           max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-                                          no_repeat_ngram_size=self.no_repeat_ngram_size or None, synced_gpus=self.synced_ranks, eos_token_id=self.ids["eot"],
+                                          no_repeat_ngram_size=self.no_repeat_ngram_size or None,
+                                          synced_gpus=self.synced_ranks, eos_token_id=self.ids["eot"],
                                           pad_token_id=self.ids["pad"], use_cache=True, **{key: cache})
         eot = self.ids["eot"]
         return [row[:row.index(eot)] if eot in row else row for row in out.tolist()]
@@ -510,7 +511,8 @@ def run(args) -> int:
                     "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
                     "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
                     "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-                    "no_repeat_ngram_size": args.no_repeat_ngram_size, "limit": args.limit, "ranks": world, "decode_steps": tr.decode_steps})
+                    "no_repeat_ngram_size": args.no_repeat_ngram_size, "limit": args.limit, "ranks": world,
+                    "decode_steps": tr.decode_steps})
     finish(args, output, metrics)
     return 0
 

@@ -237,12 +237,12 @@ PARALLEL_WALK_MIN_VIDEOS = 2000
 PARALLEL_WALK_MAX_WORKERS = 16
 
 
-def map_shards(fn, jobs: list, clips: int) -> list:
+def map_shards(fn, jobs: list, videos: int) -> list:
     """fn over the shard jobs, in order: in a pool of processes ('forkserver': nothing of a training process's
     threads or CUDA state is forked) when there are several shards, several cores and at least
     PARALLEL_WALK_MIN_VIDEOS videos; in this process otherwise. A DataError in a worker is raised here."""
     workers = min(len(jobs), len(os.sched_getaffinity(0)), PARALLEL_WALK_MAX_WORKERS)
-    if workers < 2 or clips < PARALLEL_WALK_MIN_VIDEOS:
+    if workers < 2 or videos < PARALLEL_WALK_MIN_VIDEOS:
         return [fn(job) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -300,7 +300,7 @@ class FeatureStore:
             by_shard.setdefault(shard, []).append(video)
         jobs = [(shard_path(self.metadata, shard), videos, self.metadata) for shard, videos in by_shard.items()]
         keys, frames = [], []
-        for k, f in map_shards(walk_shard, jobs, clips=len(self.video_shard)):
+        for k, f in map_shards(walk_shard, jobs, videos=len(self.video_shard)):
             keys += k
             frames += f
         return ClipIndex.from_pairs(keys, frames)
