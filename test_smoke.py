@@ -280,6 +280,11 @@ def test_bad_flags_are_argparse_errors(tiny):
     assert res.returncode == 2 and "no such directory" in res.stderr and "Traceback" not in res.stderr
     res = run_script("pretrain.py", "--output_dir", root / "x", "--task_weights", "translate=1", check=False)
     assert res.returncode == 2 and "unknown task 'translate'" in res.stderr
+    # refused before OUTPUT_DIR is touched (--overwrite_output_dir would clear a previous run there)
+    res = run_script("pretrain.py", *train_args(data, llm, root / "z3c", 1, "--compile_layers", zero=3), check=False)
+    err = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and err.startswith("error: --compile_layers: not with ZeRO-3"), res.stderr[-2000:]
+    assert not (root / "z3c").exists()
 
 
 if __name__ == "__main__":

@@ -439,6 +439,12 @@ def setup_run(args) -> RunEnv:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(args.seed)
     out = Path(args.output_dir)
+    # Refused before anything in OUTPUT_DIR is touched.
+    with open(args.deepspeed_config) as f:
+        zero_stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+    if zero_stage == 3 and args.compile_layers:
+        raise RunError(f"--compile_layers: not with ZeRO-3 ({args.deepspeed_config}), whose hooks gather and release "
+                       "each layer's weights around its forward; use ZeRO-2 or drop the flag")
     if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
         raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
     if rank == 0:
@@ -456,11 +462,6 @@ def setup_run(args) -> RunEnv:
         log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
         make_demo(str(data_dir))
     barrier()
-    with open(args.deepspeed_config) as f:
-        zero_stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
-    if zero_stage == 3 and args.compile_layers:
-        raise RunError(f"--compile_layers: not with ZeRO-3 ({args.deepspeed_config}), whose hooks gather and release "
-                       "each layer's weights around its forward; use ZeRO-2 or drop the flag")
     if zero_stage == 3 and world == 1 and device.type == "cuda":
         # Measured on one H200 (issue 16): QLoRA 3.9 k real tokens/s under ZeRO-3 against 10-11 k under ZeRO-2.
         log.warning("ZeRO-3 on one GPU: parameters are gathered and released layer by layer on every pass with no "
