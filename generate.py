@@ -308,13 +308,19 @@ def prompt_length(ds, i: int) -> int:
     return ds.frame_tokens(i) + sum(len(t) for t in ds.context_for(v, pos)) // 4
 
 
+def clips_by_video(ds, indices: list[int]) -> dict[str, list[int]]:
+    """video -> its clips among `indices`, in the order given."""
+    by_video: dict[str, list[int]] = {}
+    for i in indices:
+        by_video.setdefault(ds.items[i][0], []).append(i)
+    return by_video
+
+
 def plan_rounds(ds, indices: list[int], predicted: bool) -> list[list[int]]:
     """One set of everything, or (predicted context) round k = the k-th generated clip of every video."""
     if not predicted or not indices:
         return [indices] if indices else []
-    by_video: dict[str, list[int]] = {}
-    for i in indices:
-        by_video.setdefault(ds.items[i][0], []).append(i)
+    by_video = clips_by_video(ds, indices)
     for lst in by_video.values():
         lst.sort(key=lambda i: ds.items[i][2])
     n = max(len(lst) for lst in by_video.values())
@@ -331,11 +337,8 @@ def share_by_video(ds, indices: list[int], rank: int, world: int) -> list[int]:
     with the fewest clips so far. Every rank computes the same deal."""
     if world == 1:
         return list(indices)
-    by_video: dict[str, list[int]] = {}
-    for i in indices:
-        by_video.setdefault(ds.items[i][0], []).append(i)
     load, mine = [0] * world, []
-    for lst in sorted(by_video.values(), key=len, reverse=True):
+    for lst in sorted(clips_by_video(ds, indices).values(), key=len, reverse=True):
         r = load.index(min(load))
         load[r] += len(lst)
         if r == rank:

@@ -25,19 +25,14 @@ python generate.py --checkpoint "$OUT/stage2/best" --data_dir "$OUT/data" --spli
 python - "$OUT" "$best" <<'PY'
 import json, sys
 from pathlib import Path
+from signllava.curves import read_series
 out, best = Path(sys.argv[1]), sys.argv[2]
 for stage in ("stage1", "stage2"):
     d = out / stage
-    rows = {}
-    for line in (d / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "dev_bleu" in r:
-            rows[r["step"]] = r["dev_bleu"]
+    rows = read_series(d / "metrics.jsonl")["dev_bleu"]          # step -> dev BLEU, as training logged it
     kept = sorted(p.name for p in d.glob("checkpoint-*"))
     print(f"{stage}: dev BLEU by step {rows}; kept {kept}; best -> {(d / 'best').read_text().strip()}")
-rows = {json.loads(l)["step"]: json.loads(l)["dev_bleu"] for l in (out / "stage2/metrics.jsonl").read_text().splitlines()
-        if "dev_bleu" in json.loads(l)}
-top = max(rows, key=lambda s: (rows[s], -s))
+top = max(rows, key=lambda s: (rows[s], -s))                      # stage 2's: the first of equal scores
 met = json.loads((out / "best.metrics.json").read_text())
 print(f"highest logged dev BLEU {rows[top]:.4f} at step {top}; O/best = {best}; "
       f"generate.py --checkpoint O/best: BLEU {met['bleu']:.4f} ({'reproduced' if abs(met['bleu'] - rows[top]) < 1e-9 else 'DIFFERS'})")
