@@ -2,7 +2,7 @@
 the CPU data loader, on a random-init Llama-3-8B-shaped LLM. One run; prints a table of ratios and writes
 bench/results-<device>-<date>.json (and a copy into $OUT when that is a directory).
 
-    python bench/benchmark.py --copy_to "$OUT"      # 8B shape on cuda, about 5-7 min on one H100
+    python bench/benchmark.py --copy_to "$OUT"      # 8B shape on cuda, about 9 min on one H200
     python bench/benchmark.py --quick               # fewer steps / batches / clips, about 3-4 min
     DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python bench/benchmark.py --shape tiny --quick    # CPU smoke run
 
@@ -31,10 +31,13 @@ What is timed (every ratio is against a baseline measured in the same run):
                        torch.compile, inductor) at the fastest (f)'s budget; the warmup steps pay the compilation;
                    * = ours: the fastest configuration that ran among (b), (d), (f), (g) (and (e)).
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
-                   stays within 24 GiB (a 24 GB card); if none does, (e) times up to two more checkpointed
-                   configurations: a token budget (packed unless --no_packing) sized by a linear fit of peak
-                   memory to batch tokens over the checkpointed runs, then the largest grouped fixed batch
-                   estimated to fit (cuda only).
+                   stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only): with
+                   (g)'s compiled layers, a packed budget without checkpointing as small as the longest sample
+                   allows (no new compilation), then a packed budget with checkpointing; if neither fits, up to
+                   two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
+                   fit of peak memory to batch tokens, then the largest grouped fixed batch estimated to fit.
+                   Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
+                   compiled rows' dynamo graph count and graph breaks.
                    QLoRA: nf4 + double quantisation (bitsandbytes, the same modules and Params4bit that
                    from_pretrained(BitsAndBytesConfig) makes, quantised in memory), LoRA r64 a16 dropout 0.05
                    on all linear layers (finetune.py's defaults).
@@ -143,6 +146,11 @@ def peak_mem_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def resident_mem_gb(device: torch.device) -> float | None:
+    """Memory held between steps (weights, gradients, optimizer state), GiB; None without a count (cpu)."""
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
@@ -233,6 +241,7 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
     """Time one configuration; an OOM (in the probe or the timed steps) is recorded, never raised.
     `packed`: the model packs each batch into one row (SignLLM.packing); the batch tokens are then its real ones."""
     step = step or trainer.step
+    t_start = time.perf_counter()
     res = {"name": name, "role": role, "batch_size": batch_size, "gradient_checkpointing": gc_on,
            "grouped": grouped, "packed": packed, "status": "ok"}
     set_gradient_checkpointing(trainer.model, gc_on)
@@ -268,8 +277,11 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
     mem = peak_mem_gb(device)
     if mem is not None:
         res["peak_mem_gb"] = mem
+    if not failed and resident_mem_gb(device) is not None:
+        res["resident_mem_gb"] = resident_mem_gb(device)
     set_gradient_checkpointing(trainer.model, False)
     trainer.model.packing = False
+    res["wall_s"] = time.perf_counter() - t_start       # probe, warmup (compilation) and timed steps
     log(f"  {name}: " + (f"{res['pop_samples_per_s']:.2f} samples/s, {res['real_tokens_per_s']:.0f} tok/s, "
                          f"MFU {100 * res['mfu']:.1f}%, pad {100 * res['pad_fraction']:.0f}%"
                          if res["status"] == "ok" else res["error"])
@@ -407,8 +419,12 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                  key=lambda r: r["pop_samples_per_s"], default=None)
     backend = resolved_compile_backend(args, device)
     if fast_f and backend != "none" and not out_of_time(args, f"{section} (g) packed, compiled layers", results):
-        compiled_layers(section, model, backend, results,
-                        lambda: token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers"))
+        with compiled_layers(section, model, backend, results):
+            g = token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers")
+            if mem_target_gb and g["status"] == "ok":
+                fit_memory_compiled(section, results, mem_target_gb, args, g, int(seq_lens.max()),
+                                    lambda b, gc_on: token_budget(b, gc_on, "(e)", packed=True,
+                                                                  note=", compiled layers"))
 
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)
@@ -459,22 +475,28 @@ def resolved_compile_backend(args, device: torch.device) -> str:
     return args.compile_backend or ("inductor" if device.type == "cuda" else "none")
 
 
-def compiled_layers(section: str, model, backend: str, results: list[dict], timed) -> None:
-    """(g): training's --compile_layers (kernels.compile_decoder_layers) at the fastest (f) budget;
-    the first steps pay the compilation (warmup). A compile failure is recorded, not raised; the layers are
-    eager again afterwards."""
+@contextlib.contextmanager
+def compiled_layers(section: str, model, backend: str, results: list[dict]):
+    """The rows timed inside run with training's --compile_layers (kernels.compile_decoder_layers); the first
+    steps of each new graph pay its compilation (warmup). A compile failure is recorded as a row, not raised;
+    the layers are eager again afterwards. The compiled rows note dynamo's graph count and graph breaks."""
     from signllava import kernels
+    from torch._dynamo.utils import counters
     llm = base_llm(model)
     kernels.compile_decoder_layers(llm, backend)
-    t0 = time.perf_counter()
+    counters.clear()
+    first = len(results)
     try:
-        r = timed()
-        r["wall_s_with_compile"] = time.perf_counter() - t0
+        yield
     except Exception as e:         # noqa: BLE001 -- what failed to compile is a result of the run
         results.append({"name": f"(g) {section} compiled layers", "role": "ours", "status": "error",
                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__})
-        log(f"  (g) compiled layers failed: {results[-1]['error']}")
+        log(f"  compiled layers failed: {results[-1]['error']}")
     finally:
+        dynamo = {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+                  "graph_breaks": int(sum(counters["graph_break"].values()))}
+        for r in results[first:]:
+            r["dynamo"] = dynamo           # cumulative over the compiled rows, in their order
         kernels.uncompile_decoder_layers(llm)
         torch._dynamo.reset()
 
@@ -495,16 +517,47 @@ def mark_best(results: list[dict], mem_target_gb: float | None = None):
 
 
 def linear_mem(results: list[dict]) -> tuple[float, float] | None:
-    """(intercept GiB, GiB per padded token) of peak memory with checkpointing, through the checkpointed runs
-    with the fewest and most tokens in a batch (the batch-1 reference and the largest (b) GC); None if < 2."""
-    pts = sorted({(r["max_batch_tokens"], r["peak_mem_gb"]) for r in results
-                  if r["status"] == "ok" and r["gradient_checkpointing"] and r.get("peak_mem_gb") is not None
-                  and r.get("max_batch_tokens")})
+    """(intercept GiB, GiB per padded token) of peak memory with checkpointing, eager layers, through the
+    fewest and most tokens in a batch: the memory held between steps (no tokens; the least any timed row
+    measured) where the device counts it, else the batch-1 reference, and the largest checkpointed run;
+    None if < 2 points."""
+    pts = {(r["max_batch_tokens"], r["peak_mem_gb"]) for r in results
+           if r["status"] == "ok" and r["gradient_checkpointing"] and "dynamo" not in r
+           and r.get("peak_mem_gb") is not None and r.get("max_batch_tokens")}
+    held = [r["resident_mem_gb"] for r in results if r.get("resident_mem_gb") is not None]
+    if held:
+        pts.add((0, min(held)))
+    pts = sorted(pts)
     if len(pts) < 2 or pts[-1][0] <= pts[0][0] or pts[-1][1] <= pts[0][1]:
         return None
     (t0, m0), (t1, m1) = pts[0], pts[-1]
     slope = (m1 - m0) / (t1 - t0)
     return m0 - slope * t0, slope
+
+
+def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args, g: dict, longest_tokens: int,
+                        run_budget, margin: float = 0.9):
+    """Within compiled_layers, after (g): (e) candidates for the memory target that keep the compiled layers.
+    1. Without checkpointing, at a small packed budget: (g)'s graphs serve it (dynamic shapes), so it costs no
+       compilation. Peak memory is taken as linear in the packed budget, from linear_mem's intercept (weights,
+       gradients, optimizer state: what a batch of no tokens holds) through (g)'s own point;
+       tried when the longest sample alone (a batch of one whatever the budget) is predicted to fit.
+    2. With checkpointing, at the budget the checkpointed runs' fit gives (fit_memory's first try); this
+       compiles the checkpointed layer anew."""
+    fit = linear_mem(results)
+    if fit is None or not g.get("peak_mem_gb"):
+        return
+    a, slope_gc = fit
+    slope = (g["peak_mem_gb"] - a) / g["max_batch_tokens"]
+    if not out_of_time(args, f"{section} (e) compiled, no GC", results):
+        if 0 < slope and a + slope * longest_tokens <= limit_gb:
+            run_budget(max(int((margin * limit_gb - a) / slope), longest_tokens), False)
+        else:
+            log(f"{section}: (e) compiled without checkpointing skipped: the longest sample ({longest_tokens} "
+                f"tokens) alone is predicted at {a + slope * longest_tokens:.1f} GiB")
+    budget = int((margin * limit_gb - a) / slope_gc)
+    if budget > 0 and args.token_budget and not out_of_time(args, f"{section} (e) compiled, GC", results):
+        run_budget(budget, True)
 
 
 def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: list[int], run_budget_gc,
@@ -928,17 +981,17 @@ def parse_args(argv=None):
     g.add_argument("--qlora_mem_gb", type=float, default=24,
                    help="QLoRA: also report the fastest ours config peaking within this many GiB, timing up to two "
                         "more checkpointed configs (token budget, then grouped fixed batch) if none did (0: off; cuda only)")
-    g.add_argument("--config_budget_s", type=float, default=25,
+    g.add_argument("--config_budget_s", type=float, default=15,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")
     g.add_argument("--gen_clips", type=int, default=1741, help="clips to project to (How2Sign dev: 1741)")
     g.add_argument("--gen_batches", type=int, help="batches timed, systematic sample (default 10, quick 4)")
-    g.add_argument("--gen_serial", type=int, help="clips timed one at a time (default 16, quick 6)")
+    g.add_argument("--gen_serial", type=int, help="clips timed one at a time (default 10, quick 6)")
     g.add_argument("--gen_batch_size", type=int, default=16)
     g.add_argument("--num_beams", type=int, default=5)
     g.add_argument("--max_new_tokens", type=int, default=30)
     g.add_argument("--gen_budget_s", type=float, help="seconds per generation variant before it stops timing more "
-                                                      "(default 30, quick 20)")
+                                                      "(default 20, quick 15)")
     g.add_argument("--gen_model", choices=["bf16", "qlora"], default="bf16",
                    help="generate with the stage-1 bf16 LLM (before quantisation) or the 4-bit + LoRA one")
     g.add_argument("--no_gen_eager", dest="gen_eager", action="store_false",
@@ -946,12 +999,12 @@ def parse_args(argv=None):
     g.add_argument("--no_plain_hf", dest="plain_hf", action="store_false",
                    help="skip the ablation: batched plain HF generate (prompt repeated per beam)")
     g = p.add_argument_group("loader")
-    g.add_argument("--loader_clips", type=int, help="clips written to h5 (default 2000, quick 800)")
-    g.add_argument("--loader_batches", type=int, help="batches read per worker count (default 60, quick 25)")
+    g.add_argument("--loader_clips", type=int, help="clips written to h5 (default 1200, quick 800)")
+    g.add_argument("--loader_batches", type=int, help="batches read per worker count (default 40, quick 25)")
     g.add_argument("--loader_batch_size", type=int, help="default: stage-1 ours' batch size, else 8")
     g.add_argument("--workers", type=ints, default=[0, 2, 4, 8])
     g.add_argument("--tmp_dir", help="where the loader's h5 files go (default: the system temp dir)")
-    p.add_argument("--time_limit_s", type=float, default=450,
+    p.add_argument("--time_limit_s", type=float, default=480,
                    help="past this many seconds, optional pieces ((c), (d), (e), the plain-HF generation ablation) "
                         "are skipped")
     p.add_argument("--out", help="JSON path (default bench/results-<device>-<shape>-<date>.json)")
@@ -960,8 +1013,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     q = args.quick
     for name, full, quick in (("steps", 10, 5), ("ref_steps", 24, 12), ("warmup", 2, 1), ("gen_batches", 10, 4),
-                              ("gen_serial", 16, 6), ("gen_budget_s", 30.0, 20.0), ("loader_clips", 2000, 800),
-                              ("loader_batches", 60, 25)):
+                              ("gen_serial", 10, 6), ("gen_budget_s", 20.0, 15.0), ("loader_clips", 1200, 800),
+                              ("loader_batches", 40, 25)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]

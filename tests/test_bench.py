@@ -307,6 +307,51 @@ def test_memory_target_adds_checkpointed_configs(tok, synth, monkeypatch):
     assert len(row) == 1 and (row[0]["ratio"] is not None) == bool(fit)
 
 
+def test_memory_target_keeps_the_compiled_layers(tok, synth, monkeypatch):
+    """After (g), the memory target's (e) candidates keep the compiled layers: first without checkpointing at a
+    small packed budget that the longest sample alone fits (no new compilation), then with checkpointing; the
+    eager checkpointed fallback only runs when neither fits."""
+    from bench.synthetic import base_llm
+    from signllava import kernels
+    specs = short_specs(16)
+    args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
+                             "--batch_sizes", "4,2", "--compile_backend", "eager"])   # dynamo traces, runs eagerly
+    ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
+    model = stage1_model(tok)
+    layer = kernels.decoder_layers(base_llm(model))[0]
+    state = {"gc": False, "tok": 0}
+    set_gc = bench.set_gradient_checkpointing
+    monkeypatch.setattr(bench, "set_gradient_checkpointing", lambda m, on: (state.update(gc=on), set_gc(m, on)))
+    monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
+    monkeypatch.setattr(bench, "resident_mem_gb", lambda d: 1.0)
+    # Fake peak memory: 1 GiB held between steps plus a slope per batch token, 3x steeper without
+    # checkpointing and halved by the compiled layers.
+    monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3)
+                        * (0.5 if layer._compiled_call_impl is not None else 1))
+
+    def recording(trainer):
+        def step(batch):       # a packed row computes the batch's real tokens only
+            state["tok"] = max(state["tok"], bench.batch_stats(batch)["real" if trainer.model.packing else "padded"])
+            return trainer.step(batch)
+        return step
+    longest = max(synth.seq_len(s) for s in specs)
+    lim = 1 + 0.02 * longest          # the longest sample alone fits compiled without checkpointing, eager not
+    try:
+        res = bench.bench_training("qlora", model, synth, specs, args, CPU, ctx, lr=1e-3, step_override=recording,
+                                   mem_target_gb=lim)
+    finally:
+        torch._dynamo.reset()
+    g = next(r for r in res if r["name"].startswith("(g)"))
+    assert g["status"] == "ok" and g["dynamo"]["unique_graphs"] > 0 and not bench.fits(g, lim)
+    extra = [r for r in res if r["name"].startswith("(e)")]
+    assert [r["gradient_checkpointing"] for r in extra] == [False, True]
+    assert all(r["name"].endswith("compiled layers") and r["dynamo"] and bench.fits(r, lim) for r in extra)
+    assert extra[0]["max_tokens"] >= longest and extra[0]["max_batch_tokens"] <= 1.5 * longest
+    assert layer._compiled_call_impl is None                     # eager again for what follows
+    fit = [r for r in res if r.get("best_mem")]
+    assert len(fit) == 1 and fit[0] in extra
+
+
 def test_timed_steps_budget_keeps_a_prefix():
     batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
                 "labels": torch.zeros(2, 5, dtype=torch.long)} for _ in range(10)]
