@@ -83,8 +83,14 @@ def module_keys(ckpt: Path) -> list[str]:
 def test_stage1_zero2_launcher_checkpoint_and_reload(tiny):
     root, data, llm = tiny
     out = root / "s1z2"
-    run_script("pretrain.py", *train_args(data, llm, out, 6, "--save_steps", 3), launcher=True)
+    run_script("pretrain.py", *train_args(data, llm, out, 6, "--save_steps", 3, "--profile_steps", "4:6"),
+               launcher=True)
     assert (out / "latest").read_text().strip() == "checkpoint-6"
+    # --profile_steps: steps 5 and 6 recorded (host only on a CPU), the projectors' matmuls among the operators
+    prof = json.loads((out / "profile" / "summary.json").read_text())
+    assert prof["steps"] == 2 and prof["wall_s_per_step"] > 0 and "device_busy_fraction" not in prof
+    assert "aten::mm" in (out / "profile" / "ops.txt").read_text()
+    assert json.loads((out / "profile" / "trace.json").read_text())["traceEvents"]
     ck = out / "checkpoint-6"
     # Only trainable tensors are saved: projectors and the two marker rows, never a frozen LLM weight.
     for keys in (module_keys(ck), list(load_file(str(ck / "projectors.safetensors")))):
@@ -280,6 +286,8 @@ def test_bad_flags_are_argparse_errors(tiny):
     assert res.returncode == 2 and "no such directory" in res.stderr and "Traceback" not in res.stderr
     res = run_script("pretrain.py", "--output_dir", root / "x", "--task_weights", "translate=1", check=False)
     assert res.returncode == 2 and "unknown task 'translate'" in res.stderr
+    res = run_script("pretrain.py", "--output_dir", root / "x", "--profile_steps", "5:5", check=False)
+    assert res.returncode == 2 and "--profile_steps 5:5: needs 0 <= A < B" in res.stderr
     # refused before OUTPUT_DIR is touched (--overwrite_output_dir would clear a previous run there)
     res = run_script("pretrain.py", *train_args(data, llm, root / "z3c", 1, "--compile_layers", zero=3), check=False)
     err = res.stderr.strip().splitlines()[-1]

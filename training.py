@@ -42,7 +42,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
                   plan_epoch, rank_share)
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
-from signllava import checkpoint, faults, kernels, portable_state, safe_load
+from signllava import checkpoint, faults, kernels, portable_state, safe_load, step_profiler
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
@@ -176,6 +176,9 @@ def add_run_args(g, output_required: bool, output_help: str | None):
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh in an OUTPUT_DIR that holds a run: its checkpoints, latest/best, metrics.jsonl, "
                         "summary, curves and TensorBoard events are removed first (other files stay)")
+    g.add_argument("--profile_steps", metavar="A:B",
+                   help="record optimizer steps A+1..B with torch.profiler on rank 0 into OUTPUT_DIR/profile "
+                        "(timeline, operators by time, device busy fraction); pick steps without evaluation or saving")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_config_arg(g)
 
@@ -191,6 +194,11 @@ def validate_args(p: argparse.ArgumentParser, args):
         parse_max_frames(args.max_frames)
     except ValueError as e:
         problems.append(str(e))
+    if args.profile_steps:
+        try:
+            step_profiler.parse_window(args.profile_steps)
+        except ValueError as e:
+            problems.append(str(e))
     if not 0 <= args.modality_dropout < 1:
         problems.append("--modality_dropout must be in [0, 1)")
     if args.max_steps == 0 and args.epochs <= 0:
@@ -937,6 +945,7 @@ def train(state: TrainState):
     env, a = state.env, state.env.args
     collate = Collator(state.data.pad_id)
     meter = Throughput(env.world)
+    profiler = step_profiler.StepProfiler(a.profile_steps, env.out, env.rank, env.device)
     state.engine.train()
     epoch, k0 = state.plans.locate(state.step)
     # A context, so that a run stopped by an error closes its bar before the error line is printed.
@@ -950,6 +959,7 @@ def train(state: TrainState):
                     break
                 train_step(state, [next(it) for _ in range(a.grad_accum)], meter)
                 bar.update(1)
+                profiler.after_step(state.step)
                 after_step(state, meter, bar)
             epoch, k0 = epoch + 1, 0
 
