@@ -32,8 +32,8 @@ What is timed (every ratio is against a baseline measured in the same run):
                    * = ours: the fastest configuration that ran among (b), (d), (f), (g) (and (e)).
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
                    stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only): with
-                   (g)'s compiled layers, a packed budget without checkpointing as small as the longest sample
-                   allows (no new compilation), then a packed budget with checkpointing; if neither fits, up to
+                   (g)'s compiled layers, a packed budget with checkpointing, then (optional) one without
+                   checkpointing as small as the longest sample allows (no new compilation); if neither fits, up to
                    two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
                    fit of peak memory to batch tokens, then the largest grouped fixed batch estimated to fit.
                    Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
@@ -538,26 +538,29 @@ def linear_mem(results: list[dict]) -> tuple[float, float] | None:
 def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args, g: dict, longest_tokens: int,
                         run_budget, margin: float = 0.9):
     """Within compiled_layers, after (g): (e) candidates for the memory target that keep the compiled layers.
-    1. Without checkpointing, at a small packed budget: (g)'s graphs serve it (dynamic shapes), so it costs no
-       compilation. Peak memory is taken as linear in the packed budget, from linear_mem's intercept (weights,
-       gradients, optimizer state: what a batch of no tokens holds) through (g)'s own point;
-       tried when the longest sample alone (a batch of one whatever the budget) is predicted to fit.
-    2. With checkpointing, at the budget the checkpointed runs' fit gives (fit_memory's first try); this
-       compiles the checkpointed layer anew."""
+    1. With checkpointing, at the packed budget linear_mem's fit gives (fit_memory's first try), not subject to
+       --time_limit_s: the memory target's likeliest best (a large budget keeps the GPU busy); it compiles the
+       checkpointed layer anew (QLoRA: about 100 s on an H200).
+    2. Optional: without checkpointing, at a small packed budget: (g)'s graphs serve it (dynamic shapes), so it
+       costs no compilation, but so few tokens a step leave the GPU waiting on the host. Peak memory is taken as
+       linear in the packed budget, from linear_mem's intercept (weights, gradients, optimizer state: what a batch
+       of no tokens holds) through (g)'s own point; tried when the longest sample alone (a batch of one whatever
+       the budget) is predicted to fit."""
     fit = linear_mem(results)
     if fit is None or not g.get("peak_mem_gb"):
         return
     a, slope_gc = fit
-    slope = (g["peak_mem_gb"] - a) / g["max_batch_tokens"]
-    if not out_of_time(args, f"{section} (e) compiled, no GC", results):
-        if 0 < slope and a + slope * longest_tokens <= limit_gb:
-            run_budget(max(int((margin * limit_gb - a) / slope), longest_tokens), False)
-        else:
-            log(f"{section}: (e) compiled without checkpointing skipped: the longest sample ({longest_tokens} "
-                f"tokens) alone is predicted at {a + slope * longest_tokens:.1f} GiB")
     budget = int((margin * limit_gb - a) / slope_gc)
-    if budget > 0 and args.token_budget and not out_of_time(args, f"{section} (e) compiled, GC", results):
+    if budget > 0 and args.token_budget:
         run_budget(budget, True)
+    slope = (g["peak_mem_gb"] - a) / g["max_batch_tokens"]
+    if out_of_time(args, f"{section} (e) compiled, no GC", results):
+        return
+    if 0 < slope and a + slope * longest_tokens <= limit_gb:
+        run_budget(max(int((margin * limit_gb - a) / slope), longest_tokens), False)
+    else:
+        log(f"{section}: (e) compiled without checkpointing skipped: the longest sample ({longest_tokens} "
+            f"tokens) alone is predicted at {a + slope * longest_tokens:.1f} GiB")
 
 
 def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: list[int], run_budget_gc,
@@ -968,7 +971,7 @@ def parse_args(argv=None):
     g.add_argument("--answer", type=ints, default=[20, 80], help="min,max answer tokens")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, help="timed steps of each batched config (default 10, quick 5)")
-    g.add_argument("--ref_steps", type=int, help="timed steps of the batch-1 reference (default 24, quick 12)")
+    g.add_argument("--ref_steps", type=int, help="timed steps of the batch-1 reference (default 16, quick 12)")
     g.add_argument("--warmup", type=int, help="untimed steps before timing (default 2, quick 1)")
     g.add_argument("--batch_sizes", type=ints, default=[16, 8, 4, 2], help="candidates for ours, largest first")
     g.add_argument("--no_ablation", dest="ablation", action="store_false", help="skip (c) ours without grouping")
@@ -981,17 +984,17 @@ def parse_args(argv=None):
     g.add_argument("--qlora_mem_gb", type=float, default=24,
                    help="QLoRA: also report the fastest ours config peaking within this many GiB, timing up to two "
                         "more checkpointed configs (token budget, then grouped fixed batch) if none did (0: off; cuda only)")
-    g.add_argument("--config_budget_s", type=float, default=15,
+    g.add_argument("--config_budget_s", type=float, default=10,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")
     g.add_argument("--gen_clips", type=int, default=1741, help="clips to project to (How2Sign dev: 1741)")
-    g.add_argument("--gen_batches", type=int, help="batches timed, systematic sample (default 10, quick 4)")
-    g.add_argument("--gen_serial", type=int, help="clips timed one at a time (default 10, quick 6)")
+    g.add_argument("--gen_batches", type=int, help="batches timed, systematic sample (default 8, quick 4)")
+    g.add_argument("--gen_serial", type=int, help="clips timed one at a time (default 8, quick 6)")
     g.add_argument("--gen_batch_size", type=int, default=16)
     g.add_argument("--num_beams", type=int, default=5)
     g.add_argument("--max_new_tokens", type=int, default=30)
     g.add_argument("--gen_budget_s", type=float, help="seconds per generation variant before it stops timing more "
-                                                      "(default 20, quick 15)")
+                                                      "(default 12, quick 10)")
     g.add_argument("--gen_model", choices=["bf16", "qlora"], default="bf16",
                    help="generate with the stage-1 bf16 LLM (before quantisation) or the 4-bit + LoRA one")
     g.add_argument("--no_gen_eager", dest="gen_eager", action="store_false",
@@ -999,12 +1002,12 @@ def parse_args(argv=None):
     g.add_argument("--no_plain_hf", dest="plain_hf", action="store_false",
                    help="skip the ablation: batched plain HF generate (prompt repeated per beam)")
     g = p.add_argument_group("loader")
-    g.add_argument("--loader_clips", type=int, help="clips written to h5 (default 1200, quick 800)")
+    g.add_argument("--loader_clips", type=int, help="clips written to h5 (default 800, quick 800)")
     g.add_argument("--loader_batches", type=int, help="batches read per worker count (default 40, quick 25)")
     g.add_argument("--loader_batch_size", type=int, help="default: stage-1 ours' batch size, else 8")
     g.add_argument("--workers", type=ints, default=[0, 2, 4, 8])
     g.add_argument("--tmp_dir", help="where the loader's h5 files go (default: the system temp dir)")
-    p.add_argument("--time_limit_s", type=float, default=480,
+    p.add_argument("--time_limit_s", type=float, default=450,
                    help="past this many seconds, optional pieces ((c), (d), (e), the plain-HF generation ablation) "
                         "are skipped")
     p.add_argument("--out", help="JSON path (default bench/results-<device>-<shape>-<date>.json)")
@@ -1012,8 +1015,8 @@ def parse_args(argv=None):
                                                     "(default: $OUT when that is a directory)")
     args = p.parse_args(argv)
     q = args.quick
-    for name, full, quick in (("steps", 10, 5), ("ref_steps", 24, 12), ("warmup", 2, 1), ("gen_batches", 10, 4),
-                              ("gen_serial", 10, 6), ("gen_budget_s", 20.0, 15.0), ("loader_clips", 1200, 800),
+    for name, full, quick in (("steps", 10, 5), ("ref_steps", 16, 12), ("warmup", 2, 1), ("gen_batches", 8, 4),
+                              ("gen_serial", 8, 6), ("gen_budget_s", 12.0, 10.0), ("loader_clips", 800, 800),
                               ("loader_batches", 40, 25)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
