@@ -115,3 +115,29 @@ def test_non_finite_loss_skips_the_update_and_resume_keeps_the_count(run):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
+
+
+def test_overflow_scan_skipped_only_where_the_gradient_norm_decides():
+    """ZeRO-1/2's per-tensor inf/NaN scan is dropped only while DeepSpeed computes the global gradient norm,
+    whose check catches the same steps (the NaN tests above run with the scan dropped)."""
+    from training import skip_per_tensor_overflow_scan
+
+    class Zero2:                     # the parts of DeepSpeed's stage_1_and_2 optimizer the decision reads
+        compute_grad_norm = True
+        scanned = 0
+
+        def check_overflow(self, partition_gradients=True):
+            self.scanned += 1
+
+        def has_overflow_partitioned_grads_serial(self):
+            return None
+    opt = Zero2()
+    assert skip_per_tensor_overflow_scan(opt)
+    opt.check_overflow()
+    assert opt.scanned == 0
+    no_norm = Zero2()
+    no_norm.compute_grad_norm = False
+    assert not skip_per_tensor_overflow_scan(no_norm)
+    no_norm.check_overflow()
+    assert no_norm.scanned == 1
+    assert not skip_per_tensor_overflow_scan(object())          # another optimizer: left alone
