@@ -91,6 +91,8 @@ def test_stage1_zero2_launcher_checkpoint_and_reload(tiny):
     assert prof["steps"] == 2 and prof["wall_s_per_step"] > 0 and "device_busy_fraction" not in prof
     assert "aten::mm" in (out / "profile" / "ops.txt").read_text()
     assert json.loads((out / "profile" / "trace.json").read_text())["traceEvents"]
+    from signllava.step_profiler import covered          # device busy time: overlapping kernels count once
+    assert covered([(0, 4), (2, 6), (10, 11), (3, 5)]) == 7 and covered([]) == 0
     ck = out / "checkpoint-6"
     # Only trainable tensors are saved: projectors and the two marker rows, never a frozen LLM weight.
     for keys in (module_keys(ck), list(load_file(str(ck / "projectors.safetensors")))):

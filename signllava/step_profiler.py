@@ -31,6 +31,16 @@ def parse_window(spec: str) -> tuple[int, int]:
     return first, last
 
 
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 class StepProfiler:
     """Call after_step(step) after every optimizer step; recording runs from step `first` to step `last`."""
 
@@ -67,8 +77,11 @@ class StepProfiler:
         self.prof.export_chrome_trace(str(self.out / "trace.json"))
         ops = self.prof.key_averages()
         on_device = self.device.type == "cuda"
-        # Self times add up to the busy time without counting nested operators twice.
-        device_s = sum(e.self_device_time_total for e in ops) / 1e6 if on_device else None
+        # Busy = the union of the kernels' and copies' intervals (operators' device times would count the kernels
+        # they launch a second time).
+        kernels = [(e.time_range.start, e.time_range.end) for e in self.prof.events()
+                   if e.device_type != torch.autograd.DeviceType.CPU]
+        device_s = covered(kernels) / 1e6 if on_device else None
         host_s = sum(e.self_cpu_time_total for e in ops) / 1e6
         tables = [("self device time", "self_device_time_total")] if on_device else []
         tables.append(("self host time", "self_cpu_time_total"))
