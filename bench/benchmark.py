@@ -162,6 +162,18 @@ def oom_message(e: BaseException) -> str:
     return f"OOM ({str(e).splitlines()[0][:160]})"
 
 
+def failure_message(e: BaseException) -> tuple[str, str]:
+    """(status, one line) of what a timed configuration may fail with and the run goes on: out of memory, or
+    torch.compile failing on it (the cause is the message's last line: the first says only which backend
+    raised); anything else re-raised."""
+    from torch._dynamo.exc import TorchDynamoException
+    if isinstance(e, TorchDynamoException):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = lines[-1] if lines else ""
+        return "error", f"{type(e).__name__}: {lines[0][:120] if lines else ''} ... {cause[:300]}"
+    return "OOM", oom_message(e)
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, trials: int = 5) -> dict:
     """Best-of-`trials` throughput of an n x n x n matmul (2 n^3 FLOP each)."""
     n = n or (8192 if device.type == "cuda" else 1024)
@@ -258,10 +270,10 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
             res["probe_tokens"] = p[cost]
             step(probe)
         res.update(timed_steps(step, batches, warmup, device, budget_s))
-    except Exception as e:         # noqa: BLE001 -- OOM is data; anything else is re-raised below
-        failed = oom_message(e)
+    except Exception as e:         # noqa: BLE001 -- OOM and compile failures are data; the rest re-raised
+        status, failed = failure_message(e)
     if failed:
-        res["status"] = "OOM"
+        res["status"] = status
         res["error"] = failed
         trainer.reset()
         free_memory()
@@ -574,9 +586,10 @@ def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: 
     if not any(r.get("peak_mem_gb") is not None for r in results):
         log(f"{section}: no peak-memory count on this device; no <= {limit_gb:g} GiB configuration sought")
         return
-    tried = {r["batch_size"] for r in ours if r["gradient_checkpointing"]}
+    tried = {r["batch_size"] for r in ours if r.get("gradient_checkpointing")}
     for k in range(max_tries):
-        if out_of_time(args, f"{section} (e) <= {limit_gb:g} GiB", results):
+        # The first try is the target's own row, whatever the time; a second one only within --time_limit_s.
+        if k and out_of_time(args, f"{section} (e) <= {limit_gb:g} GiB", results):
             return
         fit = linear_mem(results)
         r = None

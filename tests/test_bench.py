@@ -352,6 +352,47 @@ def test_memory_target_keeps_the_compiled_layers(tok, synth, monkeypatch):
     assert len(fit) == 1 and fit[0] in extra
 
 
+def test_a_compile_failure_is_a_row_and_the_eager_memory_fallback_runs(tok, synth, monkeypatch):
+    """torch.compile failing on the checkpointed (e) (as inductor did on an H200) is recorded on that row with
+    its cause, and the eager checkpointed (e) still seeks the memory target -- even past --time_limit_s."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from bench.synthetic import base_llm
+    from signllava import kernels
+    specs = short_specs(16)
+    args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
+                             "--batch_sizes", "4,2", "--compile_backend", "eager", "--no_ablation"])
+    ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
+    model = stage1_model(tok)
+    layer = kernels.decoder_layers(base_llm(model))[0]
+    state = {"gc": False, "tok": 0}
+    set_gc = bench.set_gradient_checkpointing
+    monkeypatch.setattr(bench, "set_gradient_checkpointing", lambda m, on: (state.update(gc=on), set_gc(m, on)))
+    monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
+    monkeypatch.setattr(bench, "resident_mem_gb", lambda d: 1.0)
+    monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3))
+
+    def recording(trainer):
+        def step(batch):
+            if state["gc"] and layer._compiled_call_impl is not None:
+                raise BackendCompilerFailed(lambda: None, RuntimeError("inductor: no kernel for this\nthe cause"), None)
+            state["tok"] = max(state["tok"], bench.batch_stats(batch)["real" if trainer.model.packing else "padded"])
+            return trainer.step(batch)
+        return step
+    lim = 1 + 0.02 * max(synth.seq_len(s) for s in specs)
+    args.t0 = -1e9            # past --time_limit_s by the memory target's turn: only its own first try runs
+    within = bench.out_of_time
+    monkeypatch.setattr(bench, "out_of_time", lambda a, what, into=None: "(e)" in what and within(a, what, into))
+    try:
+        res = bench.bench_training("qlora", model, synth, specs, args, CPU, ctx, lr=1e-3, step_override=recording,
+                                   mem_target_gb=lim)
+    finally:
+        torch._dynamo.reset()
+    failed = [r for r in res if r["status"] == "error"]
+    assert len(failed) == 1 and failed[0]["gradient_checkpointing"] and "the cause" in failed[0]["error"]
+    eager = [r for r in res if r["name"].startswith("(e)") and "dynamo" not in r]
+    assert len(eager) == 1 and eager[0]["status"] == "ok" and eager[0]["gradient_checkpointing"]
+
+
 def test_timed_steps_budget_keeps_a_prefix():
     batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
                 "labels": torch.zeros(2, 5, dtype=torch.long)} for _ in range(10)]
