@@ -111,10 +111,12 @@ def test_fused_ops_equal_stock_llama(tok, synth, stage):
 
 
 # ------------------------------------------------------------------------------------------ compiled layers
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("backend", ["traced"])
-def test_compiled_layers_equal_eager(tok, synth, backend):
+def test_compiled_layers_equal_eager(tok, synth, backend, checkpointing):
     """--compile_layers: every decoder layer goes through torch.compile, and the loss and gradients are the eager
-    ones, packed and padded; under eager_layers() (evaluation) the layers run eagerly again. `traced` runs
+    ones, packed and padded, with and without gradient checkpointing; under eager_layers() (evaluation) the
+    layers run eagerly again. `traced` runs
     dynamo's graphs as traced (it counts them). `inductor` (generated CPU kernels) passes too, but its
     compilation takes about a minute on two cores: run it with -k inductor after adding it here."""
     from signllava import kernels
@@ -123,6 +125,7 @@ def test_compiled_layers_equal_eager(tok, synth, backend):
     batch = collate(synth, specs, [0, 1, 2, 3])
     torch.manual_seed(0)
     model = assemble_with(build_llm("tiny", CPU, F32), sign_config(1, 16), tok, CPU, F32).train()
+    set_gradient_checkpointing(model, checkpointing)     # compiled, the checkpoint is traced into the graph
     eager = [loss_and_grads(model, batch, packing) for packing in (True, False)]
     graphs = []
 
