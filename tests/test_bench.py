@@ -273,23 +273,42 @@ def test_oom_is_recorded_and_the_next_size_tried(tok, synth):
     assert next(r for r in res if r.get("best")) is max(ok, key=lambda r: r["pop_samples_per_s"])
 
 
+def fake_memory(monkeypatch, model=None, compiled_factor: float = 1.0, resident: float | None = None,
+                fail_compiled_gc: bool = False):
+    """Fake peak memory for the memory-target tests: 1 GiB plus 0.01 GiB per token of the largest batch since
+    the last reset (real tokens when packed), 3x that without checkpointing, x compiled_factor while `model`'s
+    layers are compiled; `resident`: the memory held between steps, where the device would count it. Returns
+    the step override that records the tokens (and raises inductor's failure on a compiled, checkpointed step
+    with fail_compiled_gc)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from bench.synthetic import base_llm
+    from signllava import kernels
+    layer = kernels.decoder_layers(base_llm(model))[0] if model is not None else None
+    compiled = lambda: layer is not None and layer._compiled_call_impl is not None      # noqa: E731
+    state = {"gc": False, "tok": 0}
+    set_gc = bench.set_gradient_checkpointing
+    monkeypatch.setattr(bench, "set_gradient_checkpointing", lambda m, on: (state.update(gc=on), set_gc(m, on)))
+    monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
+    monkeypatch.setattr(bench, "resident_mem_gb", lambda d: resident)
+    monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3)
+                        * (compiled_factor if compiled() else 1))
+
+    def recording(trainer):
+        def step(batch):
+            if fail_compiled_gc and state["gc"] and compiled():
+                raise BackendCompilerFailed(lambda: None, RuntimeError("inductor: no kernel for this\nthe cause"), None)
+            state["tok"] = max(state["tok"], bench.batch_stats(batch)["real" if trainer.model.packing else "padded"])
+            return trainer.step(batch)
+        return step
+    return recording
+
+
 def test_memory_target_adds_checkpointed_configs(tok, synth, monkeypatch):
     specs = short_specs(16)
     args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
                              "--batch_sizes", "4,2"])
     ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
-    state = {"gc": False, "tok": 0}
-    set_gc = bench.set_gradient_checkpointing
-    monkeypatch.setattr(bench, "set_gradient_checkpointing", lambda m, on: (state.update(gc=on), set_gc(m, on)))
-    monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
-    # Fake peak memory: linear in a batch's padded tokens, 3x steeper without checkpointing.
-    monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3))
-
-    def recording(trainer):
-        def step(batch):
-            state["tok"] = max(state["tok"], bench.batch_stats(batch)["padded"])
-            return trainer.step(batch)
-        return step
+    recording = fake_memory(monkeypatch)
     first = bench.bench_training("qlora", stage1_model(tok), synth, specs, args, CPU, ctx, lr=1e-3,
                                  step_override=recording)
     assert not any(r.get("best_mem") for r in first)
@@ -319,21 +338,7 @@ def test_memory_target_keeps_the_compiled_layers(tok, synth, monkeypatch):
     ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
     model = stage1_model(tok)
     layer = kernels.decoder_layers(base_llm(model))[0]
-    state = {"gc": False, "tok": 0}
-    set_gc = bench.set_gradient_checkpointing
-    monkeypatch.setattr(bench, "set_gradient_checkpointing", lambda m, on: (state.update(gc=on), set_gc(m, on)))
-    monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
-    monkeypatch.setattr(bench, "resident_mem_gb", lambda d: 1.0)
-    # Fake peak memory: 1 GiB held between steps plus a slope per batch token, 3x steeper without
-    # checkpointing and halved by the compiled layers.
-    monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3)
-                        * (0.5 if layer._compiled_call_impl is not None else 1))
-
-    def recording(trainer):
-        def step(batch):       # a packed row computes the batch's real tokens only
-            state["tok"] = max(state["tok"], bench.batch_stats(batch)["real" if trainer.model.packing else "padded"])
-            return trainer.step(batch)
-        return step
+    recording = fake_memory(monkeypatch, model, compiled_factor=0.5, resident=1.0)
     longest = max(synth.seq_len(s) for s in specs)
     lim = 1 + 0.02 * longest          # the longest sample alone fits compiled without checkpointing, eager not
     try:
@@ -355,29 +360,12 @@ def test_memory_target_keeps_the_compiled_layers(tok, synth, monkeypatch):
 def test_a_compile_failure_is_a_row_and_the_eager_memory_fallback_runs(tok, synth, monkeypatch):
     """torch.compile failing on the checkpointed (e) (as inductor did on an H200) is recorded on that row with
     its cause, and the eager checkpointed (e) still seeks the memory target -- even past --time_limit_s."""
-    from torch._dynamo.exc import BackendCompilerFailed
-    from bench.synthetic import base_llm
-    from signllava import kernels
     specs = short_specs(16)
     args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--ref_steps", "1", "--warmup", "0",
                              "--batch_sizes", "4,2", "--compile_backend", "eager", "--no_ablation"])
     ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
     model = stage1_model(tok)
-    layer = kernels.decoder_layers(base_llm(model))[0]
-    state = {"gc": False, "tok": 0}
-    set_gc = bench.set_gradient_checkpointing
-    monkeypatch.setattr(bench, "set_gradient_checkpointing", lambda m, on: (state.update(gc=on), set_gc(m, on)))
-    monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
-    monkeypatch.setattr(bench, "resident_mem_gb", lambda d: 1.0)
-    monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3))
-
-    def recording(trainer):
-        def step(batch):
-            if state["gc"] and layer._compiled_call_impl is not None:
-                raise BackendCompilerFailed(lambda: None, RuntimeError("inductor: no kernel for this\nthe cause"), None)
-            state["tok"] = max(state["tok"], bench.batch_stats(batch)["real" if trainer.model.packing else "padded"])
-            return trainer.step(batch)
-        return step
+    recording = fake_memory(monkeypatch, model, resident=1.0, fail_compiled_gc=True)
     lim = 1 + 0.02 * max(synth.seq_len(s) for s in specs)
     args.t0 = -1e9            # past --time_limit_s by the memory target's turn: only its own first try runs
     within = bench.out_of_time
