@@ -37,7 +37,8 @@ What is timed (every ratio is against a baseline measured in the same run):
                    two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
                    fit of peak memory to batch tokens, then the largest grouped fixed batch estimated to fit.
                    Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
-                   compiled rows' dynamo graph count and graph breaks.
+                   compiled rows' dynamo graph count and graph breaks. A row that runs out of memory or that
+                   torch.compile fails on is recorded as such (status OOM / error, the cause) and the run goes on.
                    QLoRA: nf4 + double quantisation (bitsandbytes, the same modules and Params4bit that
                    from_pretrained(BitsAndBytesConfig) makes, quantised in memory), LoRA r64 a16 dropout 0.05
                    on all linear layers (finetune.py's defaults).
