@@ -553,7 +553,7 @@ def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args
     """Within compiled_layers, after (g): (e) candidates for the memory target that keep the compiled layers.
     1. With checkpointing, at the packed budget linear_mem's fit gives (fit_memory's first try), not subject to
        --time_limit_s: the memory target's likeliest best (a large budget keeps the GPU busy); it compiles the
-       checkpointed layer anew (QLoRA: about 100 s on an H200).
+       checkpointed layer anew (on an H200 inductor failed on QLoRA's: the row records the cause).
     2. Optional: without checkpointing, at a small packed budget: (g)'s graphs serve it (dynamic shapes), so it
        costs no compilation, but so few tokens a step leave the GPU waiting on the host. Peak memory is taken as
        linear in the packed budget, from linear_mem's intercept (weights, gradients, optimizer state: what a batch
@@ -996,8 +996,9 @@ def parse_args(argv=None):
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
     g.add_argument("--qlora_mem_gb", type=float, default=24,
-                   help="QLoRA: also report the fastest ours config peaking within this many GiB, timing up to two "
-                        "more checkpointed configs (token budget, then grouped fixed batch) if none did (0: off; cuda only)")
+                   help="QLoRA: also report the fastest ours config peaking within this many GiB, timing (e) configs "
+                        "for it: with (g)'s compiled layers, then up to two eager checkpointed ones if none fitted "
+                        "(0: off; cuda only)")
     g.add_argument("--config_budget_s", type=float, default=10,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")
