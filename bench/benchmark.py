@@ -548,6 +548,11 @@ def linear_mem(results: list[dict]) -> tuple[float, float] | None:
     return m0 - slope * t0, slope
 
 
+def tokens_within(intercept_gb: float, gb_per_token: float, limit_gb: float) -> int:
+    """Batch tokens at which a linear peak-memory model reaches limit_gb."""
+    return int((limit_gb - intercept_gb) / gb_per_token)
+
+
 def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args, g: dict, longest_tokens: int,
                         run_budget, margin: float = 0.9):
     """Within compiled_layers, after (g): (e) candidates for the memory target that keep the compiled layers.
@@ -563,14 +568,14 @@ def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args
     if fit is None or not g.get("peak_mem_gb"):
         return
     a, slope_gc = fit
-    budget = int((margin * limit_gb - a) / slope_gc)
+    budget = tokens_within(a, slope_gc, margin * limit_gb)
     if budget > 0 and args.token_budget:
         run_budget(budget, True)
     slope = (g["peak_mem_gb"] - a) / g["max_batch_tokens"]
     if out_of_time(args, f"{section} (e) compiled, no GC", results):
         return
     if 0 < slope and a + slope * longest_tokens <= limit_gb:
-        run_budget(max(int((margin * limit_gb - a) / slope), longest_tokens), False)
+        run_budget(max(tokens_within(a, slope, margin * limit_gb), longest_tokens), False)
     else:
         log(f"{section}: (e) compiled without checkpointing skipped: the longest sample ({longest_tokens} "
             f"tokens) alone is predicted at {a + slope * longest_tokens:.1f} GiB")
@@ -595,8 +600,7 @@ def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: 
         fit = linear_mem(results)
         r = None
         if k == 0 and fit is not None and args.token_budget:
-            a, slope = fit
-            budget = int((margin * limit_gb - a) / slope)
+            budget = tokens_within(*fit, margin * limit_gb)
             if budget > 0:
                 r = run_budget_gc(budget)
         if r is None:
