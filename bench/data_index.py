@@ -75,13 +75,12 @@ def write_shard(job: tuple) -> None:
 
 def write_shards(root: Path, m: str, videos: dict[str, list[str]], shard_of: dict[str, int], shards: int,
                  frames: tuple[int, int]):
-    """The shards in worker processes, one each (writing is most of this benchmark's time on a large split)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """The shards of a large split in worker processes, one each, as the index walks them (layout.map_shards):
+    writing is most of this benchmark's time."""
+    from signllava.layout import map_shards
     jobs = [(root / m / f"{m}.train.{s}.h5", {v: c for v, c in videos.items() if shard_of[v] == s}, s, frames)
             for s in range(shards)]
-    with ProcessPoolExecutor(min(shards, os.cpu_count() or 1), mp_context=multiprocessing.get_context("fork")) as pool:
-        list(pool.map(write_shard, jobs))
+    map_shards(write_shard, jobs, videos=len(videos))
 
 
 def write_split(root: Path, n: int, modalities: list[str], clips_per_video: int, shards: int, frames: tuple[int, int]):
