@@ -396,12 +396,14 @@ def disable_dropout(module: nn.Module):
 
 def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtype, zero3: bool = False,
              adapter: str | None = None, gradient_checkpointing: bool = False,
-             label_smoothing: float = 0.0, compile_layers: str | None = None) -> SignLLM:
+             label_smoothing: float = 0.0, compile_layers: str | None = None,
+             activation_memory_budget: float = 1.0) -> SignLLM:
     """Build the whole model from a config: base LLM (4-bit if cfg.bits == 4), frozen; then LoRA —
     new (`adapter="new"`, from cfg.lora) or loaded from a PEFT directory — and the projectors.
     Only projectors, marker rows and LoRA weights require grad. The LLM runs on kernels.ATTENTION (SDPA
     unless a forward passes packed boundaries); packed training is SignLLM.packing. `compile_layers`: a
-    torch.compile backend for the decoder layers (kernels.compile_decoder_layers), None for eager."""
+    torch.compile backend for the decoder layers (kernels.compile_decoder_layers), None for eager;
+    `activation_memory_budget` the share of their activations they keep for backward."""
     from signllava.kernels import use_packed_attention
     from signllava.prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
@@ -411,7 +413,7 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     llm.requires_grad_(False)
     disable_dropout(llm)
     if compile_layers:
-        kernels.compile_decoder_layers(llm, compile_layers)
+        kernels.compile_decoder_layers(llm, compile_layers, activation_memory_budget)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no enable_input_require_grads() hack for a frozen base.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -43,7 +43,8 @@ def train(args) -> int:
                        chat_template=tokenizer.chat_template)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
-                     compile_layers=args.compile_layers)
+                     compile_layers=args.compile_layers,
+                     activation_memory_budget=args.activation_memory_budget)
     return fit(env, model, cfg, data)
 
 

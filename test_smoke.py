@@ -293,6 +293,11 @@ def test_bad_flags_are_argparse_errors(tiny):
     for problem in ("unknown task 'translate'", "--profile_steps 5:5: needs 0 <= A < B",
                     "--compile_layers with --gradient_checkpointing: not supported"):
         assert problem in res.stderr.strip().splitlines()[-1], problem
+    res = run_script("pretrain.py", "--output_dir", root / "x", "--activation_memory_budget", "0.5", check=False)
+    assert res.returncode == 2 and "--activation_memory_budget needs --compile_layers" in res.stderr
+    res = run_script("finetune.py", "--projector", root / "x", "--activation_memory_budget", "0.5",
+                     "--compile_layers", check=False)            # LoRA dropout 0.05 by default
+    assert res.returncode == 2 and "with --lora_dropout above 0" in res.stderr.strip().splitlines()[-1]
     # refused before OUTPUT_DIR is touched (--overwrite_output_dir would clear a previous run there)
     res = run_script("pretrain.py", *train_args(data, llm, root / "z3c", 1, "--compile_layers", zero=3), check=False)
     err = res.stderr.strip().splitlines()[-1]

@@ -116,6 +116,10 @@ def add_model_args(g):
                    help="torch.compile each decoder layer for training steps (regional; evaluation stays eager). "
                         "The flag alone: inductor; aot_eager traces without generating kernels (debugging). "
                         "Not under ZeRO-3, whose hooks gather each layer's weights around its forward")
+    g.add_argument("--activation_memory_budget", type=float, default=1.0, metavar="F",
+                   help="with --compile_layers: the share (0-1) of each layer's activations kept for backward; the "
+                        "compiler recomputes the rest, cheapest first. Lower fits a larger token budget in less "
+                        "memory for less recomputation than --gradient_checkpointing (default 1: keep all)")
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
                         "row, no padding, attention within each sample: the varlen flash kernel on GPU)")
@@ -208,6 +212,13 @@ def validate_args(p: argparse.ArgumentParser, args):
         # layers hold ~20 % less activation memory on their own; bench/benchmark.py keeps trying the pair.
         problems.append("--compile_layers with --gradient_checkpointing: not supported (inductor failed to compile "
                         "the checkpointed layer on a GPU); choose one")
+    if not 0 <= args.activation_memory_budget <= 1:
+        problems.append("--activation_memory_budget must be in [0, 1]")
+    elif args.activation_memory_budget < 1 and not args.compile_layers:
+        problems.append("--activation_memory_budget needs --compile_layers (the compiler chooses what to recompute)")
+    elif args.activation_memory_budget < 1 and getattr(args, "lora_dropout", 0) > 0:     # stage 2's flag
+        problems.append("--activation_memory_budget below 1 with --lora_dropout above 0: recomputed dropout draws "
+                        "new masks (wrong gradients); add --lora_dropout 0")
     if args.metric_for_best in ("bleu", "chrf") and args.eval_generate == 0:
         problems.append(f"--metric_for_best {args.metric_for_best} needs translation at evaluation "
                         "(--eval_generate is 0)")

@@ -33,7 +33,10 @@ What is timed (every ratio is against a baseline measured in the same run):
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
                    stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only): with
                    (g)'s compiled layers, a packed budget with checkpointing, then (optional) one without
-                   checkpointing as small as the longest sample allows (no new compilation); if neither fits, up to
+                   checkpointing as small as the longest sample allows (no new compilation); then, compiled
+                   anew under an activation memory budget (--memory_budget, training's
+                   --activation_memory_budget) with LoRA dropout 0, no checkpointing: at the longest sample's
+                   budget, then at the budget its peak predicts fills the target; if none fits, up to
                    two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
                    fit of peak memory to batch tokens, then the largest grouped fixed batch estimated to fit.
                    Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
@@ -165,13 +168,13 @@ def oom_message(e: BaseException) -> str:
 
 def failure_message(e: BaseException) -> tuple[str, str]:
     """(status, one line) of what a timed configuration may fail with and the run goes on: out of memory, or
-    torch.compile failing on it (the cause is the message's last line: the first says only which backend
-    raised); anything else re-raised."""
+    torch.compile failing on it (the cause: the exception the backend raised, whose message opens with what
+    failed; dynamo's own message only names the backend); anything else re-raised."""
     from torch._dynamo.exc import TorchDynamoException
     if isinstance(e, TorchDynamoException):
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        cause = lines[-1] if lines else ""
-        return "error", f"{type(e).__name__}: {lines[0][:120] if lines else ''} ... {cause[:300]}"
+        inner = getattr(e, "inner_exception", None) or e.__cause__ or e
+        lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+        return "error", f"{type(e).__name__} ({type(inner).__name__}): {' / '.join(lines[:3])[:400]}"
     return "OOM", oom_message(e)
 
 
@@ -439,6 +442,13 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                                     lambda b, gc_on: token_budget(b, gc_on, "(e)", packed=True,
                                                                   note=", compiled layers"))
 
+    if (fast_f and backend != "none" and mem_target_gb and args.memory_budget < 1
+            and not out_of_time(args, f"{section} (e) activation memory budget", results)):
+        with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget):
+            note = f", compiled layers, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
+            fit_memory_budgeted(results, mem_target_gb, int(seq_lens.max()),
+                                lambda b: token_budget(b, False, "(e)", packed=True, note=note))
+
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)
         probe = collate(synth, specs, longest(plan, seq_lens), pin=pin)
@@ -489,14 +499,15 @@ def resolved_compile_backend(args, device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def compiled_layers(section: str, model, backend: str, results: list[dict]):
-    """The rows timed inside run with training's --compile_layers (kernels.compile_decoder_layers); the first
-    steps of each new graph pay its compilation (warmup). A compile failure is recorded as a row, not raised;
-    the layers are eager again afterwards. The compiled rows note dynamo's graph count and graph breaks."""
+def compiled_layers(section: str, model, backend: str, results: list[dict], activation_memory_budget: float = 1.0):
+    """The rows timed inside run with training's --compile_layers (kernels.compile_decoder_layers) and
+    --activation_memory_budget; the first steps of each new graph pay its compilation (warmup). A compile
+    failure is recorded as a row, not raised; the layers are eager again afterwards. The compiled rows note
+    dynamo's graph count and graph breaks."""
     from signllava import kernels
     from torch._dynamo.utils import counters
     llm = base_llm(model)
-    kernels.compile_decoder_layers(llm, backend)
+    kernels.compile_decoder_layers(llm, backend, activation_memory_budget)
     counters.clear()
     first = len(results)
     try:
@@ -579,6 +590,38 @@ def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args
     else:
         log(f"{section}: (e) compiled without checkpointing skipped: the longest sample ({longest_tokens} "
             f"tokens) alone is predicted at {a + slope * longest_tokens:.1f} GiB")
+
+
+@contextlib.contextmanager
+def lora_dropout_off(model):
+    """LoRA's dropout at p=0 for the rows inside (an activation memory budget below 1 needs it: kernels)."""
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for m, _ in dropouts:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in dropouts:
+            m.p = p
+
+
+def fit_memory_budgeted(results: list[dict], limit_gb: float, longest_tokens: int, run_budget,
+                        margin: float = 0.9):
+    """(e) under an activation memory budget, no checkpointing, compiled anew: first at the smallest packed
+    budget (the longest sample's), whose peak measures the memory a token costs at this budget (from
+    linear_mem's intercept, the memory held between steps), then at the budget that cost predicts fills
+    margin x limit_gb. The first row's fixed transients count as per-token cost there, so the prediction errs
+    low."""
+    fit = linear_mem(results)
+    if fit is None:
+        return
+    first = run_budget(longest_tokens)
+    if first["status"] != "ok" or not first.get("peak_mem_gb") or first["peak_mem_gb"] <= fit[0]:
+        return
+    slope = (first["peak_mem_gb"] - fit[0]) / first["max_batch_tokens"]
+    budget = tokens_within(fit[0], slope, margin * limit_gb)
+    if budget > 1.2 * longest_tokens:
+        run_budget(budget)
 
 
 def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: list[int], run_budget_gc,
@@ -1003,6 +1046,9 @@ def parse_args(argv=None):
                    help="QLoRA: also report the fastest ours config peaking within this many GiB, timing (e) configs "
                         "for it: with (g)'s compiled layers, then up to two eager checkpointed ones if none fitted "
                         "(0: off; cuda only)")
+    g.add_argument("--memory_budget", type=float, default=0.5,
+                   help="QLoRA's memory target: the activation memory budget of its compiled (e) rows without "
+                        "checkpointing and with LoRA dropout 0 (training's --activation_memory_budget); 1: none")
     g.add_argument("--config_budget_s", type=float, default=10,
                    help="timed seconds per training configuration: steps past it are dropped (at least 3 run)")
     g = p.add_argument_group("generation")

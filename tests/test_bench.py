@@ -277,7 +277,7 @@ def fake_memory(monkeypatch, model=None, compiled_factor: float = 1.0, resident:
                 fail_compiled_gc: bool = False):
     """Fake peak memory for the memory-target tests: 1 GiB plus 0.01 GiB per token of the largest batch since
     the last reset (real tokens when packed), 3x that without checkpointing, x compiled_factor while `model`'s
-    layers are compiled; `resident`: the memory held between steps, where the device would count it. Returns
+    layers are compiled (and x the compiler's activation memory budget); `resident`: the memory held between steps, where the device would count it. Returns
     the step override that records the tokens (and raises inductor's failure on a compiled, checkpointed step
     with fail_compiled_gc)."""
     from torch._dynamo.exc import BackendCompilerFailed
@@ -291,7 +291,7 @@ def fake_memory(monkeypatch, model=None, compiled_factor: float = 1.0, resident:
     monkeypatch.setattr(bench, "reset_peak_mem", lambda d: state.update(tok=0))
     monkeypatch.setattr(bench, "resident_mem_gb", lambda d: resident)
     monkeypatch.setattr(bench, "peak_mem_gb", lambda d: 1 + 0.01 * state["tok"] * (1 if state["gc"] else 3)
-                        * (compiled_factor if compiled() else 1))
+                        * (compiled_factor * torch._functorch.config.activation_memory_budget if compiled() else 1))
 
     def recording(trainer):
         def step(batch):
@@ -328,8 +328,9 @@ def test_memory_target_adds_checkpointed_configs(tok, synth, monkeypatch):
 
 def test_memory_target_keeps_the_compiled_layers(tok, synth, monkeypatch):
     """After (g), the memory target's (e) candidates keep the compiled layers: first with checkpointing, then
-    without it at a small packed budget that the longest sample alone fits (no new compilation); the eager
-    checkpointed fallback only runs when neither fits."""
+    without it at a small packed budget that the longest sample alone fits (no new compilation); then compiled
+    anew under an activation memory budget, at the longest sample's budget and at the one its peak predicts
+    fills the target; the eager checkpointed fallback only runs when none fits."""
     from bench.synthetic import base_llm
     from signllava import kernels
     specs = short_specs(16)
@@ -349,10 +350,18 @@ def test_memory_target_keeps_the_compiled_layers(tok, synth, monkeypatch):
     g = next(r for r in res if r["name"].startswith("(g)"))
     assert g["status"] == "ok" and g["dynamo"]["unique_graphs"] > 0 and not bench.fits(g, lim)
     extra = [r for r in res if r["name"].startswith("(e)")]
-    assert [r["gradient_checkpointing"] for r in extra] == [True, False]
-    assert all(r["name"].endswith("compiled layers") and r["dynamo"] and bench.fits(r, lim) for r in extra)
+    assert [r["gradient_checkpointing"] for r in extra] == [True, False, False, False]
+    assert all(r["dynamo"] and bench.fits(r, lim) for r in extra)
+    assert all(r["name"].endswith("compiled layers") for r in extra[:2])
     assert extra[1]["max_tokens"] >= longest and extra[1]["max_batch_tokens"] <= 1.5 * longest
+    budgeted = extra[2:]
+    assert all(r["name"].endswith("activation memory budget 0.5, LoRA dropout 0") for r in budgeted)
+    # the first measures 0.015 GiB a token (0.01 x 3 without checkpointing x 0.5 compiled x 0.5 budget) over the
+    # 1 GiB held: the second fills 0.9 x the limit
+    assert budgeted[0]["max_tokens"] == longest
+    assert budgeted[1]["max_tokens"] == bench.tokens_within(1.0, 0.0075, 0.9 * lim)
     assert layer._compiled_call_impl is None                     # eager again for what follows
+    assert torch._functorch.config.activation_memory_budget == 1.0
     fit = [r for r in res if r.get("best_mem")]
     assert len(fit) == 1 and fit[0] in extra
 
