@@ -31,13 +31,11 @@ What is timed (every ratio is against a baseline measured in the same run):
                        torch.compile, inductor) at the fastest (f)'s budget; the warmup steps pay the compilation;
                    * = ours: the fastest configuration that ran among (b), (d), (f), (g) (and (e)).
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
-                   stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only): with
-                   (g)'s compiled layers, a packed budget with checkpointing, then (optional) one without
-                   checkpointing as small as the longest sample allows (no new compilation); then, compiled
-                   anew under an activation memory budget (--memory_budget, training's
+                   stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only):
+                   compiled layers under an activation memory budget (--memory_budget, training's
                    --activation_memory_budget) with LoRA dropout 0, no checkpointing: at the longest sample's
-                   budget, then at the budget its peak predicts fills the target; if none fits, up to
-                   two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
+                   packed budget, then at the budget its peak predicts fills 90 % of the target; if neither
+                   fits, up to two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
                    fit of peak memory to batch tokens, then the largest grouped fixed batch estimated to fit.
                    Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
                    compiled rows' dynamo graph count and graph breaks. A row that runs out of memory or that
@@ -436,14 +434,9 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     backend = resolved_compile_backend(args, device)
     if fast_f and backend != "none" and not out_of_time(args, f"{section} (g) packed, compiled layers", results):
         with compiled_layers(section, model, backend, results):
-            g = token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers")
-            if mem_target_gb and g["status"] == "ok":
-                fit_memory_compiled(section, results, mem_target_gb, args, g, int(seq_lens.max()),
-                                    lambda b, gc_on: token_budget(b, gc_on, "(e)", packed=True,
-                                                                  note=", compiled layers"))
-
-    if (fast_f and backend != "none" and mem_target_gb and args.memory_budget < 1
-            and not out_of_time(args, f"{section} (e) activation memory budget", results)):
+            token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers")
+    # The memory target's likeliest best, so not subject to --time_limit_s (it compiled in ~30 s on the H200)
+    if fast_f and backend != "none" and mem_target_gb and args.memory_budget < 1:
         with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget):
             note = f", compiled layers, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
             fit_memory_budgeted(results, mem_target_gb, int(seq_lens.max()),
@@ -562,34 +555,6 @@ def linear_mem(results: list[dict]) -> tuple[float, float] | None:
 def tokens_within(intercept_gb: float, gb_per_token: float, limit_gb: float) -> int:
     """Batch tokens at which a linear peak-memory model reaches limit_gb."""
     return int((limit_gb - intercept_gb) / gb_per_token)
-
-
-def fit_memory_compiled(section: str, results: list[dict], limit_gb: float, args, g: dict, longest_tokens: int,
-                        run_budget, margin: float = 0.9):
-    """Within compiled_layers, after (g): (e) candidates for the memory target that keep the compiled layers.
-    1. With checkpointing, at the packed budget linear_mem's fit gives (fit_memory's first try), not subject to
-       --time_limit_s: the memory target's likeliest best (a large budget keeps the GPU busy); it compiles the
-       checkpointed layer anew (on an H200 inductor failed on QLoRA's: the row records the cause).
-    2. Optional: without checkpointing, at a small packed budget: (g)'s graphs serve it (dynamic shapes), so it
-       costs no compilation, but so few tokens a step leave the GPU waiting on the host. Peak memory is taken as
-       linear in the packed budget, from linear_mem's intercept (weights, gradients, optimizer state: what a batch
-       of no tokens holds) through (g)'s own point; tried when the longest sample alone (a batch of one whatever
-       the budget) is predicted to fit."""
-    fit = linear_mem(results)
-    if fit is None or not g.get("peak_mem_gb"):
-        return
-    a, slope_gc = fit
-    budget = tokens_within(a, slope_gc, margin * limit_gb)
-    if budget > 0 and args.token_budget:
-        run_budget(budget, True)
-    slope = (g["peak_mem_gb"] - a) / g["max_batch_tokens"]
-    if out_of_time(args, f"{section} (e) compiled, no GC", results):
-        return
-    if 0 < slope and a + slope * longest_tokens <= limit_gb:
-        run_budget(max(tokens_within(a, slope, margin * limit_gb), longest_tokens), False)
-    else:
-        log(f"{section}: (e) compiled without checkpointing skipped: the longest sample ({longest_tokens} "
-            f"tokens) alone is predicted at {a + slope * longest_tokens:.1f} GiB")
 
 
 @contextlib.contextmanager
@@ -1046,7 +1011,7 @@ def parse_args(argv=None):
                    help="QLoRA: also report the fastest ours config peaking within this many GiB, timing (e) configs "
                         "for it: with (g)'s compiled layers, then up to two eager checkpointed ones if none fitted "
                         "(0: off; cuda only)")
-    g.add_argument("--memory_budget", type=float, default=0.5,
+    g.add_argument("--memory_budget", type=float, default=0.25,
                    help="QLoRA's memory target: the activation memory budget of its compiled (e) rows without "
                         "checkpointing and with LoRA dropout 0 (training's --activation_memory_budget); 1: none")
     g.add_argument("--config_budget_s", type=float, default=10,
