@@ -277,9 +277,9 @@ def fake_memory(monkeypatch, model=None, compiled_factor: float = 1.0, resident:
                 fail_budgeted: bool = False):
     """Fake peak memory for the memory-target tests: 1 GiB plus 0.01 GiB per token of the largest batch since
     the last reset (real tokens when packed), 3x that without checkpointing, x compiled_factor while `model`'s
-    layers are compiled (and x the compiler's activation memory budget); `resident`: the memory held between steps, where the device would count it. Returns
-    the step override that records the tokens (and raises inductor's failure on a compiled, checkpointed step
-    with fail_compiled_gc)."""
+    layers are compiled (and x the compiler's activation memory budget); `resident`: the memory held between
+    steps, where the device would count it. Returns the step override that records the tokens (and raises
+    inductor's failure on a compiled step under an activation memory budget with fail_budgeted)."""
     from torch._dynamo.exc import BackendCompilerFailed
     from bench.synthetic import base_llm
     from signllava import kernels
