@@ -35,8 +35,9 @@ What is timed (every ratio is against a baseline measured in the same run):
                    compiled layers under an activation memory budget (--memory_budget, training's
                    --activation_memory_budget) with LoRA dropout 0, no checkpointing: at the longest sample's
                    packed budget, then at the budget its peak predicts fills 90 % of the target; if neither
-                   fits, up to two eager checkpointed ones: a token budget (packed unless --no_packing) sized by a linear
-                   fit of peak memory to batch tokens, then the largest grouped fixed batch estimated to fit.
+                   fits, up to two eager checkpointed ones: a token budget (packed unless --no_packing) sized
+                   by a linear fit of peak memory to batch tokens, then the largest grouped fixed batch
+                   estimated to fit.
                    Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
                    compiled rows' dynamo graph count and graph breaks. A row that runs out of memory or that
                    torch.compile fails on is recorded as such (status OOM / error, the cause) and the run goes on.
@@ -1009,7 +1010,7 @@ def parse_args(argv=None):
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
     g.add_argument("--qlora_mem_gb", type=float, default=24,
                    help="QLoRA: also report the fastest ours config peaking within this many GiB, timing (e) configs "
-                        "for it: with (g)'s compiled layers, then up to two eager checkpointed ones if none fitted "
+                        "for it: compiled under --memory_budget, then up to two eager checkpointed ones if none fitted "
                         "(0: off; cuda only)")
     g.add_argument("--memory_budget", type=float, default=0.25,
                    help="QLoRA's memory target: the activation memory budget of its compiled (e) rows without "

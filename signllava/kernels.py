@@ -217,7 +217,8 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor", activati
     if not 0 <= activation_memory_budget <= 1:
         raise ValueError(f"activation memory budget {activation_memory_budget}: must be in [0, 1]")
     layers = decoder_layers(model)
-    if activation_memory_budget < 1 and any(isinstance(m, nn.Dropout) and m.p > 0 for l in layers for m in l.modules()):
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for layer in layers for m in layer.modules())
+    if activation_memory_budget < 1 and dropout:
         raise ValueError(f"activation memory budget {activation_memory_budget} with dropout in the decoder layers "
                          "(LoRA's): the compiler would draw new masks when it recomputes, and the gradients would "
                          "not be those of the forward; use a LoRA dropout of 0")
