@@ -403,7 +403,7 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     Only projectors, marker rows and LoRA weights require grad. The LLM runs on kernels.ATTENTION (SDPA
     unless a forward passes packed boundaries); packed training is SignLLM.packing. `compile_layers`: a
     torch.compile backend for the decoder layers (kernels.compile_decoder_layers), None for eager;
-    `activation_memory_budget` the share of their activations they keep for backward."""
+    `activation_memory_budget` how much of their activations they keep for backward (0-1)."""
     from signllava.kernels import use_packed_attention
     from signllava.prompts import special_ids
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)

@@ -117,9 +117,10 @@ def add_model_args(g):
                         "The flag alone: inductor; aot_eager traces without generating kernels (debugging). "
                         "Not under ZeRO-3, whose hooks gather each layer's weights around its forward")
     g.add_argument("--activation_memory_budget", type=float, default=1.0, metavar="F",
-                   help="with --compile_layers: the share (0-1) of each layer's activations kept for backward; the "
-                        "compiler recomputes the rest, cheapest first. Lower fits a larger token budget in less "
-                        "memory for less recomputation than --gradient_checkpointing (default 1: keep all)")
+                   help="with --compile_layers: how much of each layer's activations is kept for backward, from "
+                        "0 (its inputs only) to 1 (all); the compiler recomputes the rest, cheapest first. Lower "
+                        "fits a larger token budget in less memory for less recomputation than "
+                        "--gradient_checkpointing; needs --lora_dropout 0 (default 1: keep all)")
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
                         "row, no padding, attention within each sample: the varlen flash kernel on GPU)")

@@ -39,17 +39,19 @@ step must not meet a first compilation.
 
 ## Activation memory budget (`--activation_memory_budget`)
 
-Without checkpointing a compiled QLoRA layer keeps about 7 MB of activations a token on an 8B model (the
-H200 benchmark: LoRA's dropout copies of each linear layer's input, the SwiGLU's [tokens, 14336] tensors);
+Without checkpointing a compiled QLoRA layer keeps about 7 MB of activations a token on an 8B model (the H200
+benchmark: LoRA's dropout copies of each linear layer's input, the SwiGLU's [tokens, 14336] tensors);
 checkpointing keeps one hidden state a token but repeats every forward, ~30 % of a QLoRA step. In between,
-torch's compiler can choose what each compiled layer saves for backward: given a budget, the share of the
-activations it may keep, its partitioner recomputes the rest in the backward graph, cheapest first (the
-elementwise ops inductor fuses for free, then the matmuls with the fewest flops). So a packed budget large
-enough to keep the GPU busy fits a smaller card without paying for whole recomputed forwards. On one CPU
-layer with LoRA on all linears (no dropout), the bytes saved a token fell to 66 / 49 / 32 % of the unbudgeted
-at budgets 0.5 / 0.25 / 0; on the H200, QLoRA at budget 0.25 held 9,091 packed tokens in 21.3 GB (1.6 MB a
-token, 6.8 MB unbudgeted) at 13.7 samples/s, where checkpointing managed 10.6 (README, Performance).
-tests/test_packing.py pins that losses and gradients do not change and that less is saved.
+torch's compiler can choose what each compiled layer saves for backward: given a budget between 0 (keep only
+what cannot be recomputed, the layer's inputs) and 1 (all it would keep anyway), its partitioner keeps that
+fraction of the difference and recomputes the rest in the backward graph, cheapest first (the elementwise ops
+inductor fuses for free, then the matmuls with the fewest flops). So a packed budget large enough to keep the
+GPU busy fits a smaller card without paying for whole recomputed forwards. On one CPU layer with LoRA on all
+linears (no dropout), the bytes saved a token fell to 66 / 49 / 32 % of the unbudgeted at budgets 0.5 / 0.25 /
+0; on the H200, QLoRA at budget 0.25 held 9,091 packed tokens in 21.3 GB (1.6 MB a token, 6.8 MB unbudgeted)
+at 13.7 samples/s, where checkpointing managed 10.6 (README, Performance). tests/test_packing.py pins that
+losses and gradients do not change and that less is saved.
+
 Not with dropout: the partitioner treats a dropout like any cheap op and recomputes it from a fresh random
 draw (torch 2.13: gradients 30 % off on that CPU model while writing the test), so LoRA's dropout must be 0
 below a budget of 1; compile_decoder_layers refuses the pair.
@@ -212,7 +214,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor", activation_memory_budget: float = 1.0) -> int:
     """Compile each decoder layer's forward in place (nn.Module.compile), dynamic shapes; returns how many.
     `backend`: torch.compile's (inductor generates kernels; aot_eager only traces, for debugging).
-    `activation_memory_budget`: the share of the layers' activations kept for backward (module docstring); it is
+    `activation_memory_budget`: how much of the layers' activations is kept for backward, 0-1 (module docstring); it is
     a process-wide compiler setting, read when a graph compiles, so graphs compiled earlier keep theirs."""
     if not 0 <= activation_memory_budget <= 1:
         raise ValueError(f"activation memory budget {activation_memory_budget}: must be in [0, 1]")
