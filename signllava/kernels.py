@@ -48,7 +48,7 @@ fraction of the difference and recomputes the rest in the backward graph, cheape
 inductor fuses for free, then the matmuls with the fewest flops). So a packed budget large enough to keep the
 GPU busy fits a smaller card without paying for whole recomputed forwards. On one CPU layer with LoRA on all
 linears (no dropout), the bytes saved a token fell to 66 / 49 / 32 % of the unbudgeted at budgets 0.5 / 0.25 /
-0; on the H200, QLoRA at budget 0.25 held 9,091 packed tokens in 21.3 GB (1.6 MB a token, 6.8 MB unbudgeted)
+0; on the H200, QLoRA at budget 0.25 held 9,091 packed tokens in 21.3 GB (1.6 MB a token; 6.8 unbudgeted, with dropout)
 at 13.7 samples/s, where checkpointing managed 10.6 (README, Performance). tests/test_packing.py pins that
 losses and gradients do not change and that less is saved.
 
