@@ -162,10 +162,11 @@ def loss_grads_and_saved_bytes(model, batch) -> tuple:
 
 
 def test_activation_memory_budget_recomputes_without_changing_the_step(tok, synth):
-    """--activation_memory_budget: below 1 the compiled layers keep less for backward and the loss and gradients
-    stay the eager ones (stage 2, LoRA on all linears). Refused with LoRA dropout: the partitioner recomputes a
-    dropout from a new draw (seen here first: gradients 30 % off at budget 0). aot_eager_decomp_partition runs
-    inductor's partitioner without generating kernels (inductor itself: a minute a compilation here)."""
+    """--activation_memory_budget: at 0.3 the compiled layers keep about half what eager layers keep for backward
+    (compiling alone: three quarters), and the loss and gradients stay the eager ones (stage 2, LoRA on all
+    linears). Refused with LoRA dropout: the partitioner recomputes a dropout from a new draw (seen while writing
+    this test: gradients 30 % off at budget 0). aot_eager_decomp_partition runs inductor's partitioner without
+    generating kernels (inductor itself: a minute a compilation here)."""
     from signllava import kernels
     specs = make_specs(4, 6, frames=(6, 40), answer=(5, 20))
     batch = collate(synth, specs, [0, 1, 2, 3])
@@ -177,15 +178,14 @@ def test_activation_memory_budget_recomputes_without_changing_the_step(tok, synt
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     eager, eager_bytes = loss_grads_and_saved_bytes(model, batch)
-    saved = {}
+    torch._dynamo.reset()
     try:
-        for budget in (1.0, 0.3):
-            torch._dynamo.reset()               # the budget is read when a graph compiles
-            kernels.compile_decoder_layers(model.llm, "aot_eager_decomp_partition", budget)
-            result, saved[budget] = loss_grads_and_saved_bytes(model, batch)
-            assert_same(result, eager)
-            kernels.uncompile_decoder_layers(model.llm)
+        kernels.compile_decoder_layers(model.llm, "aot_eager_decomp_partition", 0.3)
+        budgeted, budgeted_bytes = loss_grads_and_saved_bytes(model, batch)
+        kernels.uncompile_decoder_layers(model.llm)
     finally:
         torch._dynamo.reset()
+    assert_same(budgeted, eager)
     assert torch._functorch.config.activation_memory_budget == 1.0
-    assert saved[0.3] < 0.75 * saved[1.0] < 0.9 * eager_bytes     # measured: 11.3, 17.0 and 21.9 MB
+    # measured 11.3 MB against 21.9 eager; compiled at budget 1 (fusion alone) keeps 17.0
+    assert budgeted_bytes < 0.6 * eager_bytes
