@@ -48,9 +48,9 @@ fraction of the difference and recomputes the rest in the backward graph, cheape
 inductor fuses for free, then the matmuls with the fewest flops). So a packed budget large enough to keep the
 GPU busy fits a smaller card without paying for whole recomputed forwards. On one CPU layer with LoRA on all
 linears (no dropout), the bytes saved a token fell to 66 / 49 / 32 % of the unbudgeted at budgets 0.5 / 0.25 /
-0; on the H200, QLoRA at budget 0.25 held 9,091 packed tokens in 21.3 GB (1.6 MB a token; 6.8 unbudgeted, with dropout)
-at 13.7 samples/s, where checkpointing managed 10.6 (README, Performance). tests/test_packing.py pins that
-losses and gradients do not change and that less is saved.
+0; on the H200, QLoRA at budget 0.25 held 9,091 packed tokens in 21.3 GB (1.6 MB a token; 6.8 unbudgeted, with
+dropout) at 13.7 samples/s, where checkpointing managed 10.6 (README, Performance). tests/test_packing.py pins
+that losses and gradients do not change and that less is saved.
 
 Not with dropout: the partitioner treats a dropout like any cheap op and recomputes it from a fresh random
 draw (torch 2.13: gradients 30 % off on that CPU model while writing the test), so LoRA's dropout must be 0
@@ -211,11 +211,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def compile_decoder_layers(model: nn.Module, backend: str = "inductor", activation_memory_budget: float = 1.0) -> int:
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor",
+                           activation_memory_budget: float = 1.0) -> int:
     """Compile each decoder layer's forward in place (nn.Module.compile), dynamic shapes; returns how many.
     `backend`: torch.compile's (inductor generates kernels; aot_eager only traces, for debugging).
-    `activation_memory_budget`: how much of the layers' activations is kept for backward, 0-1 (module docstring); it is
-    a process-wide compiler setting, read when a graph compiles, so graphs compiled earlier keep theirs."""
+    `activation_memory_budget`: how much of the layers' activations is kept for backward, 0-1 (module
+    docstring); a process-wide compiler setting, read when a graph compiles, so graphs compiled earlier keep
+    theirs."""
     if not 0 <= activation_memory_budget <= 1:
         raise ValueError(f"activation memory budget {activation_memory_budget}: must be in [0, 1]")
     layers = decoder_layers(model)
