@@ -146,7 +146,6 @@ def test_compiled_layers_equal_eager(tok, synth, backend, checkpointing):
     torch._dynamo.reset()
 
 
-
 def loss_grads_and_saved_bytes(model, batch) -> tuple:
     """loss_and_grads (packed), and the bytes autograd kept for backward on the way: saved_tensors_hooks sees
     what compiled graphs save too."""
