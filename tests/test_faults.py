@@ -113,9 +113,6 @@ def test_non_finite_loss_skips_the_update_and_resume_keeps_the_count(run):
     assert json.loads((killed / "train_summary.json").read_text())["skipped_steps"] == 1
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
-
 
 def test_overflow_scan_skipped_only_where_the_gradient_norm_decides():
     """ZeRO-1/2's per-tensor inf/NaN scan is dropped only while DeepSpeed computes the global gradient norm,
@@ -141,3 +138,7 @@ def test_overflow_scan_skipped_only_where_the_gradient_norm_decides():
     no_norm.check_overflow()
     assert no_norm.scanned == 1
     assert not skip_per_tensor_overflow_scan(object())          # another optimizer: left alone
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
