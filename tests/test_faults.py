@@ -113,7 +113,6 @@ def test_non_finite_loss_skips_the_update_and_resume_keeps_the_count(run):
     assert json.loads((killed / "train_summary.json").read_text())["skipped_steps"] == 1
 
 
-
 def test_overflow_scan_skipped_only_where_the_gradient_norm_decides():
     """ZeRO-1/2's per-tensor inf/NaN scan is dropped only while DeepSpeed computes the global gradient norm,
     whose check catches the same steps (the NaN tests above run with the scan dropped)."""
