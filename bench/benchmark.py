@@ -561,7 +561,8 @@ def tokens_within(intercept_gb: float, gb_per_token: float, limit_gb: float) -> 
 @contextlib.contextmanager
 def lora_dropout_off(model):
     """LoRA's dropout at p=0 for the rows inside (an activation memory budget below 1 needs it: kernels)."""
-    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    from signllava.kernels import active_dropouts
+    dropouts = [(m, m.p) for m in active_dropouts(model)]
     for m, _ in dropouts:
         m.p = 0.0
     try:

@@ -221,8 +221,7 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor",
     if not 0 <= activation_memory_budget <= 1:
         raise ValueError(f"activation memory budget {activation_memory_budget}: must be in [0, 1]")
     layers = decoder_layers(model)
-    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for layer in layers for m in layer.modules())
-    if activation_memory_budget < 1 and dropout:
+    if activation_memory_budget < 1 and active_dropouts(layers):
         raise ValueError(f"activation memory budget {activation_memory_budget} with dropout in the decoder layers "
                          "(LoRA's): the compiler would draw new masks when it recomputes, and the gradients would "
                          "not be those of the forward; use a LoRA dropout of 0")
@@ -230,6 +229,11 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor",
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
+
+
+def active_dropouts(module: nn.Module) -> list[nn.Dropout]:
+    """The dropouts in `module` that drop something (p > 0): LoRA's, in a stage-2 model."""
+    return [m for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0]
 
 
 def uncompile_decoder_layers(model: nn.Module):
