@@ -336,8 +336,20 @@ def test_pose_file_round_trip_with_missing_parts(tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    (tmp_path / "cut.pose").write_bytes(b"\x00\x01\x02")
-    for path, message in ((tmp_path / "none.pose", "not found"), (tmp_path / "cut.pose", "unreadable")):
+    from pose_format import Pose
+    from pose_format.numpy import NumPyPoseBody
+
+    (tmp_path / "junk.pose").write_bytes(b"\x00\x01\x02")
+    L.save_pose(made_landmarks(t=2), tmp_path / "whole.pose")
+    (tmp_path / "cut.pose").write_bytes((tmp_path / "whole.pose").read_bytes()[:-4])
+    pose = L.to_pose(made_landmarks(t=2))      # the same layout less its world landmarks: not ours to read
+    header = pose.header
+    header.components = header.components[:4]
+    with open(tmp_path / "four.pose", "wb") as f:
+        Pose(header, NumPyPoseBody(25.0, pose.body.data[:, :, :553].data, pose.body.confidence[:, :, :553])).write(f)
+    for name, message in (("none.pose", "not found"), ("junk.pose", "unreadable"), ("cut.pose", "unreadable"),
+                          ("four.pose", "not a MediaPipe Holistic pose")):
+        path = tmp_path / name
         with pytest.raises(DataError, match=message) as err:
             L.load_pose(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
