@@ -164,7 +164,7 @@ def _from_pretrained(kind: str, spec: str):
     try:
         config, _ = transformers.PretrainedConfig.get_config_dict(spec)
     except Exception as e:
-        raise CheckpointError(f"{spec}: cannot read its config.json ({_first_line(e)})") from None
+        raise CheckpointError(f"{spec}: cannot read its config.json ({first_line(e)})") from None
     if config.get("model_type") not in model_types:
         raise CheckpointError(f"{spec}: model_type {config.get('model_type')!r} is not a {kind} encoder "
                               f"(expected {' or '.join(sorted(model_types))})")
@@ -174,9 +174,9 @@ def _from_pretrained(kind: str, spec: str):
         with _quiet_transformers():
             model, info = cls.from_pretrained(spec, output_loading_info=True, **extra)
     except Exception as e:
-        raise CheckpointError(f"{spec}: cannot load as {class_name} ({_first_line(e)})") from None
+        raise CheckpointError(f"{spec}: cannot load as {class_name} ({first_line(e)})") from None
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(ignorable))
-    problems = _key_problems(sorted(info["missing_keys"]), unexpected) + [str(m) for m in info["mismatched_keys"]]
+    problems = key_problems(sorted(info["missing_keys"]), unexpected) + [str(m) for m in info["mismatched_keys"]]
     if problems:
         raise CheckpointError(f"{spec}: its weights do not fit {class_name}: {'; '.join(problems)}")
     return model
@@ -230,7 +230,7 @@ def _from_original(kind: str, path: Path, num_heads: int | None):
     state = original_state_dict(path, kind)
     config = _config_from_shapes(kind, state, path, num_heads)
     table = _key_table(kind, config)
-    problems = _key_problems(sorted(set(table) - set(state)), sorted(set(state) - set(table)))
+    problems = key_problems(sorted(set(table) - set(state)), sorted(set(state) - set(table)))
     if problems:
         raise CheckpointError(f"{path}: not a {kind} checkpoint in the original layout: {'; '.join(problems)}")
     converted = {}
@@ -244,7 +244,7 @@ def _from_original(kind: str, path: Path, num_heads: int | None):
         model.load_state_dict(converted, strict=True)
     except RuntimeError as e:
         sizes = re.findall(r"size mismatch for (\S+): (.+?)\.?$", str(e), re.MULTILINE)
-        why = "; ".join(f"{k} {v}" for k, v in sizes[:3]) or _first_line(e)
+        why = "; ".join(f"{k} {v}" for k, v in sizes[:3]) or first_line(e)
         raise CheckpointError(f"{path}: tensor shapes do not fit one {kind} architecture ({why})") from None
     return model
 
@@ -257,7 +257,7 @@ def original_state_dict(path: Path, kind: str) -> dict:
         try:
             obj = load_file(str(path))
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
     else:
         obj = safe_load.load(path)
     if not isinstance(obj, dict):
@@ -332,7 +332,7 @@ def _check_images(images, kind: str):
         raise ValueError(f"{kind} encoder: images must be a uint8 array [N, H, W, 3] (RGB), got {what}")
 
 
-def _key_problems(missing: list, unexpected: list) -> list[str]:
+def key_problems(missing: list, unexpected: list) -> list[str]:
     return ([f"missing keys {_some(missing)}"] if missing else []) + \
            ([f"unexpected keys {_some(unexpected)}"] if unexpected else [])
 
@@ -347,6 +347,6 @@ def _square(size) -> int:
     return size if isinstance(size, int) else int(size[0])
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

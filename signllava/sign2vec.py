@@ -43,7 +43,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (Wav2Vec2Encoder, Wav
 from transformers.utils import cached_file
 
 from signllava import safe_load
-from signllava.encoders import _first_line, _key_problems, sha256
+from signllava.encoders import first_line, key_problems, sha256
 from signllava.errors import CheckpointError, DataError
 
 CUES = (("pose", 50), ("right_hand", 42), ("left_hand", 42), ("face", 74))   # the original's CUE_DIM order
@@ -253,14 +253,14 @@ def _config(spec: str) -> Wav2Vec2Config:
         with open(path) as f:
             raw = json.load(f)
     except Exception as e:
-        raise CheckpointError(f"{spec}: no readable config.json ({_first_line(e)})") from None
+        raise CheckpointError(f"{spec}: no readable config.json ({first_line(e)})") from None
     if raw.get("model_type") != "wav2vec2" or "input_dim" not in raw:
         raise CheckpointError(f"{spec}: not a sign2vec config (model_type {raw.get('model_type')!r}, "
                               f"input_dim {raw.get('input_dim')!r}; expected wav2vec2 with input_dim)")
     try:
         config = Wav2Vec2Config.from_dict(raw)
     except Exception as e:      # e.g. conv_dim, conv_kernel and conv_stride of different lengths
-        raise CheckpointError(f"{spec}: its config.json does not make a wav2vec2 config ({_first_line(e)})") from None
+        raise CheckpointError(f"{spec}: its config.json does not make a wav2vec2 config ({first_line(e)})") from None
     config.use_multi_cue = bool(raw.get("use_multi_cue", False))
     if config.use_multi_cue:
         cues = raw.get("num_multi_cue_layers")
@@ -282,7 +282,7 @@ def _weights_file(spec: str) -> str:
         try:
             path = cached_file(spec, name, _raise_exceptions_for_missing_entries=False)
         except Exception as e:
-            raise CheckpointError(f"{spec}: cannot fetch {name} ({_first_line(e)})") from None
+            raise CheckpointError(f"{spec}: cannot fetch {name} ({first_line(e)})") from None
         if path:
             return path
     raise CheckpointError(f"{spec}: no weights ({' or '.join(WEIGHT_FILES)})")
@@ -294,12 +294,12 @@ def _load_weights(model: Sign2VecModel, path: str):
         try:
             state = load_file(path)
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
     else:
         state = safe_load.load(path)
     state = checkpoint_keys(state)
     expected = model.state_dict()
-    problems = _key_problems(sorted(set(expected) - set(state)), sorted(set(state) - set(expected)))
+    problems = key_problems(sorted(set(expected) - set(state)), sorted(set(state) - set(expected)))
     if problems:
         raise CheckpointError(f"{path}: not a sign2vec checkpoint for its config: {'; '.join(problems)}")
     wrong = [f"{k} {tuple(v.shape)} (config: {tuple(expected[k].shape)})" for k, v in state.items()

@@ -19,7 +19,7 @@ def _random_like(shapes: dict, seed: int) -> dict:
     return {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Every parameter random, norm weights around 1 so activations stay in range."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def make_tiny_mae(directory, seed: int = 2) -> Path:
     config = transformers.ViTConfig(hidden_size=c["hidden"], num_hidden_layers=c["depth"], num_attention_heads=2,
                                     intermediate_size=c["mlp"], patch_size=c["patch"], image_size=c["image"],
                                     layer_norm_eps=1e-6)
-    return _save_hf(_randomise(transformers.ViTModel(config, add_pooling_layer=False), seed), directory)
+    return _save_hf(randomise(transformers.ViTModel(config, add_pooling_layer=False), seed), directory)
 
 
 def make_tiny_dino(directory, seed: int = 3) -> Path:
@@ -98,7 +98,7 @@ def make_tiny_dino(directory, seed: int = 3) -> Path:
     config = transformers.Dinov2WithRegistersConfig(
         hidden_size=c["hidden"], num_hidden_layers=c["depth"], num_attention_heads=2, mlp_ratio=c["mlp"] // c["hidden"],
         patch_size=c["patch"], image_size=c["image"], num_register_tokens=c["registers"])
-    return _save_hf(_randomise(transformers.Dinov2WithRegistersModel(config), seed), directory)
+    return _save_hf(randomise(transformers.Dinov2WithRegistersModel(config), seed), directory)
 
 
 TINY_SIGN2VEC = {
@@ -123,7 +123,7 @@ def make_tiny_sign2vec(directory, *, seed: int = 4, prefix: str = "wav2vec2.", l
     directory.mkdir(parents=True, exist_ok=True)
     raw = {**TINY_SIGN2VEC, **config}
     (directory / "config.json").write_text(json.dumps(raw, indent=1))
-    model = _randomise(Sign2VecModel(_config(str(directory))), seed)
+    model = randomise(Sign2VecModel(_config(str(directory))), seed)
     state = {}
     for key, value in model.state_dict().items():
         if legacy_weight_norm:
