@@ -67,6 +67,10 @@ class ImageEncoder:
         self.batch_size, self.resize, self.channel_order = batch_size, resize, channel_order
         self.image_size = int(image_size or _square(model.config.image_size))
         self.dim = model.config.hidden_size
+        # ViTModel refuses another input size unless asked to interpolate; DINOv2 interpolates by itself
+        native = _square(model.config.image_size)
+        interpolate = kind == "mae" and self.image_size != native
+        self._forward_options = {"interpolate_pos_encoding": True} if interpolate else {}
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(shape)
@@ -93,7 +97,7 @@ class ImageEncoder:
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 pixels = self.preprocess(images[start:start + self.batch_size])
-                cls = self.model(pixel_values=pixels).last_hidden_state[:, 0]
+                cls = self.model(pixel_values=pixels, **self._forward_options).last_hidden_state[:, 0]
                 out[start:start + len(cls)] = cls.float().cpu().numpy()
         return out
 

@@ -83,6 +83,8 @@ def test_mae_checkpoint_equals_original_forward(tmp_path, nested, heads):
         out = enc.encode(imgs)
         assert out.dtype == np.float32 and out.shape == (len(imgs), 64)
         torch.testing.assert_close(torch.from_numpy(out), ref, **TIGHT)
+    other = load_mae(str(path), num_heads=heads, image_size=48)        # position embeddings interpolated
+    assert other.encode(images(1)).shape == (1, 64) and other.describe()["architecture"]["native_image_size"] == 32
 
 
 @pytest.mark.parametrize("layout,heads", [("teacher", None), ("flat", 4)])
