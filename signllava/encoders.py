@@ -49,7 +49,8 @@ class ImageEncoder:
     """A ViT whose normed CLS token is the feature of an image: `encode(uint8 [N, H, W, 3] RGB) -> float32
     [N, D]`. Preprocessing as the original's: resize to the model's square input (PIL bilinear, which is what
     torchvision's Resize does on the PIL images the original DINO path fed it; `resize="torch"` does an
-    antialiased bilinear resize on the device instead, faster, within a few uint8 levels of PIL), scale to
+    antialiased bilinear resize on the device instead, faster, within a few uint8 levels of PIL; the original
+    MAE path resized with cv2 INTER_LINEAR, which does not antialias its 512 -> 224 step), scale to
     [0, 1], ImageNet mean/std. `channel_order="bgr"` reverses the channels first, reproducing the released
     features' swapped colours (see docs: off by default)."""
 
@@ -125,7 +126,8 @@ def load_mae(spec: str, device="cpu", dtype=torch.float32, *, num_heads: int | N
              batch_size: int = 64, resize: str = "pil", channel_order: str = "rgb",
              image_size: int | None = None) -> ImageEncoder:
     """The MAE ViT encoder from an HF id or directory (model_type vit or vit_mae; an MAE decoder there is
-    ignored) or from the original's checkpoint file (see the module doc)."""
+    ignored) or from the original's checkpoint file (see the module doc). `num_heads` applies to checkpoint
+    files only (an HF config states its own)."""
     return _load("mae", spec, device, dtype, num_heads, dict(batch_size=batch_size, resize=resize,
                                                              channel_order=channel_order, image_size=image_size))
 
