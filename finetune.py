@@ -71,7 +71,7 @@ def train(args) -> int:
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3, adapter="new",
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
                      compile_layers=args.compile_layers,
-                     activation_memory_budget=args.activation_memory_budget)
+                     activation_memory_budget=args.activation_memory_budget, fp8=args.fp8)
     # The original's checkpoints may lack the marker rows (frozen embeddings), and stage-1 runs of before
     # modality embeddings lack those: such rows start from their init (modality rows at zero change nothing).
     init = {k: v.detach().cpu() for k, v in model.projector_state().items() if k.startswith("marker_embed.")}

@@ -397,15 +397,19 @@ def disable_dropout(module: nn.Module):
 def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtype, zero3: bool = False,
              adapter: str | None = None, gradient_checkpointing: bool = False,
              label_smoothing: float = 0.0, compile_layers: str | None = None,
-             activation_memory_budget: float = 1.0) -> SignLLM:
+             activation_memory_budget: float = 1.0, fp8: bool = False) -> SignLLM:
     """Build the whole model from a config: base LLM (4-bit if cfg.bits == 4), frozen; then LoRA —
     new (`adapter="new"`, from cfg.lora) or loaded from a PEFT directory — and the projectors.
     Only projectors, marker rows and LoRA weights require grad. The LLM runs on kernels.ATTENTION (SDPA
     unless a forward passes packed boundaries); packed training is SignLLM.packing. `compile_layers`: a
     torch.compile backend for the decoder layers (kernels.compile_decoder_layers), None for eager;
-    `activation_memory_budget` how much of their activations they keep for backward (0-1)."""
+    `activation_memory_budget` how much of their activations they keep for backward (0-1). `fp8`: the frozen
+    linear layers of the decoder (stage 2: LoRA's base) multiply in FP8, their bf16 weights freed (signllava/fp8.py)."""
+    from signllava import fp8 as fp8_matmuls
     from signllava.kernels import use_packed_attention
     from signllava.prompts import special_ids
+    if fp8:
+        fp8_matmuls.check_support(device, zero3, cfg.bits)      # before loading gigabytes
     llm = load_llm(cfg.base_model, cfg.bits, dtype, device, zero3=zero3)
     use_packed_attention(llm)       # SDPA unless a forward passes packed boundaries
     kernels.fuse_rms_norm(llm)             # fused RMSNorm: same maths, less memory and traffic
@@ -434,8 +438,10 @@ def assemble(cfg: SignConfig, tokenizer, device: torch.device, dtype: torch.dtyp
         llm = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", bias="none", **cfg.lora))
     elif adapter:
         llm = load_adapter_strict(llm, Path(adapter))
-    model = SignLLM(llm, cfg, special_ids(tokenizer)["markers"], label_smoothing=label_smoothing)
-    return model.to(device)
+    model = SignLLM(llm, cfg, special_ids(tokenizer)["markers"], label_smoothing=label_smoothing).to(device)
+    if fp8:
+        fp8_matmuls.convert_frozen_linears(model.llm, device)     # on the device: quantised there, once
+    return model
 
 
 def load_adapter_strict(llm, adapter_dir: Path):

@@ -44,7 +44,7 @@ def train(args) -> int:
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
                      compile_layers=args.compile_layers,
-                     activation_memory_budget=args.activation_memory_budget)
+                     activation_memory_budget=args.activation_memory_budget, fp8=args.fp8)
     return fit(env, model, cfg, data)
 
 

@@ -121,6 +121,11 @@ def add_model_args(g):
                         "0 (its inputs only) to 1 (all); the compiler recomputes the rest, cheapest first. Lower "
                         "fits a larger token budget in less memory for less recomputation than "
                         "--gradient_checkpointing; needs --lora_dropout 0 (default 1: keep all)")
+    g.add_argument("--fp8", action="store_true",
+                   help="the frozen LLM's linear layers (stage 2: LoRA's base) multiply in FP8: weights quantised once "
+                        "to e4m3 with a power-of-two scale per row (the bf16 copy freed), inputs and gradients per row "
+                        "at each step; GPUs with FP8 tensor cores (compute capability 8.9+), emulated on the CPU; not "
+                        "with --bits 4 or ZeRO-3. Generation and export use the bf16 base")
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
                         "row, no padding, attention within each sample: the varlen flash kernel on GPU)")
@@ -214,6 +219,8 @@ def validate_args(p: argparse.ArgumentParser, args):
         problems.append("--compile_layers with --gradient_checkpointing: not supported (torch's partitioner failed "
                         "on the checkpointed layer on a GPU); for less memory with compiled layers use "
                         "--activation_memory_budget")
+    if args.fp8 and getattr(args, "bits", 16) == 4:                                     # stage 2's flag
+        problems.append("--fp8 with --bits 4: the frozen base is either nf4 or FP8; add --bits 16")
     if not 0 <= args.activation_memory_budget <= 1:
         problems.append("--activation_memory_budget must be in [0, 1]")
     elif args.activation_memory_budget < 1 and not args.compile_layers:

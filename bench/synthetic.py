@@ -262,10 +262,11 @@ def patched_load_llm(llm):
         M.load_llm = orig
 
 
-def assemble_with(llm, cfg, tokenizer, device, dtype, adapter=None, gradient_checkpointing=False):
+def assemble_with(llm, cfg, tokenizer, device, dtype, adapter=None, gradient_checkpointing=False, fp8=False):
     from model import assemble
     with patched_load_llm(llm):
-        return assemble(cfg, tokenizer, device, dtype, adapter=adapter, gradient_checkpointing=gradient_checkpointing)
+        return assemble(cfg, tokenizer, device, dtype, adapter=adapter, gradient_checkpointing=gradient_checkpointing,
+                        fp8=fp8)
 
 
 def base_llm(model):
