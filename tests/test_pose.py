@@ -9,11 +9,11 @@ import av
 import cv2
 import numpy as np
 import pytest
-from skimage import data
 
 from signllava import landmarks as L
 from signllava import pose_features as P
 from signllava.errors import DataError
+from tests.video_kit import film_astronaut
 
 FACE_37 = [0, 4, 13, 14, 17, 33, 39, 46, 52, 55, 61, 64, 81, 93, 133, 151, 152, 159, 172, 178, 181, 263, 269,
            276, 282, 285, 291, 294, 311, 323, 362, 386, 397, 402, 405, 468, 473]
@@ -112,23 +112,6 @@ def features(lm, box):
 
 
 # ------------------------------------------------------------------------------------ the real MediaPipe
-
-
-def film_astronaut(n=8, width=320, height=240):
-    """A real photo of a person, scaled, shifted and mirrored from frame to frame on a grey backdrop."""
-    photo = data.astronaut()
-    frames = []
-    for t in range(n):
-        s = 200 + 6 * t
-        img = cv2.resize(photo, (s, s), interpolation=cv2.INTER_AREA)
-        if t % 3 == 2:
-            img = img[:, ::-1]
-        canvas = np.full((height, width, 3), 90, np.uint8)
-        x0, y0 = 40 + 4 * t, 20 - 2 * t
-        ys, xs = slice(max(y0, 0), min(y0 + s, height)), slice(max(x0, 0), min(x0 + s, width))
-        canvas[ys, xs] = img[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
-        frames.append(canvas)
-    return np.stack(frames)
 
 
 def mp4_round_trip(frames, path, fps=25):

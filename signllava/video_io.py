@@ -1,0 +1,111 @@
+"""Frames of one clip out of a video file, decoded once, as RGB.
+
+A clip is a time range of a file (or the whole file). We seek to the keyframe at or before its start and
+decode forward to its end, so a clip costs its own frames plus at most one GOP, and no frame is decoded twice
+for it (the original seeked back to frame 0 for every frame it cropped). Frames are kept by their
+presentation time, so variable frame rates and streams that do not start at 0 come out right.
+
+Every fault is a DataError naming the file and clip: unreadable or truncated files, no video stream, zero
+frames, and a range that runs past the end of the video (by more than one frame period). Nothing is cut
+silently: a clip longer than `max_seconds` is refused, not truncated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from signllava.errors import DataError
+
+
+@dataclass
+class ClipFrames:
+    frames: np.ndarray        # uint8 [T, H, W, 3], RGB
+    fps: float                # the stream's average rate (frames / second)
+    times: np.ndarray         # float64 [T], seconds into the file
+
+
+def _open(path: Path, loc: str):
+    try:
+        container = av.open(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{loc}: video file not found") from None
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{loc}: unreadable video ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"{loc}: no video stream")
+    return container
+
+
+def read_clip(path: Path, start: float | None, end: float | None, loc: str, max_seconds: float) -> ClipFrames:
+    """The frames with start <= time < end (the whole file when both are None)."""
+    container = _open(path, loc)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"           # frame- and slice-threaded decoding inside FFmpeg
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        stated_end = float(stream.duration * stream.time_base) if stream.duration else None
+        if start and start > 0:
+            # The keyframe at or before `start`; frames before it are decoded and dropped below.
+            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+        frames, times = _decode_range(container, stream, start or 0.0, end, loc, fps, max_seconds)
+    except av.error.FFmpegError as e:
+        raise DataError(f"{loc}: video decoding failed ({e})") from None
+    finally:
+        container.close()
+    if not frames:
+        raise DataError(f"{loc}: zero frames" + (f" between {start} s and {end} s" if end is not None else ""))
+    last = times[-1]
+    if end is not None and end > last + 1.5 / fps:
+        raise DataError(f"{loc}: clip ends at {end:.3f} s, past the video's last frame at {last:.3f} s")
+    if end is None and stated_end is not None and stated_end > last + 2.5 / fps:
+        raise DataError(f"{loc}: truncated video: frames stop at {last:.3f} s, the file says {stated_end:.3f} s")
+    return ClipFrames(np.stack(frames), fps, np.asarray(times, dtype=np.float64))
+
+
+def _decode_range(container, stream, start: float, end: float | None, loc: str, fps: float, max_seconds: float):
+    frames, times = [], []
+    limit = int(max_seconds * fps) + 1
+    for frame in container.decode(stream):
+        t = frame.time if frame.time is not None else (frame.pts or 0) * float(stream.time_base)
+        if t < start - 1e-6:
+            continue
+        if end is not None and t >= end - 1e-6:
+            break
+        frames.append(frame.to_ndarray(format="rgb24"))
+        times.append(t)
+        if len(frames) > limit:
+            raise DataError(f"{loc}: clip longer than {max_seconds:g} s (--max_clip_seconds); refused, not cut")
+    return frames, times
+
+
+def video_duration(path: Path, loc: str) -> float | None:
+    """The container's stated duration in seconds, if it states one (for checks before decoding)."""
+    container = _open(path, loc)
+    try:
+        stream = container.streams.video[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        return container.duration / 1e6 if container.duration else None
+    finally:
+        container.close()
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264") -> Path:
+    """RGB frames to a video file (tests and demos); h264 at near-lossless quality."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "12", "g": "12"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
