@@ -363,6 +363,41 @@ def packing_check(model, synth: Synth, specs: list[Spec], device: torch.device, 
     return res
 
 
+class PackedRows:
+    """Times token-budget rows of one section into `results`: the plan, probe and batches of training's
+    --max_tokens_per_batch N (padded or packed), shared by bench_training and bench_fp8."""
+
+    def __init__(self, section: str, trainer: "Trainer", synth: Synth, specs: list[Spec], args, device: torch.device,
+                 ctx: dict, results: list[dict], step=None):
+        from training import prompt_tokens
+        self.section, self.trainer, self.synth, self.specs, self.args = section, trainer, synth, specs, args
+        self.device, self.ctx, self.results, self.step = device, ctx, results, step
+        self.lengths = np.asarray([Synth.approx_length(s) for s in specs])
+        self.seq_lens = np.asarray([synth.seq_len(s) for s in specs])
+        self.overhead = prompt_tokens(synth.builder, len(synth.modalities))
+        self.pin = device.type == "cuda"
+
+    def batches(self, plan: list[list[int]]) -> list[dict]:
+        return [collate(self.synth, self.specs, b, pin=self.pin) for b in plan]
+
+    def token_budget(self, budget: int, gc_on: bool, label: str, packed: bool = False, role: str = "ours",
+                     note: str = "") -> dict:
+        args = self.args
+        plan = plan_batches(self.lengths, 0, args.seed, True, budget, self.overhead, packed)
+        probe = collate(self.synth, self.specs, longest(plan, self.seq_lens, packed), pin=self.pin)
+        sizes_ = [len(b) for b in plan]
+        tag = "GC" if gc_on else "noGC"
+        kind = "packed token budget" if packed else "token budget"
+        log(f"{self.section}: {label} {kind} {budget} (batches of {min(sizes_)}-{max(sizes_)}), {tag}{note}")
+        r = run_config(self.trainer, f"{label} {role}: {kind} {budget} {tag}{note}", role=role, batch_size=0,
+                       gc_on=gc_on, grouped=True, batches=self.batches(plan[:args.warmup + args.steps]), probe=probe,
+                       warmup=args.warmup, device=self.device, ctx=self.ctx, step=self.step, packed=packed,
+                       budget_s=args.config_budget_s)
+        r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
+        self.results.append(r)
+        return r
+
+
 def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, device: torch.device, ctx: dict,
                    lr: float, step_override=None, mem_target_gb: float | None = None) -> list[dict]:
     """(a) reference style, (b) ours (length-grouped, largest batch that fits, without then with
@@ -401,23 +436,7 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
                 if best is None or r["pop_samples_per_s"] > best["pop_samples_per_s"]:
                     best = r
                 break
-    from training import prompt_tokens
-    overhead = prompt_tokens(synth.builder, len(synth.modalities))
-
-    def token_budget(budget: int, gc_on: bool, label: str, packed: bool = False, role: str = "ours",
-                     note: str = "") -> dict:
-        plan = plan_batches(lengths, 0, args.seed, True, budget, overhead, packed)
-        probe = collate(synth, specs, longest(plan, seq_lens, packed), pin=pin)
-        sizes_ = [len(b) for b in plan]
-        tag = "GC" if gc_on else "noGC"
-        kind = "packed token budget" if packed else "token budget"
-        log(f"{section}: {label} {kind} {budget} (batches of {min(sizes_)}-{max(sizes_)}), {tag}")
-        r = run(trainer, f"{label} {role}: {kind} {budget} {tag}{note}", role=role, batch_size=0, gc_on=gc_on,
-                       grouped=True, batches=mk(plan[:args.warmup + args.steps]), probe=probe, warmup=args.warmup,
-                       device=device, ctx=ctx, step=step, packed=packed)
-        r["max_tokens"], r["batch_size_range"] = budget, [min(sizes_), max(sizes_)]
-        results.append(r)
-        return r
+    token_budget = PackedRows(section, trainer, synth, specs, args, device, ctx, results, step).token_budget
 
     no_gc = [r for r in results if r["role"] == "ours" and not r["gradient_checkpointing"] and r["status"] == "ok"]
     if args.token_budget and no_gc and not out_of_time(args, f"{section} (d) token budget", results):
@@ -487,13 +506,95 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     return results
 
 
+# ------------------------------------------------------------------------------------------ FP8
+def fp8_wanted(args, device: torch.device) -> bool:
+    """--fp8 auto: the FP8 rows where the device has FP8 matmuls; on: there, or emulated (the CPU); off: never."""
+    from signllava.fp8 import fp8_matmul_available
+    return args.fp8 == "on" or (args.fp8 == "auto" and fp8_matmul_available(device))
+
+
+def fp8_check(model, synth: Synth, specs: list[Spec], device: torch.device, n: int = 6) -> dict:
+    """One packed batch's loss and trainable gradients with the frozen linears in bf16, then again after
+    fp8.convert_frozen_linears (in place: the model stays FP8, its bf16 weights freed): what --fp8 changes.
+    packing_check's padded left vs right is bf16's own noise floor on the same kind of batch."""
+    from signllava.fp8 import convert_frozen_linears
+    from training import to_device
+    batch = to_device({k: v for k, v in collate(synth, specs, list(range(n))).items() if k != "meta"}, device)
+    model.packing = True
+    out, layers = [], 0
+    for convert in (False, True):
+        if convert:
+            layers = convert_frozen_linears(model.llm, device)
+        model.zero_grad(set_to_none=True)
+        loss_sum, cnt = model(**batch)
+        (loss_sum / cnt).backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+        out.append((loss_sum.item() / cnt.item(), grads))
+    model.packing = False
+    model.zero_grad(set_to_none=True)
+    (l16, g16), (l8, g8) = out
+    res = {"samples": n, "layers": layers, "loss_bf16": l16, "loss_fp8": l8, "loss_rel_diff": abs(l8 - l16) / abs(l16),
+           "grad_rel_diff": float((g8 - g16).norm() / g16.norm().clamp_min(1e-30))}
+    log(f"FP8 check ({layers} linear layers): loss {l16:.5f} -> {l8:.5f} (rel diff {res['loss_rel_diff']:.1e}), "
+        f"gradient rel diff {res['grad_rel_diff']:.1e}")
+    return res
+
+
+def bench_fp8(section: str, model, synth: Synth, specs: list[Spec], args, device: torch.device, ctx: dict, lr: float,
+              base: dict | None, results: list[dict], mem_target_gb: float | None = None, on_row=None,
+              step_override=None) -> list[dict]:
+    """(h): `model` with its frozen linears already in FP8, packed, compiled as (g) is, at the token budget of
+    `base`, the bf16 row it is compared with (stage 1's (g); for LoRA on an FP8 base, QLoRA's (g)): vs_base =
+    its samples/s over base's, measured in this run. Then, for mem_target_gb, compiled rows under the
+    activation memory budget with LoRA dropout 0, sized as QLoRA's (e) are (fit_memory_budgeted). Role "fp8":
+    the bf16 picks ("ours", the loader's comparison) stay as they were. Rows go into `results` one by one
+    (`on_row` after each, e.g. saving the JSON); `step_override` as bench_training's."""
+    if base is None or base.get("status") != "ok" or not base.get("max_tokens"):
+        results.append({"name": f"(h) {section} FP8", "role": "fp8", "status": "skipped",
+                        "error": "no bf16 token-budget row to compare with"})
+        return results
+    trainer = Trainer(model, lr, device)
+    rows = PackedRows(section, trainer, synth, specs, args, device, ctx, results,
+                      step_override(trainer) if step_override else None)
+    backend = resolved_compile_backend(args, device)
+    compiled = backend != "none"
+
+    def timed(budget: int, note: str) -> dict:
+        r = rows.token_budget(budget, False, "(h)", packed=True, role="fp8", note=note)
+        if r["status"] == "ok":
+            r["base"], r["vs_base"] = base["name"], r["pop_samples_per_s"] / base["pop_samples_per_s"]
+            log(f"  FP8 / {base['name']}: {r['vs_base']:.2f}x")
+        if on_row:
+            on_row()
+        return r
+
+    with compiled_layers(section, model, backend, results, role="fp8") if compiled else contextlib.nullcontext():
+        timed(base["max_tokens"], ", compiled layers, FP8" if compiled else ", FP8")
+    if mem_target_gb and compiled and args.memory_budget < 1:
+        note = f", compiled layers, FP8, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
+        with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget, "fp8"):
+            fit_memory_budgeted(results, mem_target_gb, int(rows.seq_lens.max()), lambda b: timed(b, note))
+    mark_best(results, mem_target_gb, role="fp8")
+    del trainer, rows
+    free_memory()
+    return results
+
+
+def bf16_base_row(configs: list[dict]) -> dict | None:
+    """The bf16 row FP8 is compared with: the compiled packed (g), else the fastest packed (f)."""
+    ok = [c for c in configs if c["status"] == "ok" and c.get("packed") and c["role"] == "ours"]
+    g = [c for c in ok if c["name"].startswith("(g)")]
+    return max(g or [c for c in ok if c["name"].startswith("(f)")], key=lambda c: c["pop_samples_per_s"], default=None)
+
+
 def resolved_compile_backend(args, device: torch.device) -> str:
     """--compile_backend, or its default for the device."""
     return args.compile_backend or ("inductor" if device.type == "cuda" else "none")
 
 
 @contextlib.contextmanager
-def compiled_layers(section: str, model, backend: str, results: list[dict], activation_memory_budget: float = 1.0):
+def compiled_layers(section: str, model, backend: str, results: list[dict], activation_memory_budget: float = 1.0,
+                    role: str = "ours"):
     """The rows timed inside run with training's --compile_layers (kernels.compile_decoder_layers) and
     --activation_memory_budget; the first steps of each new graph pay its compilation (warmup). A compile
     failure is recorded as a row, not raised; the layers are eager again afterwards. The compiled rows note
@@ -507,7 +608,7 @@ def compiled_layers(section: str, model, backend: str, results: list[dict], acti
     try:
         yield
     except Exception as e:         # noqa: BLE001 -- what failed to compile is a result of the run
-        results.append({"name": f"(g) {section} compiled layers", "role": "ours", "status": "error",
+        results.append({"name": f"(g) {section} compiled layers", "role": role, "status": "error",
                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__})
         log(f"  compiled layers failed: {results[-1]['error']}")
     finally:
@@ -523,10 +624,10 @@ def fits(r: dict, limit_gb: float) -> bool:
     return r["status"] == "ok" and r.get("peak_mem_gb") is not None and r["peak_mem_gb"] <= limit_gb
 
 
-def mark_best(results: list[dict], mem_target_gb: float | None = None):
-    """best: the fastest "ours" candidate that ran ((b), (d), (e)); best_mem: the fastest whose peak memory
-    is within mem_target_gb."""
-    ok = [r for r in results if r["role"] == "ours" and r["status"] == "ok"]
+def mark_best(results: list[dict], mem_target_gb: float | None = None, role: str = "ours"):
+    """best: the fastest candidate of `role` that ran ("ours": (b), (d), (e), (f), (g)); best_mem: the fastest
+    whose peak memory is within mem_target_gb."""
+    ok = [r for r in results if r["role"] == role and r["status"] == "ok"]
     if ok:
         max(ok, key=lambda r: r["pop_samples_per_s"])["best"] = True
     fit = [r for r in ok if mem_target_gb and fits(r, mem_target_gb)]
@@ -542,15 +643,21 @@ def linear_mem(results: list[dict]) -> tuple[float, float] | None:
     pts = {(r["max_batch_tokens"], r["peak_mem_gb"]) for r in results
            if r["status"] == "ok" and r["gradient_checkpointing"] and "dynamo" not in r
            and r.get("peak_mem_gb") is not None and r.get("max_batch_tokens")}
-    held = [r["resident_mem_gb"] for r in results if r.get("resident_mem_gb") is not None]
-    if held:
-        pts.add((0, min(held)))
+    held = held_mem_gb(results)
+    if held is not None:
+        pts.add((0, held))
     pts = sorted(pts)
     if len(pts) < 2 or pts[-1][0] <= pts[0][0] or pts[-1][1] <= pts[0][1]:
         return None
     (t0, m0), (t1, m1) = pts[0], pts[-1]
     slope = (m1 - m0) / (t1 - t0)
     return m0 - slope * t0, slope
+
+
+def held_mem_gb(results: list[dict]) -> float | None:
+    """The least memory held between steps (weights, gradients, optimizer state) that a timed row measured."""
+    held = [r["resident_mem_gb"] for r in results if r.get("resident_mem_gb") is not None]
+    return min(held) if held else None
 
 
 def tokens_within(intercept_gb: float, gb_per_token: float, limit_gb: float) -> int:
@@ -575,18 +682,17 @@ def lora_dropout_off(model):
 def fit_memory_budgeted(results: list[dict], limit_gb: float, longest_tokens: int, run_budget,
                         margin: float = 0.9):
     """(e) under an activation memory budget, no checkpointing, compiled anew: first at the smallest packed
-    budget (the longest sample's), whose peak measures the memory a token costs at this budget (from
-    linear_mem's intercept, the memory held between steps), then at the budget that cost predicts fills
-    margin x limit_gb. The first row's fixed transients count as per-token cost there, so the prediction errs
-    low."""
-    fit = linear_mem(results)
-    if fit is None:
+    budget (the longest sample's), whose peak measures the memory a token costs at this budget (over the memory
+    held between steps), then at the budget that cost predicts fills margin x limit_gb. The first row's fixed
+    transients count as per-token cost there, so the prediction errs low."""
+    held = held_mem_gb(results)
+    if held is None:
         return
     first = run_budget(longest_tokens)
-    if first["status"] != "ok" or not first.get("peak_mem_gb") or first["peak_mem_gb"] <= fit[0]:
+    if first["status"] != "ok" or not first.get("peak_mem_gb") or first["peak_mem_gb"] <= held:
         return
-    slope = (first["peak_mem_gb"] - fit[0]) / first["max_batch_tokens"]
-    budget = tokens_within(fit[0], slope, margin * limit_gb)
+    slope = (first["peak_mem_gb"] - held) / first["max_batch_tokens"]
+    budget = tokens_within(held, slope, margin * limit_gb)
     if budget > 1.2 * longest_tokens:
         run_budget(budget)
 
@@ -897,15 +1003,17 @@ def bench_loader(synth: Synth, specs: list[Spec], args, device: torch.device, ba
 # ------------------------------------------------------------------------------------------ report
 def summary_rows(R: dict) -> list[dict]:
     rows = []
-    for sec in ("stage1", "qlora"):
+    for sec in ("stage1", "qlora", "lora_fp8"):
         cfgs = R.get(sec, {}).get("configs", [])
-        base = next((c for c in cfgs if c["role"] == "baseline" and c["status"] == "ok"), None)
+        # LoRA on an FP8 base is stage 2 beside QLoRA: its ratio is to QLoRA's batch-1 reference
+        refs = R.get("qlora" if sec == "lora_fp8" else sec, {}).get("configs", [])
+        base = next((c for c in refs if c["role"] == "baseline" and c["status"] == "ok"), None)
         for c in cfgs:
             ok = c["status"] == "ok"
             rows.append({"section": sec, "config": c["name"] + (" *" if c.get("best") else ""),
                          "metric": "samples/s", "value": c.get("pop_samples_per_s"),
                          "tokens_per_s": c.get("real_tokens_per_s"), "mfu": c.get("mfu"), "mem_gb": c.get("peak_mem_gb"),
-                         "status": c["status"],
+                         "status": c["status"], "vs_base": c.get("vs_base"),
                          "ratio": c["pop_samples_per_s"] / base["pop_samples_per_s"] if ok and base else None})
         lim = R.get(sec, {}).get("mem_target_gb")
         if lim:
@@ -943,17 +1051,20 @@ def summary_rows(R: dict) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
-    head = f"{'section':<11}{'configuration':<52}{'metric':>10}{'value':>10}{'tok/s':>10}{'MFU':>7}{'mem GB':>8}{'ratio':>8}"
+    head = (f"{'section':<11}{'configuration':<52}{'metric':>10}{'value':>10}{'tok/s':>10}{'MFU':>7}{'mem GB':>8}"
+            f"{'ratio':>8}{'vs bf16':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         val = r["status"] if r["status"] != "ok" else f(r["value"], ".2f")
         lines.append(f"{r['section']:<11}{r['config'][:51]:<52}{r['metric']:>10}{val:>10}"
                      f"{f(r.get('tokens_per_s'), '.0f'):>10}{f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f'):>7}"
-                     f"{f(r.get('mem_gb'), '.1f'):>8}{f(r['ratio'], '.2f'):>8}")
+                     f"{f(r.get('mem_gb'), '.1f'):>8}{f(r['ratio'], '.2f'):>8}{f(r.get('vs_base'), '.2f'):>8}")
     lines.append("ratio: to the section's baseline in this run -- (a) ref bs1 GC; clip-by-clip; for the loader, "
                  "to the GPU's stage-1 ours samples/s (>1 keeps up). * = ours: the fastest config that ran among (b) grouped "
                  "fixed batches, (d)/(e) token budgets (training's --max_tokens_per_batch <budget>) and (e) extra GC "
-                 "configs; 'ours <= N GiB' = the fastest of those peaking within N GiB (cuda only).")
+                 "configs; 'ours <= N GiB' = the fastest of those peaking within N GiB (cuda only). (h) = FP8 (--fp8); "
+                 "vs bf16: its samples/s over its bf16 row's in this run (stage 1's (g); lora_fp8: QLoRA's (g)), and "
+                 "lora_fp8's ratio is to QLoRA's (a).")
     return "\n".join(lines)
 
 
@@ -1039,6 +1150,14 @@ def parse_args(argv=None):
     g.add_argument("--loader_batch_size", type=int, help="default: stage-1 ours' batch size, else 8")
     g.add_argument("--workers", type=ints, default=[0, 2, 4, 8])
     g.add_argument("--tmp_dir", help="where the loader's h5 files go (default: the system temp dir)")
+    g = p.add_argument_group("FP8 (--fp8: signllava/fp8.py)")
+    g.add_argument("--fp8", choices=["auto", "on", "off"], default="auto",
+                   help="(h) rows: stage 1 with the frozen LLM's linears in FP8, and LoRA on an FP8 base beside QLoRA, "
+                        "each against its bf16 row of this run; auto: where the device has FP8 matmuls (compute "
+                        "capability 8.9+), on: also emulated (CPU), off: none")
+    g.add_argument("--fp8_mem_gb", type=float, default=24,
+                   help="LoRA on an FP8 base: also the fastest (h) peaking within this many GiB, timing compiled rows "
+                        "under --memory_budget for it (0: off; cuda only)")
     p.add_argument("--time_limit_s", type=float, default=450,
                    help="past this many seconds, optional pieces ((c), (d), (e), the plain-HF generation ablation) "
                         "are skipped")
@@ -1154,6 +1273,34 @@ def main(argv=None) -> dict:
                                                         compile_backend=resolved_compile_backend(args, device))}
                        if args.packing else {})
         R["stage1"]["configs"] = bench_training("stage1", model, synth, specs, args, device, ctx, lr=1e-3)
+        if fp8_wanted(args, device):
+            state["stage1_model"] = model
+
+    def stage1_fp8():
+        # The stage-1 model's LLM goes FP8 in place (its bf16 weights freed, as --fp8 frees them), so the
+        # sections after this one get a fresh bf16 LLM: the same seed builds the same weights.
+        model = state.pop("stage1_model")
+        R["stage1"]["fp8_check"] = fp8_check(model, synth, specs, device)
+        bench_fp8("stage1", model, synth, specs, args, device, ctx, 1e-3, bf16_base_row(R["stage1"]["configs"]),
+                  R["stage1"]["configs"], on_row=save)
+
+    def fresh_llm():
+        state["llm"] = None
+        free_memory()
+        build()
+
+    def lora_fp8():
+        """LoRA (finetune.py's defaults) on the bf16 LLM with its frozen linears then in FP8 (finetune.py --bits 16
+        --fp8), against QLoRA's compiled (g) of this run."""
+        fresh_llm()
+        model = assemble_with(state["llm"], sign_config(2, 16), tok, device, dtype, adapter="new", fp8=True)
+        cast_params_(model, dtype)
+        R["lora_fp8"] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         "mem_target_gb": (args.fp8_mem_gb or None) if device.type == "cuda" else None,
+                         "base": "QLoRA (g)", "configs": []}
+        bench_fp8("lora_fp8", model, synth, specs, args, device, ctx, 2e-4,
+                  bf16_base_row(R.get("qlora", {}).get("configs", [])), R["lora_fp8"]["configs"],
+                  mem_target_gb=R["lora_fp8"]["mem_target_gb"], on_row=save)
 
     def gen_bf16():
         # Translator.load's model: assemble + projectors (left in fp32, as load_projector_state leaves them).
@@ -1190,10 +1337,17 @@ def main(argv=None) -> dict:
     if state["llm"] is not None:
         if "stage1" in args.only:
             guarded("stage1", stage1)
-        if "gen" in args.only and args.gen_model == "bf16":
+        if "stage1_model" in state:
+            guarded("stage1_fp8", stage1_fp8)
+            state.pop("stage1_model", None)
+            if any(s in args.only for s in ("gen", "qlora")):
+                guarded("build", fresh_llm)
+        if "gen" in args.only and args.gen_model == "bf16" and state["llm"] is not None:
             guarded("generation", gen_bf16)
-        if "qlora" in args.only or ("gen" in args.only and args.gen_model == "qlora"):
+        if state["llm"] is not None and ("qlora" in args.only or ("gen" in args.only and args.gen_model == "qlora")):
             guarded("qlora", qlora)
+        if "qlora" in args.only and fp8_wanted(args, device):
+            guarded("lora_fp8", lora_fp8)
     state.clear()
     free_memory()
     if "loader" in args.only:

@@ -14,8 +14,9 @@ gradient to each layer's input. That makes the FP8 path simple:
   layer's weight lives for one matmul, cheaper than holding a second copy of all of them).
 
 Power-of-two scales keep every rescaling exact, as torchao's row-wise recipe does. torchao's own
-`Float8Linear` is not used: it is built for training the weight, so it re-casts the weight every step and runs
-the weight-gradient matmul even when the weight is frozen (a third more matmul work here).
+`Float8Linear` is built for training the weight: it keeps the bf16 weight (twice the memory), re-casts it to
+e4m3 twice every step, and its autograd function computes the weight gradient too (in eager mode a third more
+matmul work; a compiled graph can drop it). bench/fp8_layer.py times it against this module on one layer.
 
 Where no FP8 matmul exists (the CPU), the same quantised operands are multiplied in fp32 instead ("emulated");
 `torch._scaled_mm` on an FP8 GPU computes the same sums (fp32 accumulation), so the CPU tests pin the
@@ -131,19 +132,22 @@ class FrozenFP8Linear(nn.Module):
                 f"{'emulated' if self.emulate else 'scaled_mm'}")
 
 
-def frozen_linears(llm: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) of every plain nn.Linear with a frozen weight inside the decoder layers: the
-    attention and MLP projections, or LoRA's base layers around them -- never LoRA's own A and B (they train,
-    and a loaded adapter's are frozen but must stay exact), never lm_head or the embeddings."""
-    from signllava.kernels import decoder_layers
+def frozen_linears_in(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) of every plain nn.Linear with a frozen weight in `module`, except LoRA's own
+    A and B (they train, and a loaded adapter's are frozen but must stay exact): LoRA's base layers are found."""
     found = []
-    for layer in decoder_layers(llm):
-        for parent_name, parent in layer.named_modules():
-            for name, child in parent.named_children():
-                qualified = f"{parent_name}.{name}"
-                if type(child) is nn.Linear and not child.weight.requires_grad and "lora_" not in qualified:
-                    found.append((parent, name, child))
+    for parent_name, parent in module.named_modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and not child.weight.requires_grad and "lora_" not in f"{parent_name}.{name}":
+                found.append((parent, name, child))
     return found
+
+
+def frozen_linears(llm: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """frozen_linears_in each decoder layer: the attention and MLP projections (or LoRA's base layers around
+    them); never lm_head or the embeddings."""
+    from signllava.kernels import decoder_layers
+    return [found for layer in decoder_layers(llm) for found in frozen_linears_in(layer)]
 
 
 def convert_frozen_linears(llm: nn.Module, device: torch.device) -> int:

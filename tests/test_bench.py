@@ -387,6 +387,40 @@ def test_a_compile_failure_is_a_row_and_the_eager_memory_fallback_runs(tok, synt
     assert len(eager) == 1 and eager[0]["status"] == "ok" and eager[0]["gradient_checkpointing"]
 
 
+def test_fp8_rows_against_their_bf16_row(tok, synth, monkeypatch):
+    """(h), --fp8: the model with its frozen linears in FP8 (emulated here) at its bf16 row's token budget, the
+    ratio to that row, then the memory target's compiled rows under the activation memory budget; role "fp8",
+    and lora_fp8's summary ratios are to QLoRA's reference."""
+    from signllava import kernels
+    from signllava.fp8 import FrozenFP8Linear, convert_frozen_linears
+    specs = short_specs(16)
+    args = bench.parse_args(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--compile_backend", "eager"])
+    ctx = {"mean_real_tokens": 100.0, "matmul_params": 1, "peak_flops": 1e12}
+    model = stage1_model(tok)
+    assert convert_frozen_linears(model.llm, CPU) == 14
+    recording = fake_memory(monkeypatch, model, compiled_factor=0.5, resident=1.0)
+    longest = max(synth.seq_len(s) for s in specs)
+    lim = 1 + 0.02 * longest
+    base = {"name": "(g) ours: bf16", "status": "ok", "max_tokens": 2 * longest, "pop_samples_per_s": 2.0}
+    try:
+        res = bench.bench_fp8("lora_fp8", model, synth, specs, args, CPU, ctx, 1e-3, base, [], mem_target_gb=lim,
+                              step_override=recording)
+    finally:
+        torch._dynamo.reset()
+    assert [r["role"] for r in res] == ["fp8"] * 3 and all(r["status"] == "ok" and r["dynamo"] for r in res)
+    assert res[0]["max_tokens"] == base["max_tokens"] and res[0]["name"].endswith("compiled layers, FP8")
+    assert all(r["vs_base"] == r["pop_samples_per_s"] / 2.0 and r["base"] == base["name"] for r in res)
+    assert res[1]["max_tokens"] == longest and all("FP8, activation memory budget 0.25" in r["name"] for r in res[1:])
+    assert [bool(r.get("best_mem")) for r in res].count(True) == 1 and not bench.fits(res[0], lim)
+    assert isinstance(kernels.decoder_layers(model.llm)[0].self_attn.q_proj, FrozenFP8Linear)
+    ref = {"name": "(a) ref: bs1 GC", "role": "baseline", "status": "ok", "pop_samples_per_s": 0.5}
+    rows = bench.summary_rows({"qlora": {"configs": [ref]}, "lora_fp8": {"configs": res, "mem_target_gb": lim}})
+    fp8_rows = [r for r in rows if r["section"] == "lora_fp8"]
+    assert len(fp8_rows) == 4 and all(r["ratio"] == r["value"] / 0.5 for r in fp8_rows)
+    skipped = bench.bench_fp8("stage1", model, synth, specs, args, CPU, ctx, 1e-3, None, [])
+    assert [r["status"] for r in skipped] == ["skipped"]
+
+
 def test_timed_steps_budget_keeps_a_prefix():
     batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
                 "labels": torch.zeros(2, 5, dtype=torch.long)} for _ in range(10)]
