@@ -29,6 +29,12 @@ What is timed (every ratio is against a baseline measured in the same run):
                        losses of one batch are compared (packing_check in the JSON);
                    (g) ours packed with compiled decoder layers (training's --compile_layers: regional
                        torch.compile, inductor) at the fastest (f)'s budget; the warmup steps pay the compilation;
+                   (h) FP8 (--fp8; auto: where the GPU has FP8 matmuls): the frozen LLM's linear layers in e4m3
+                       (training's --fp8, signllava/fp8.py), packed and compiled as (g), at (g)'s budget, with
+                       vs_base = its samples/s over (g)'s in this run; stage 1 after fp8_check (one batch's loss
+                       and gradients before and after the conversion). Stage 2 beside QLoRA: LoRA on an FP8 base
+                       (finetune.py --bits 16 --fp8, a fresh bf16 LLM converted), against QLoRA's (g), plus its
+                       own <= --fp8_mem_gb rows under the activation memory budget as (e) below. Role "fp8";
                    * = ours: the fastest configuration that ran among (b), (d), (f), (g) (and (e)).
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
                    stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only):
@@ -568,8 +574,11 @@ def bench_fp8(section: str, model, synth: Synth, specs: list[Spec], args, device
             on_row()
         return r
 
+    first = len(results)
     with compiled_layers(section, model, backend, results, role="fp8") if compiled else contextlib.nullcontext():
         timed(base["max_tokens"], ", compiled layers, FP8" if compiled else ", FP8")
+    if compiled and results[first]["status"] == "error":   # the compiler failed on the FP8 layers: eager FP8 times
+        timed(base["max_tokens"], ", FP8, eager layers")
     if mem_target_gb and compiled and args.memory_budget < 1:
         note = f", compiled layers, FP8, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
         with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget, "fp8"):

@@ -69,7 +69,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30)
     scale = torch.exp2(torch.ceil(torch.log2(amax / top)))
     q = (x / scale.to(x.dtype)).clamp(-top, top).to(E4M3)
-    return q, scale
+    return q.contiguous(), scale          # row-major, as _scaled_mm takes its first operand (x may be strided)
 
 
 def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
