@@ -355,7 +355,7 @@ def extract(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     record_settings(args, settings_record(args, encoders), rank)
     store = ExtractionStore(args.out, args.split, args.modality_list, plan_shards(clips, args.videos_per_shard))
-    if not store.start(args.resume):
+    if not store.start(args.resume, rank):
         log.info("%s: split %r is already extracted; nothing to resume", args.out, args.split)
         return 0
     extract_rank(args, clips, store, encoders, rank, world)

@@ -8,6 +8,7 @@ clip; a file already there (a resumed or repeated run) is read instead of runnin
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,10 @@ import numpy as np
 
 from signllava.clip_sources import ClipSpec
 from signllava.errors import DataError
+
+# MediaPipe's C++ logging (glog, TFLite) prints a few lines per graph, i.e. per clip; warnings and errors stay.
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @dataclass(frozen=True)

@@ -88,18 +88,19 @@ class ExtractionStore:
         """A previous extraction of this split finished: its summary is written and its work folder gone."""
         return self.summary_file().is_file() and not self.work.is_dir()
 
-    def start(self, resume: bool) -> bool:
-        """Ready the work folder; False when there is nothing to do (a finished split, resumed)."""
+    def start(self, resume: bool, rank: int = 0) -> bool:
+        """Ready the work folder; False when there is nothing to do (a finished split, resumed). Only rank 0
+        judges a fresh start: the other ranks may find the folder it has just made."""
         if self.complete():
             if resume:
                 return False
             raise DataError(f"{self.root}: split {self.split!r} is already extracted there "
                             f"({self.summary_file().name}); another --out, or remove it first")
-        if not resume and (self.work.is_dir() or any(self.metadata(m).is_file() for m in self.modalities)):
+        if not resume and rank == 0 and (self.work.is_dir() or any(self.metadata(m).is_file() for m in self.modalities)):
             raise DataError(f"{self.work}: an interrupted extraction of split {self.split!r} is here; "
                             "--resume to continue it, or remove the folder to start over")
         self.work.mkdir(parents=True, exist_ok=True)
-        if resume:
+        if resume and rank == 0:
             # A finish that was cut short: claim_finish's lock is from a process that is gone.
             (self.work / FINISH_LOCK).unlink(missing_ok=True)
         return True
@@ -191,4 +192,8 @@ class ExtractionStore:
         for m in self.modalities:
             atomic_write_json(self.metadata(m), videos_written)
         atomic_write_json(self.summary_file(), summary)
-        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)       # ours alone: the pieces and records of this split
+        try:
+            self.work.parent.rmdir()                        # .extract, once no other split is in progress
+        except OSError:
+            pass
