@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from model import SignConfig, compute_dtype
+from signllava.atomic import output_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
-from signllava.errors import CheckpointError, DataError, range_problems, run_command
+from signllava.errors import CheckpointError, DataError, RunError, range_problems, run_command
 from signllava.layout import load_annotation
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
 from signllava.scoring import compute_metrics, format_table, sentence_scores, yes_no_metrics  # noqa: F401 (API)
@@ -432,9 +433,36 @@ def score_output(output: dict, task: str) -> dict:
 
 
 def _write_json(path: str, obj):
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_output(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_output(path: str, text: str):
+    """One output file, complete or not at all (signllava/atomic.py): a full disk leaves an earlier file of that
+    name as it was, and says so in one line."""
+    from signllava.faults import write_failure
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise RunError(f"{path}: not written ({write_failure(e, Path(path).parent) or e}); a file there before is "
+                       f"as it was") from None
+
+
+OUTPUT_FLAGS = ("output", "metrics_out", "report")
+
+
+def output_problems(args) -> list[str]:
+    """Every path this run will write, checked before any work (a run of hours must not end on a path it
+    cannot write): not a folder, no file on its way, a folder we may write in, no two flags on one file."""
+    paths = [(f"--{n}", getattr(args, n)) for n in OUTPUT_FLAGS if getattr(args, n)]
+    if args.score_only:
+        paths.append(("--score_only", args.score_only))       # rewritten with the sentence scores
+    problems = [why for why in (output_problem(value, flag) for flag, value in paths) if why]
+    first: dict[str, str] = {}
+    for flag, value in paths:
+        same = first.setdefault(os.path.realpath(value), flag)
+        if same != flag:
+            problems.append(f"{same} and {flag} name the same file ({value})")
+    return problems
 
 
 def init_ranks(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -525,8 +553,8 @@ def finish(args, output: dict, metrics: dict):
     if args.metrics_out:
         _write_json(args.metrics_out, metrics)
     if args.report:
-        from signllava.report import write_report
-        write_report(args.report, output, metrics)
+        from signllava.report import render
+        write_output(args.report, render(output, metrics))
     print(format_table(metrics))
 
 
@@ -599,6 +627,7 @@ def main(argv=None) -> int:
     else:
         problems += [f"--{n} is required (unless --score_only)" for n in ("checkpoint", "data_dir", "output")
                      if getattr(args, n) is None]
+    problems += output_problems(args)
     if args.context not in (None, "none", "gold", "predicted") and not Path(args.context).is_file():
         problems.append(f"--context {args.context}: not none, gold, predicted or an existing output JSON")
     if problems:

@@ -43,6 +43,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
 from signllava import checkpoint, faults, kernels, portable_state, safe_load, step_profiler
+from signllava.atomic import write_atomic
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
@@ -486,9 +487,7 @@ def setup_run(args) -> RunEnv:
                 log.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(gone))
     data_dir = Path(args.data_dir) if args.data_dir else out / "demo_data"
     if not args.data_dir and rank == 0 and not (data_dir / "annotation.train.json").exists():
-        from signllava.demo import make_demo
-        log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
-        make_demo(str(data_dir))
+        write_demo_data(data_dir)
     barrier()
     if zero_stage == 3 and world == 1 and device.type == "cuda":
         # Measured on one H200 (issue 16): QLoRA 3.9 k real tokens/s under ZeRO-3 against 10-11 k under ZeRO-2.
@@ -496,6 +495,21 @@ def setup_run(args) -> RunEnv:
                     "other rank to share them (QLoRA ran at under half ZeRO-2's speed); ds_config_zero2.json is "
                     "the default, ZeRO-3 is for models that need sharding over several GPUs")
     return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world)
+
+
+def write_demo_data(data_dir: Path):
+    """(rank 0) The built-in demo language, built beside `data_dir` and renamed into place: a kill or a full
+    disk half-way never leaves a partial dataset that the next start would take for the whole one."""
+    from signllava.atomic import remove_tree, replace_dir, temporary_dir
+    from signllava.demo import make_demo
+    log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
+    tmp = temporary_dir(data_dir)
+    try:
+        make_demo(str(tmp))
+        replace_dir(tmp, data_dir)
+    except OSError as e:
+        remove_tree(tmp)
+        raise RunError(f"{data_dir}: the demo data could not be written ({faults.write_failure(e, data_dir.parent) or e})") from None
 
 
 @dataclass
@@ -632,7 +646,7 @@ def write_summary(state: TrainState):
     if best is not None and best.step is not None:
         summary["best"] = {"metric": best.metric, "step": best.step, "score": best.score,
                            "checkpoint": str(out / f"checkpoint-{best.step}")}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "train_summary.json", json.dumps(summary, indent=1))
     log.info("done: %s", summary)
     if (out / "metrics.jsonl").is_file():
         log.info("curves: %s", draw_curves(out))
@@ -736,6 +750,8 @@ def record(state: TrainState, row: dict):
     for k, v in row.items():
         if k != "step":
             state.writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
+    # Appended in place, not rewritten atomically: an append-only log whose earlier lines a write never touches;
+    # a kill loses at most the line being written, which curves.read_series skips as the last line.
     with open(state.env.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 

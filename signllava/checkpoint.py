@@ -18,6 +18,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from signllava.atomic import fsync_tree, is_temporary, write_atomic
 from signllava.errors import CheckpointError
 
 # The files of a checkpoint directory.
@@ -85,25 +86,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: not a checkpoint directory")
 
 
-def _fsync_tree(d: Path):
-    for root, _, files in os.walk(d):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def begin(out_dir: Path, step: int) -> Path:
     """(rank 0) A fresh temporary directory for checkpoint `step`."""
     tmp = Path(out_dir) / f"checkpoint-{step}.tmp"
@@ -117,7 +99,7 @@ def commit(tmp: Path, step: int, keep: int, best_step: int | None = None) -> Pat
     """(rank 0) Sync, rename into place, repoint `latest` (and `best` when this step is the best), drop old
     checkpoints beyond the newest `keep` -- never the best one. Pointers move before anything is removed, so a
     kill at any moment leaves both naming complete checkpoints."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     final = tmp.with_name(f"checkpoint-{step}")
     if final.exists():                       # re-saving a step after a resume: replace it
         _remove(final)
@@ -179,12 +161,15 @@ def read_state(d: Path) -> dict:
 
 
 def leftovers(out_dir: Path) -> list[Path]:
-    """What an interrupted save or deletion leaves behind: `checkpoint-N.tmp`, `*.deleting`, `latest.tmp`."""
+    """What an interrupted save or deletion leaves behind: `checkpoint-N.tmp`, `*.deleting`, and the temporaries
+    of atomic writes (`.latest.<random>.tmp`, ...; `latest.tmp` from before they had random names). Only ever
+    called by the run that holds the folder's lock, so none of them can be another live process's."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
     return sorted(d for d in out_dir.iterdir()
-                  if (d.name.startswith("checkpoint-") and d.name.endswith((".tmp", ".deleting"))) or d.name == "latest.tmp")
+                  if (d.name.startswith("checkpoint-") and d.name.endswith((".tmp", ".deleting")))
+                  or d.name == "latest.tmp" or is_temporary(d.name))
 
 
 def remove_leftover(path: Path):

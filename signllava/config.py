@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from signllava.atomic import write_atomic
+
 NOT_RECORDED = ("config", "local_rank")          # how the run was started, not what it does
 
 
@@ -95,6 +97,4 @@ def _value(action: argparse.Action, key: str, value, as_dest: bool):
 def write_run_args(args: argparse.Namespace, path: Path):
     """OUTPUT_DIR/args.yaml: every flag's value in this run, readable back through --config."""
     record = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(record, sort_keys=False, default_flow_style=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(record, sort_keys=False, default_flow_style=False))

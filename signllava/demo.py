@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 
+from signllava.atomic import remove_tree, replace_dir, temporary_dir
 from signllava.prompts import IS_REVERSED, MARKER_TOKENS, MULTI_WORD, ONE_WORD, SYSTEM_PROMPT, TRANSLATE, TRANSLATE_WITH_CONTEXT
 
 # --- lexicon ---------------------------------------------------------------------------
@@ -360,8 +361,12 @@ def build_default_llm(out_dir: Path, texts: list[str], seed: int = 0, **shape) -
     llm = LlamaForCausalLM(cfg)
     llm.generation_config.eos_token_id = tok.eos_token_id
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tok.save_pretrained(tmp)
-    llm.save_pretrained(tmp)
-    tmp.rename(out_dir)          # complete or absent: a crash here never leaves half a base model
+    tmp = temporary_dir(out_dir)     # complete or absent: a crash or a full disk never leaves half a base model
+    try:
+        tok.save_pretrained(tmp)
+        llm.save_pretrained(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        remove_tree(tmp)
+        raise
     return out_dir

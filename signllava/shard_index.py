@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from signllava.atomic import atomic_file
 
 log = logging.getLogger("signllava")
 
@@ -100,23 +100,13 @@ def load_cached(path: Path, key: str) -> ClipIndex | None:
 
 
 def save_cache(path: Path, key: str, index: ClipIndex) -> bool:
-    """Write atomically (a temporary file in the same folder, then rename); False if the folder is not writable."""
-    tmp = None
+    """Write atomically (signllava/atomic.py); False if the folder is not writable."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path, "wb") as f:
             np.savez(f, format=np.int64(FORMAT), fingerprint=np.str_(key), keys=index.keys, frames=index.frames)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return True
     except OSError as e:
         log.info("%s: index cache not written (%s); the next start indexes the shards again", path, e.strerror or e)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         return False
 
 
