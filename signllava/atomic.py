@@ -128,13 +128,20 @@ def output_problem(path: str | Path, flag: str) -> str | None:
         return f"{flag} {p}: is a directory (give a file name)"
     if p.exists() and not os.access(p, os.W_OK):
         return f"{flag} {p}: exists and is read-only"
-    parent = p.parent
+    why = parent_problem(p)
+    return f"{flag} {p}: {why}" if why else None
+
+
+def parent_problem(p: Path) -> str | None:
+    """Why nothing can be created at `p` (a file or a folder): the nearest existing folder on its way is a
+    file, a broken link, or not writable. Missing folders in between are fine (they are created)."""
+    parent = Path(p).parent
     while not parent.exists():
         if parent.is_symlink():             # a dangling link on the way
-            return f"{flag} {p}: {parent} is a broken symbolic link"
+            return f"{parent} is a broken symbolic link"
         parent = parent.parent
     if not parent.is_dir():
-        return f"{flag} {p}: {parent} is not a directory"
+        return f"{parent} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{flag} {p}: cannot write in {parent} (permission denied)"
+        return f"cannot write in {parent} (permission denied)"
     return None

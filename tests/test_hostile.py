@@ -75,3 +75,80 @@ def test_score_only_on_a_full_disk_keeps_the_hypotheses(tmp_path):
     err = one_line(res.stderr)
     assert f"{out}: not written (File too large" in err and "as it was" in err, err
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------ export never deletes
+@pytest.fixture(scope="module")
+def stage2_run(tmp_path_factory) -> Path:
+    """A real (untrained) stage-2 run of one checkpoint: tiny Llama, LoRA r4, a pose projector."""
+    import torch
+    from model import SignConfig, assemble, load_tokenizer, save_projectors
+    from signllava import checkpoint
+    from tests.kit import build_tiny_llm, write_tiny_dataset
+    root = tmp_path_factory.mktemp("export")
+    data = write_tiny_dataset(root / "data", dims={"pose": 6}, videos_per_split={"train": 1}, clips_per_video=3)
+    llm = str(build_tiny_llm(root / "llm", data))
+    tok, added = load_tokenizer(llm)
+    cfg = SignConfig(base_model=llm, tokenizer=llm, modalities=["pose"], dims={"pose": 6},
+                     projector_types={"pose": "linear"}, stage=2, added_tokens=added, chat_template=tok.chat_template,
+                     lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+                     modality_embeddings=True)
+    model = assemble(cfg, tok, torch.device("cpu"), torch.float32, adapter="new")
+    run = root / "run"
+    ck = checkpoint.begin(run, 1)
+    save_projectors(model.projector_state(), ck)
+    model.llm.save_pretrained(str(ck / "adapter"))
+    cfg.save(ck)
+    checkpoint.write_state(ck, {"step": 1})
+    checkpoint.commit(ck, 1, keep=0)
+    return run
+
+
+def export_cli(capsys, *argv) -> tuple[int, str]:
+    import export
+    code = export.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def hidden_siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_export_refuses_what_it_must_not_replace_before_merging(stage2_run, tmp_path, capsys, monkeypatch):
+    import export
+    monkeypatch.setattr(export, "load_llm", lambda *a, **k: pytest.fail("the merge started"))
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "thesis.txt").write_text("years of work")
+    (mine / "config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("mine too")
+    (tmp_path / "link").symlink_to(mine)
+    before, run_before = snapshot(tmp_path), snapshot(stage2_run)
+    cases = [(mine, "not empty and not an earlier export"), (tmp_path / "a_file", "exists and is not a directory"),
+             (tmp_path / "link", "is a symbolic link"), (tmp_path / "a_file" / "sub", "is not a directory")]
+    for out, why in cases:
+        code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", out)
+        assert code == 2 and why in one_line(err), err
+    # The stage-2 run itself, or a folder holding it: refused even with --overwrite.
+    for out in (stage2_run, stage2_run.parent):
+        code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", out, "--overwrite")
+        assert code == 2 and "holds or lies inside the checkpoint being exported" in one_line(err), err
+    assert snapshot(tmp_path) == before and snapshot(stage2_run) == run_before
+    assert hidden_siblings(tmp_path) == [] and hidden_siblings(stage2_run.parent) == []
+
+
+def test_export_replaces_an_earlier_export_and_a_folder_only_when_told(stage2_run, tmp_path, capsys):
+    from signllava.checkpoint import resolve_checkpoint
+    out = tmp_path / "merged"
+    for _ in range(2):                            # the second replaces the first without being asked
+        code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", out, "--dtype", "fp32")
+        assert code == 0, err
+        assert {p.name for p in out.iterdir()} == {"config.json", "projectors.safetensors", "model"}
+    assert resolve_checkpoint(out) == out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "old.txt").write_text("to go")
+    code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", mine, "--dtype", "fp32", "--overwrite")
+    assert code == 0, err
+    assert {p.name for p in mine.iterdir()} == {"config.json", "projectors.safetensors", "model"}
+    assert hidden_siblings(tmp_path) == []
