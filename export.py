@@ -26,6 +26,7 @@ from signllava import checkpoint
 from signllava.atomic import parent_problem, remove_tree, replace_dir, temporary_dir
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.errors import CheckpointError, RunError, run_command
+from signllava.run_lock import LOCK_NAME
 from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
 
 log = logging.getLogger("signllava")
@@ -55,7 +56,7 @@ def output_refusal(out: Path, ckpt: Path, overwrite: bool) -> str | None:
     names = {p.name for p in out.iterdir()}
     if not names or names == EXPORT_NAMES:        # empty, or an earlier export: replaced
         return None
-    if checkpoint.complete_checkpoints(out) or names & set(checkpoint.POINTERS):
+    if checkpoint.complete_checkpoints(out) or names & {*checkpoint.POINTERS, LOCK_NAME}:
         return f"--output_dir {out}: holds a training run; export never replaces one (give another folder)"
     if not overwrite:
         return (f"--output_dir {out}: not empty and not an earlier export ({len(names)} entries); export never "

@@ -42,7 +42,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
                   plan_epoch, rank_share)
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
-from signllava import checkpoint, faults, kernels, portable_state, safe_load, step_profiler
+from signllava import checkpoint, faults, kernels, portable_state, run_lock, safe_load, step_profiler
 from signllava.atomic import write_atomic
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
@@ -444,6 +444,7 @@ class RunEnv:
     zero_stage: int
     rank: int
     world: int
+    lock: object = None          # rank 0: OUTPUT_DIR's run lock, held for the whole run (signllava/run_lock.py)
 
     @property
     def zero3(self) -> bool:
@@ -474,27 +475,53 @@ def setup_run(args) -> RunEnv:
     if zero_stage == 3 and args.compile_layers:
         raise RunError(f"--compile_layers: not with ZeRO-3 ({args.deepspeed_config}), whose hooks gather and release "
                        "each layer's weights around its forward; use ZeRO-2 or drop the flag")
-    if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
-        raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for left in checkpoint.leftovers(out):
-            checkpoint.remove_leftover(left)
-            log.info("removed %s, left by an interrupted save", left)
-        if args.overwrite_output_dir and not args.resume:
-            gone = checkpoint.clear_run(out)
-            if gone:
-                log.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(gone))
     data_dir = Path(args.data_dir) if args.data_dir else out / "demo_data"
-    if not args.data_dir and rank == 0 and not (data_dir / "annotation.train.json").exists():
-        write_demo_data(data_dir)
+    lock = failure = None
+    if rank == 0:
+        try:
+            lock = prepare_output(args, out)
+            if not args.data_dir and not (data_dir / "annotation.train.json").exists():
+                write_demo_data(data_dir)
+        except (CheckpointError, DataError, RunError) as e:
+            failure = e
+    raise_everywhere(failure, world)
     barrier()
     if zero_stage == 3 and world == 1 and device.type == "cuda":
         # Measured on one H200 (issue 16): QLoRA 3.9 k real tokens/s under ZeRO-3 against 10-11 k under ZeRO-2.
         log.warning("ZeRO-3 on one GPU: parameters are gathered and released layer by layer on every pass with no "
                     "other rank to share them (QLoRA ran at under half ZeRO-2's speed); ds_config_zero2.json is "
                     "the default, ZeRO-3 is for models that need sharding over several GPUs")
-    return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world)
+    return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world, lock)
+
+
+def prepare_output(args, out: Path) -> run_lock.RunLock:
+    """(rank 0) Take OUTPUT_DIR's lock before anything in it is touched, so that no other run is writing there;
+    then refuse a finished run (without --resume or --overwrite_output_dir), remove what an interrupted save of
+    this folder left (it can only be ours now), and clear the previous run when asked."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = run_lock.hold(out)
+    if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
+        raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
+    for left in checkpoint.leftovers(out):
+        checkpoint.remove_leftover(left)
+        log.info("removed %s, left by an interrupted save", left)
+    if args.overwrite_output_dir and not args.resume:
+        gone = checkpoint.clear_run(out)
+        if gone:
+            log.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(gone))
+    return lock
+
+
+def raise_everywhere(failure: Exception | None, world: int):
+    """Rank 0's one-line error raised on every rank, so that none waits at a barrier for a rank that stopped."""
+    if world > 1:
+        sent = [None if failure is None else (type(failure).__name__, str(failure))]
+        torch.distributed.broadcast_object_list(sent, src=0)
+        if sent[0] is not None:
+            kind, message = sent[0]
+            failure = {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, RunError)(message)
+    if failure is not None:
+        raise failure
 
 
 def write_demo_data(data_dir: Path):
@@ -727,7 +754,11 @@ def resume(state: TrainState, directory: Path):
         now = batch_geometry(a.batch_size, a.max_tokens_per_batch, a.grad_accum, env.world, a.packing)
         raise CheckpointError(f"{directory}: saved with {then}; resume needs the same global batch (now {now})")
     if saved["world_size"] == env.world and saved.get("zero_stage") == env.zero_stage:
-        load_path, _ = state.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        try:
+            load_path, _ = state.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as e:      # DeepSpeed's, on bad files
+            raise CheckpointError(f"{directory}: DeepSpeed state unreadable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
         if load_path is None:
             raise CheckpointError(f"{directory}: DeepSpeed state missing or unreadable")
     else:

@@ -1,7 +1,9 @@
 """Checkpoint directories that are complete or invisible.
 
     O/checkpoint-<step>.tmp/   being written (ignored by everything)
-    O/checkpoint-<step>/       complete: renamed from .tmp only after every file is written and synced
+    O/checkpoint-<step>/       complete: renamed from .tmp only after every file is written and synced, and
+                               only counted as complete while its manifest.json (written last: every file
+                               and its size) agrees with what is there
     O/latest                   the name of the newest complete checkpoint, replaced atomically
     O/best                     the name of the best one so far (training's --metric_for_best), likewise;
                                rotation never removes it
@@ -12,6 +14,7 @@ Deletion of old checkpoints renames first (`.deleting`) so a half-deleted one ne
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,17 +24,66 @@ from pathlib import Path
 from signllava.atomic import fsync_tree, is_temporary, write_atomic
 from signllava.errors import CheckpointError
 
+log = logging.getLogger("signllava")
+
 # The files of a checkpoint directory.
 CONFIG_NAME = "config.json"                    # SignConfig: how to rebuild the model
 PROJECTORS_NAME = "projectors.safetensors"     # projectors + marker rows
 ADAPTER_DIR = "adapter"                        # stage 2: the LoRA adapter in PEFT's format
 STATE_NAME = "trainer_state.json"
+MANIFEST_NAME = "manifest.json"                # written last: every other file of the checkpoint and its size
 POINTERS = ("latest", "best")                  # files in O naming a checkpoint directory
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_MANIFEST_MAX_BYTES = 1 << 22                  # a real one lists a few dozen files
 
 
 def is_complete(d: Path) -> bool:
-    return bool(_CKPT_RE.match(d.name)) and d.is_dir() and all((d / f).is_file() for f in (STATE_NAME, CONFIG_NAME, PROJECTORS_NAME))
+    return bool(_CKPT_RE.match(d.name)) and d.is_dir() and manifest_problem(d) is None
+
+
+def write_manifest(d: Path):
+    """(rank 0, every rank's files written) d/manifest.json: each file under d and its size, the last file a
+    save writes. A checkpoint whose files are missing or of other sizes (renamed into place before its save
+    ended, truncated, edited) no longer counts as complete."""
+    files = {}
+    for root, _, names in os.walk(d):
+        for name in names:
+            path = Path(root) / name
+            rel = path.relative_to(d).as_posix()
+            if rel != MANIFEST_NAME:
+                files[rel] = path.stat().st_size
+    write_atomic(d / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def manifest_problem(d: Path) -> str | None:
+    """Why checkpoint directory d is not complete by its manifest, or None."""
+    path = d / MANIFEST_NAME
+    try:
+        if path.stat().st_size > _MANIFEST_MAX_BYTES:
+            return f"{MANIFEST_NAME} is implausibly large"
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME} (its save did not finish)"
+    except (OSError, ValueError, AttributeError):
+        return f"unreadable {MANIFEST_NAME}"
+    if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+        return f"{MANIFEST_NAME} is not a list of files and sizes"
+    for required in (STATE_NAME, CONFIG_NAME, PROJECTORS_NAME):
+        if required not in files:
+            return f"{MANIFEST_NAME} does not list {required}"
+    for rel, size in files.items():
+        p = d / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{MANIFEST_NAME} names {rel!r:.80}, outside the checkpoint"
+        try:
+            actual = p.stat().st_size if p.is_file() else None
+        except OSError:
+            actual = None
+        if actual is None:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel} has {actual} bytes, its manifest says {size}"
+    return None
 
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
@@ -77,6 +129,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir() and (p / CONFIG_NAME).is_file() and (p / PROJECTORS_NAME).is_file():
         if p.name.endswith((".tmp", ".deleting")):
             raise CheckpointError(f"{p}: incomplete checkpoint (its save was interrupted)")
+        if (p / MANIFEST_NAME).exists():
+            why = manifest_problem(p)
+            if why:
+                raise CheckpointError(f"{p}: incomplete or damaged checkpoint ({why})")
+        elif _CKPT_RE.match(p.name):
+            # Named by the user: taken as given (--resume and `latest` never take one without a manifest).
+            log.warning("%s: no %s (written before checkpoints had one, or its save never finished); taken as given",
+                        p, MANIFEST_NAME)
         return p
     if p.is_dir():
         found = latest_checkpoint(p)
@@ -100,6 +160,7 @@ def commit(tmp: Path, step: int, keep: int, best_step: int | None = None) -> Pat
     checkpoints beyond the newest `keep` -- never the best one. Pointers move before anything is removed, so a
     kill at any moment leaves both naming complete checkpoints."""
     fsync_tree(tmp)
+    write_manifest(tmp)
     final = tmp.with_name(f"checkpoint-{step}")
     if final.exists():                       # re-saving a step after a resume: replace it
         _remove(final)

@@ -152,3 +152,68 @@ def test_export_replaces_an_earlier_export_and_a_folder_only_when_told(stage2_ru
     assert code == 0, err
     assert {p.name for p in mine.iterdir()} == {"config.json", "projectors.safetensors", "model"}
     assert hidden_siblings(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ one run per folder, manifests
+def fake_checkpoint(out: Path, step: int, commit: bool = True) -> Path:
+    from signllava import checkpoint
+    tmp = checkpoint.begin(out, step)
+    for name in (checkpoint.STATE_NAME, checkpoint.CONFIG_NAME, checkpoint.PROJECTORS_NAME):
+        (tmp / name).write_text('{"step": %d}' % step)
+    (tmp / "deepspeed").mkdir()
+    (tmp / "deepspeed" / "optim_states.pt").write_bytes(b"x" * 1000)
+    return checkpoint.commit(tmp, step, keep=0) if commit else tmp
+
+
+HOLD = ("import sys; from pathlib import Path; from signllava.run_lock import hold; lock = hold(Path(sys.argv[1])); "
+        "print('held', flush=True); sys.stdin.read()")
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_touches_nothing(tmp_path, caplog):
+    """The probe: a second `--resume` while the first was saving removed the first one's checkpoint-4.tmp."""
+    from signllava.errors import RunError
+    from signllava.run_lock import hold
+    from tests.kit import train_args
+    out = tmp_path / "run"
+    fake_checkpoint(out, 2)
+    fake_checkpoint(out, 4, commit=False)                # the first run's save, in progress
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, out], cwd=REPO, env=script_env(), text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        with pytest.raises(RunError, match=f"another run is using this output folder \\(pid {holder.pid} on "):
+            hold(out)
+        (tmp_path / "data").mkdir()
+        res = subprocess.run([sys.executable, REPO / "pretrain.py", *map(str, train_args(tmp_path / "data",
+                              tmp_path / "llm", out, 6, "--resume"))], cwd=REPO, env=script_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and f"(pid {holder.pid} on " in one_line(res.stderr), res.stderr[-3000:]
+        assert snapshot(out) == before and (out / "checkpoint-4.tmp").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder was killed: its lock is free, recognised as stale and taken over.
+    caplog.set_level("INFO", logger="signllava")
+    hold(out).release()
+    assert f"taken over from pid {holder.pid} on" in caplog.text
+
+
+def test_a_checkpoint_is_complete_only_while_its_manifest_agrees(tmp_path):
+    import shutil
+    from signllava import checkpoint
+    out = tmp_path / "run"
+    for step in (2, 4):
+        fake_checkpoint(out, step)
+    # The probe's incomplete checkpoint renamed into place by another process: no manifest, so invisible.
+    os.replace(fake_checkpoint(out, 6, commit=False), out / "checkpoint-6")
+    (out / "latest").unlink()
+    assert [d.name for d in checkpoint.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-4"
+    # A file truncated or gone after the save: that checkpoint no longer counts.
+    with open(out / "checkpoint-4" / "deepspeed" / "optim_states.pt", "r+b") as f:
+        f.truncate(10)
+    shutil.rmtree(out / "checkpoint-2" / "deepspeed")
+    assert checkpoint.complete_checkpoints(out) == [] and checkpoint.latest_checkpoint(out) is None
+    with pytest.raises(checkpoint.CheckpointError, match="deepspeed/optim_states.pt has 10 bytes, its manifest says 1000"):
+        checkpoint.resolve_checkpoint(out / "checkpoint-4")
