@@ -502,6 +502,8 @@ def prepare_output(args, out: Path) -> run_lock.RunLock:
     lock = run_lock.hold(out)
     if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
         raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
+    if args.resume:
+        checkpoint.latest_checkpoint(out)      # a `latest` naming anything but a checkpoint of this run: refused now
     for left in checkpoint.leftovers(out):
         checkpoint.remove_leftover(left)
         log.info("removed %s, left by an interrupted save", left)

@@ -35,6 +35,7 @@ MANIFEST_NAME = "manifest.json"                # written last: every other file 
 POINTERS = ("latest", "best")                  # files in O naming a checkpoint directory
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _MANIFEST_MAX_BYTES = 1 << 22                  # a real one lists a few dozen files
+_POINTER_MAX_BYTES = 64                        # "checkpoint-<step>\n"
 
 
 def is_complete(d: Path) -> bool:
@@ -94,15 +95,31 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def pointed(pointer: Path) -> Path | None:
-    """The complete checkpoint a pointer file (O/latest, O/best) names, else None."""
-    if not pointer.is_file():
+    """The checkpoint a pointer file (O/latest, O/best) names; None when there is no such file. Anything but
+    the name of a complete `checkpoint-N` directly beside the pointer -- a path out of the run (`../other/
+    checkpoint-7`), a missing or incomplete directory, garbage -- is a CheckpointError, never followed and
+    never silently replaced by another checkpoint."""
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    cand = pointer.parent / pointer.read_text().strip()
-    return cand if is_complete(cand) else None
+    try:
+        with open(pointer, "rb") as f:
+            raw = f.read(_POINTER_MAX_BYTES + 1)
+        name = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if len(raw) > _POINTER_MAX_BYTES or not _CKPT_RE.match(name):
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a checkpoint of this run (it must hold the name "
+                              f"of a checkpoint-N folder beside it)")
+    cand = pointer.parent / name
+    if not is_complete(cand):
+        why = "no such directory" if not cand.is_dir() else manifest_problem(cand)
+        raise CheckpointError(f"{pointer}: names {name!r}, which is not a complete checkpoint ({why})")
+    return cand
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """What `O/latest` names if that is complete; else the newest complete checkpoint."""
+    """What `O/latest` names (which must be a complete checkpoint of this run); without `O/latest`, the newest
+    complete checkpoint."""
     out_dir = Path(out_dir)
     found = pointed(out_dir / "latest")
     if found is not None:
@@ -122,10 +139,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or output directory")
     if p.is_file() and p.name in POINTERS:
-        found = pointed(p)
-        if found is None:
-            raise CheckpointError(f"{p}: names {p.read_text().strip()!r}, which is not a complete checkpoint")
-        return found
+        return pointed(p)
     if p.is_dir() and (p / CONFIG_NAME).is_file() and (p / PROJECTORS_NAME).is_file():
         if p.name.endswith((".tmp", ".deleting")):
             raise CheckpointError(f"{p}: incomplete checkpoint (its save was interrupted)")

@@ -217,3 +217,46 @@ def test_a_checkpoint_is_complete_only_while_its_manifest_agrees(tmp_path):
     assert checkpoint.complete_checkpoints(out) == [] and checkpoint.latest_checkpoint(out) is None
     with pytest.raises(checkpoint.CheckpointError, match="deepspeed/optim_states.pt has 10 bytes, its manifest says 1000"):
         checkpoint.resolve_checkpoint(out / "checkpoint-4")
+
+
+# ------------------------------------------------------------------------------ latest / best stay inside the run
+@pytest.mark.parametrize("pointer", ["latest", "best"])
+def test_pointers_name_only_a_complete_checkpoint_of_their_own_run(tmp_path, pointer):
+    from signllava import checkpoint
+    run, other = tmp_path / "run", tmp_path / "other_run"
+    for step in (2, 4):
+        fake_checkpoint(run, step)
+    fake_checkpoint(other, 7)
+    read = checkpoint.latest_checkpoint if pointer == "latest" else checkpoint.best_checkpoint
+    bad = {"../other_run/checkpoint-7": "not a checkpoint of this run", str(other / "checkpoint-7"): "not a checkpoint",
+           "checkpoint-9": "no such directory", "checkpoint-2/../../other_run/checkpoint-7": "not a checkpoint",
+           "checkpoint-4 x" * 40: "not a checkpoint"}
+    for text, why in bad.items():
+        (run / pointer).write_text(text + "\n")
+        for call in (lambda: read(run), lambda: checkpoint.resolve_checkpoint(run / pointer)):
+            with pytest.raises(checkpoint.CheckpointError, match=why) as e:
+                call()
+            assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    (run / pointer).write_bytes(b"\xff\xfe")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        read(run)
+    (run / pointer).write_text("checkpoint-2\n")
+    assert read(run).name == "checkpoint-2"
+
+
+def test_resume_through_a_latest_out_of_the_run_is_refused_and_deletes_nothing(tmp_path):
+    """The probe: `latest` holding ../other_run/checkpoint-7 resumed the other run, whose rotation then deleted
+    this run's newer checkpoint."""
+    from tests.kit import train_args
+    run = tmp_path / "run"
+    fake_checkpoint(run, 4)
+    fake_checkpoint(tmp_path / "other_run", 7)
+    (run / "latest").write_text("../other_run/checkpoint-7\n")
+    before = snapshot(tmp_path)
+    (tmp_path / "data").mkdir()
+    res = subprocess.run([sys.executable, REPO / "pretrain.py", *map(str, train_args(tmp_path / "data", tmp_path / "llm",
+                          run, 6, "--resume", "--save_total_limit", 1))], cwd=REPO, env=script_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "not a checkpoint of this run" in one_line(res.stderr), res.stderr[-3000:]
+    after = snapshot(tmp_path)
+    assert after.pop("run/run.lock") and after == before     # the lock file is new; nothing else changed
