@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from signllava.errors import DataError
+from signllava.frames import cap_frames
 from signllava.shard_index import ClipIndex, cached_index
 
 # The original's splice order; modalities we do not know follow alphabetically.
@@ -213,10 +214,16 @@ def walk_video(h: h5py.File, path: Path, video: str, metadata: Path, keys: list,
             obj = h5py.h5o.open(gid, clip)
             if isinstance(obj, h5py.h5d.DatasetID):
                 shape = obj.shape
+                if shape and shape[0] > MAX_INDEXED_FRAMES:
+                    raise DataError(f"{where(path, video, clip.decode('utf-8', 'replace'))}: {shape[0]:,} frames, more "
+                                    f"than any clip can have (the index holds up to {MAX_INDEXED_FRAMES:,})")
                 keys.append(prefix + clip)
                 frames.append(shape[0] if shape else 0)
     except (KeyError, ValueError, OSError, RuntimeError) as e:
         raise DataError(f"{where(path, video)}: unreadable ({e})") from None
+
+
+MAX_INDEXED_FRAMES = int(np.iinfo(np.int32).max)       # the index's frame counts are int32
 
 
 def walk_shard(job: tuple[Path, list[str], Path]) -> tuple[list[bytes], list[int]]:
@@ -320,16 +327,19 @@ class FeatureStore:
         except KeyError:
             raise DataError(f"{where(path, video, clip)}: clip not in shard") from None
 
-    def read(self, video: str, clip: str, expected_dim: int | None = None) -> np.ndarray:
-        """One clip's [T, D] array, checked: rank 2, at least one frame, the modality's dim, finite."""
+    def read(self, video: str, clip: str, expected_dim: int | None = None, max_frames: int = 0,
+             frame_cap: str = "stride") -> np.ndarray:
+        """One clip's [T, D] array, checked: rank 2, at least one frame, the modality's dim, floating point,
+        finite. With `max_frames` only the frames that cap keeps are read from the shard (frames.cap_frames),
+        never the whole clip; the header is checked before anything is read."""
         path = self.shard_file(video)
+        ds = self._dataset(video, clip)
         try:
-            arr = self._dataset(video, clip)[()]
-        except DataError:
-            raise
+            check_header(tuple(ds.shape), ds.dtype, path, video, clip, expected_dim)
+            arr = cap_frames(ds, max_frames, frame_cap)
         except OSError as e:
             raise DataError(f"{where(path, video, clip)}: unreadable ({e})") from None
-        return check_array(arr, path, video, clip, expected_dim)
+        return check_finite(arr, path, video, clip)
 
     def close(self):
         if self._owner == os.getpid():
@@ -344,17 +354,22 @@ class FeatureStore:
         return state
 
 
-def check_array(arr: np.ndarray, path, video, clip, expected_dim: int | None) -> np.ndarray:
+def check_header(shape: tuple, dtype, path, video, clip, expected_dim: int | None):
+    """What an array's shape and dtype say is wrong with it, as a DataError (nothing of its values read)."""
     loc = where(path, video, clip)
-    if arr.ndim != 2:
-        raise DataError(f"{loc}: array of rank {arr.ndim} (shape {tuple(arr.shape)}), expected [T, D]")
-    if arr.shape[0] == 0:
+    if len(shape) != 2:
+        raise DataError(f"{loc}: array of rank {len(shape)} (shape {shape}), expected [T, D]")
+    if shape[0] == 0:
         raise DataError(f"{loc}: clip has zero frames")
-    if expected_dim is not None and arr.shape[1] != expected_dim:
-        raise DataError(f"{loc}: feature dim {arr.shape[1]}, expected {expected_dim} like the rest of this modality")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{loc}: dtype {arr.dtype}, expected floating point")
+    if expected_dim is not None and shape[1] != expected_dim:
+        raise DataError(f"{loc}: feature dim {shape[1]}, expected {expected_dim} like the rest of this modality")
+    if not np.issubdtype(dtype, np.floating):
+        raise DataError(f"{loc}: dtype {dtype}, expected floating point")
+
+
+def check_finite(arr: np.ndarray, path, video, clip) -> np.ndarray:
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
-        raise DataError(f"{loc}: {bad} non-finite values (NaN/Inf)")
+        raise DataError(f"{where(path, video, clip)}: {bad} non-finite values (NaN/Inf)")
     return arr
+

@@ -260,3 +260,84 @@ def test_resume_through_a_latest_out_of_the_run_is_refused_and_deletes_nothing(t
     assert res.returncode == 2 and "not a checkpoint of this run" in one_line(res.stderr), res.stderr[-3000:]
     after = snapshot(tmp_path)
     assert after.pop("run/run.lock") and after == before     # the lock file is new; nothing else changed
+
+
+# ------------------------------------------------------------------------------ reads bounded by the frame cap
+HUGE = 2_000_000          # frames of the planted clip: 24 MB as float16 [T, 6] if read whole
+
+
+@pytest.fixture(scope="module")
+def builder(tok):
+    from signllava.prompts import PromptBuilder, special_ids
+    ids = special_ids(tok)
+    return PromptBuilder(tok, ids["markers"], ids["pad"])
+
+
+def plant_clip(data: Path, frames: int, dim: int = 6, split: str = "train", modality: str = "pose") -> tuple[str, str]:
+    """Replace one clip of the tiny dataset by a [frames, dim] gzip-chunked array with no chunk written: a tiny
+    file that reads as zeros, like the probe's 316 KB shard holding a (2,000,000, 768) clip."""
+    import h5py
+    ann = json.loads((data / f"annotation.{split}.json").read_text())
+    video = sorted(ann)[0]
+    clip = ann[video]["clip_order"][0]
+    shard = json.loads((data / modality / f"metadata_{modality}.{split}.json").read_text())[video]
+    path = data / modality / f"{modality}.{split}.{shard}.h5"
+    with h5py.File(path, "a") as h:
+        del h[video][clip]
+        h[video].create_dataset(clip, shape=(frames, dim), dtype="f2", chunks=(4096, dim), compression="gzip")
+    assert path.stat().st_size < 1 << 20
+    return video, clip
+
+
+def peak_bytes(fn) -> int:
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_max_frames_reads_only_the_frames_it_keeps(tmp_path, builder, monkeypatch):
+    from data import DataOptions, SignDataset
+    from signllava import frames
+    from signllava.errors import DataError
+    from tests.kit import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 1}, clips_per_video=3,
+                              missing={})
+    video, clip = plant_clip(data, HUGE)
+    def read_capped(mode: str) -> int:
+        ds = SignDataset(data, "train", builder, DataOptions(max_frames={"*": 8}, frame_cap=mode), train=True)
+        i = next(k for k, (v, c, _) in enumerate(ds.items) if (v, c) == (video, clip))
+        item = {}
+        peak = peak_bytes(lambda: item.update(ds[i]))
+        assert item["features"][0].shape == (8, 6)
+        return peak
+    assert read_capped("stride") < 2 << 20 and read_capped("truncate") < 2 << 20       # whole: 24 MB and more
+    # Uncapped (or pooled, which reads every frame), such a clip is refused by name from the index.
+    for opts in (DataOptions(), DataOptions(max_frames={"*": 8}, frame_cap="pool")):
+        with pytest.raises(DataError, match=f"video '{video}', clip '{clip}': 2,000,000 pose frames, beyond any "
+                                            f"plausible clip"):
+            SignDataset(data, "train", builder, opts, train=True)
+    # Pool over a long clip that is let through reads it in blocks (here 1 MB), never whole.
+    monkeypatch.setattr("data.PLAUSIBLE_FRAMES", 10 * HUGE)
+    monkeypatch.setattr(frames, "READ_BYTES", 1 << 20)
+    assert read_capped("pool") < 8 << 20
+
+
+def test_checker_flags_absurd_lengths_and_index_overflow_without_reading_them(tmp_path, builder, capsys):
+    from data import DataOptions, SignDataset
+    from signllava.datacheck import check_dataset
+    from signllava.errors import DataError
+    from tests.kit import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 1, "dev": 1},
+                              clips_per_video=3, missing={})
+    video, clip = plant_clip(data, HUGE)
+    dev_video, dev_clip = plant_clip(data, 3_000_000_000, split="dev")     # beyond the index's int32 counts
+    assert check_dataset(data, None, None) == 1
+    out = capsys.readouterr().out
+    assert f"clip '{clip}': 2,000,000 frames, beyond any plausible clip" in out, out
+    assert f"clip '{dev_clip}': 3,000,000,000 frames, beyond any plausible clip" in out, out
+    with pytest.raises(DataError, match=f"clip '{dev_clip}': 3,000,000,000 frames, more than any clip can have"):
+        SignDataset(data, "dev", builder, DataOptions(max_frames={"*": 8}), train=False)
