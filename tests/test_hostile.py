@@ -341,3 +341,47 @@ def test_checker_flags_absurd_lengths_and_index_overflow_without_reading_them(tm
     assert f"clip '{dev_clip}': 3,000,000,000 frames, beyond any plausible clip" in out, out
     with pytest.raises(DataError, match=f"clip '{dev_clip}': 3,000,000,000 frames, more than any clip can have"):
         SignDataset(data, "dev", builder, DataOptions(max_frames={"*": 8}), train=False)
+
+
+# ------------------------------------------------------------------------------ config files: bounded
+def config_error(tmp_path, capsys, name: str, text: str | bytes) -> str:
+    import argparse
+    from signllava.config import add_config_arg, parse_args
+    p = argparse.ArgumentParser(prog="pretrain.py")
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--frame_cap", choices=["stride", "pool"])
+    add_config_arg(p)
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SystemExit) as e:
+        parse_args(p, ["--config", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err) < 1000 and err.strip().splitlines()[-1].startswith("pretrain.py: error: "), err[:1000]
+    return err.strip().splitlines()[-1]          # argparse's usage, then one line
+
+
+def nested_aliases(levels: int, width: int = 9) -> str:
+    """One flag's value of `levels` nested anchors, each level `width` aliases of the one below: width**levels
+    leaves in a file of a few hundred bytes (the probe's 421-byte file: a 351 MB error line)."""
+    value = "&a0 [" + ", ".join(["1"] * width) + "]"
+    for k in range(1, levels):
+        value = f"&a{k} [{value}, " + ", ".join([f"*a{k - 1}"] * (width - 1)) + "]"
+    return f"learning_rate: {value}\n"
+
+
+def test_config_values_in_messages_are_cut_and_files_are_capped(tmp_path, capsys):
+    bomb = nested_aliases(6)                                       # 531,441 values
+    assert len(bomb) < 500
+    err = config_error(tmp_path, capsys, "bomb.yaml", bomb)
+    assert "expands to more than 10,000 values" in err, err
+    err = config_error(tmp_path, capsys, "small.yaml", nested_aliases(3))      # 729 values: under the cap
+    assert "learning_rate: expected a single value, got [[[...], [...]," in err, err
+    err = config_error(tmp_path, capsys, "choice.yaml", "frame_cap: " + "x" * 5000 + "\n")
+    assert "frame_cap: 'xxxx" in err and "is not one of stride, pool" in err, err
+    err = config_error(tmp_path, capsys, "keys.yaml", "".join(f"k{i}{'y' * 300}: 1\n" for i in range(50)))
+    assert "unknown key(s)" in err and "and 45 more" in err, err
+    err = config_error(tmp_path, capsys, "huge.yaml", "# padding\n" * 120_000)
+    assert "larger than 1 MiB" in err, err
+    err = config_error(tmp_path, capsys, "deep.yaml", "learning_rate: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    assert "cannot read it" in err, err
