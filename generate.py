@@ -425,7 +425,7 @@ def score_output(output: dict, task: str) -> dict:
     """Corpus metrics of an output JSON; for translation, each clip's sentence BLEU and chrF written into it."""
     entries = [vd[c] for vd in output.values() for c in vd["clip_order"]]
     hyps = [e["hypothesis"] for e in entries]
-    refs = [e.get("reference", e["translation"]) for e in entries]
+    refs = [e["reference"] if "reference" in e else e["translation"] for e in entries]
     if task == "translation":
         for e, h, r in zip(entries, hyps, refs):
             e.update(sentence_scores(h, r))
@@ -558,23 +558,45 @@ def finish(args, output: dict, metrics: dict):
     print(format_table(metrics))
 
 
+def check_output_json(output) -> dict:
+    """An output JSON of this script, as --score_only reads it: every clip of every clip_order with a hypothesis
+    and a reference (its "reference" when it has one, as the yes/no tasks' outputs do, else its translation) that
+    are text. A ValueError names the first that is not."""
+    from signllava.errors import brief
+    from signllava.layout import is_text
+    if not isinstance(output, dict) or not output:
+        raise ValueError(f"not an output of generate.py (video -> {{clip_order, clips}}), got {brief(output, 40)}")
+    for v, vd in output.items():
+        if not isinstance(vd, dict) or not isinstance(vd.get("clip_order"), list):
+            raise ValueError(f"video {brief(v, 60)}: no clip_order list")
+        for c in vd["clip_order"]:
+            entry = vd.get(c) if isinstance(c, str) else None
+            if not isinstance(entry, dict):
+                raise ValueError(f"video {brief(v, 60)} clip {brief(c, 60)}: named in clip_order but has no entry")
+            for field in ("hypothesis", "reference" if "reference" in entry else "translation"):
+                if not isinstance(entry.get(field), str) or not is_text(entry[field]):
+                    raise ValueError(f"video {brief(v, 60)} clip {brief(c, 60)}: {field} is "
+                                     f"{brief(entry.get(field), 40)}, not text")
+    return output
+
+
 def score_only(args) -> int:
     """Re-score an existing output JSON: sentence scores written back into it, corpus metrics printed (and
     written to --metrics_out, keeping what an earlier metrics file there says about how it was generated)."""
     path = Path(args.score_only)
     try:
-        output = json.loads(path.read_text(encoding="utf-8"))
-        if not output or not all(isinstance(vd, dict) and "clip_order" in vd for vd in output.values()):
-            raise ValueError("not an output of generate.py (video -> {clip_order, clips})")
-        for v, vd in output.items():
-            for c in vd["clip_order"]:
-                if not isinstance(vd.get(c), dict) or "hypothesis" not in vd[c]:
-                    raise ValueError(f"video {v} clip {c}: no 'hypothesis'")
+        output = check_output_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         raise DataError(f"--score_only {path}: {e}") from None
     before = {}
     if args.metrics_out and Path(args.metrics_out).is_file():
-        before = json.loads(Path(args.metrics_out).read_text(encoding="utf-8"))
+        try:
+            before = json.loads(Path(args.metrics_out).read_text(encoding="utf-8"))
+            if not isinstance(before, dict):
+                raise ValueError(f"holds a {type(before).__name__}, not a metrics object")
+        except (OSError, ValueError) as e:
+            raise DataError(f"--metrics_out {args.metrics_out}: an earlier file there is not metrics JSON ({e}); move "
+                            f"it away or give another path") from None
     metrics = {**before, **score_output(output, args.task), "output": str(path)}
     _write_json(str(path), output)
     finish(args, output, metrics)

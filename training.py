@@ -43,7 +43,7 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
 from signllava import checkpoint, faults, kernels, portable_state, run_lock, safe_load, step_profiler
-from signllava.atomic import write_atomic
+from signllava.atomic import parent_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
@@ -232,6 +232,11 @@ def validate_args(p: argparse.ArgumentParser, args):
     # A rate of 0 is allowed: a run that only loads, evaluates and saves (tests use it to check loading).
     problems += [f"--{n} must be >= 0" for n in ("learning_rate", "projector_lr", "weight_decay")
                  if getattr(args, n, None) is not None and getattr(args, n) < 0]
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output_dir {out}: exists and is not a directory")
+    elif not out.exists() and parent_problem(out):
+        problems.append(f"--output_dir {out}: {parent_problem(out)}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         problems.append(f"--data_dir {args.data_dir}: no such directory")
     if args.chat_template not in (None, "builtin") and not Path(args.chat_template).is_file():
@@ -582,7 +587,10 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
     """The SignConfig saved with every checkpoint: enough to rebuild the model without any flag."""
     a = env.args
     mods = data.train.modalities
-    ptypes = projector_types or parse_projector_types(a.projector_type, mods)
+    try:
+        ptypes = projector_types or parse_projector_types(a.projector_type, mods)
+    except ValueError as e:
+        raise RunError(f"--projector_type {a.projector_type}: {e}") from None
     return SignConfig(base_model=base_model, tokenizer=tokenizer_path, modalities=mods, dims=data.train.dims,
                       projector_types={m: ptypes[m] for m in mods}, stage=stage, added_tokens=added_tokens,
                       context_window=a.context_window, prelude_window=a.prelude_window,

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from signllava.errors import DataError
+from signllava.errors import DataError, brief
 from signllava.frames import cap_frames
 from signllava.shard_index import ClipIndex, cached_index
 
@@ -52,6 +52,16 @@ def read_json(path: Path) -> object:
         raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
 
 
+def is_text(s: str) -> bool:
+    """Whether `s` can be written as UTF-8 (JSON's \\ud800 escapes give strings with lone surrogates, which no
+    tokenizer, h5 name or output file takes)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def natural_key(name: str):
     """'x_10' sorts after 'x_2': split into text and integer runs."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -73,6 +83,12 @@ class Annotation:
     clips: dict[tuple[str, str], ClipText]
     resorted_videos: int = 0                           # videos whose clip_order we natural-sorted
     faults: list[str] = field(default_factory=list)    # filled only when read with collect_faults
+
+
+def _all_text(value) -> bool:
+    """A string, or list of them, writable as UTF-8 (anything else is checked, or dropped, by the caller)."""
+    items = value if isinstance(value, list) else [value]
+    return all(is_text(x) for x in items if isinstance(x, str))
 
 
 def _clean_paraphrases(items) -> list[str]:
@@ -98,6 +114,9 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
         ann.faults.append(msg)
 
     for video, vd in raw.items():
+        if not is_text(video):
+            fault(f"{where(path, video)}: video name is not valid Unicode (a lone surrogate)")
+            continue
         if not isinstance(vd, dict) or not isinstance(vd.get("clip_order"), list):
             fault(f"{where(path, video)}: malformed annotation (needs a 'clip_order' list)")
             continue
@@ -105,12 +124,19 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
         ok_order = []
         for clip in order:
             cd = vd.get(clip)
+            if not is_text(clip):
+                fault(f"{where(path, video, clip)}: clip name is not valid Unicode (a lone surrogate)")
+                continue
             if not isinstance(cd, dict):
                 fault(f"{where(path, video, clip)}: named in clip_order but has no annotation")
                 continue
             tr = cd.get("translation")
             if not isinstance(tr, str) or not tr.strip():
                 fault(f"{where(path, video, clip)}: empty or missing translation")
+                continue
+            bad_text = [k for k in ("translation", "paraphrases", "keywords", "hypothesis") if not _all_text(cd.get(k))]
+            if bad_text:
+                fault(f"{where(path, video, clip)}: {', '.join(bad_text)} not valid Unicode (a lone surrogate)")
                 continue
             kws = cd.get("keywords") or []
             if not isinstance(kws, list):
@@ -181,8 +207,18 @@ def parse_metadata(raw, path: Path, on_fault=None) -> tuple[dict[str, str], set[
         return None
     out, bad = {}, set()
     for video, shard in raw.items():
+        if not is_text(video):
+            fault(f"{where(path, video)}: video name is not valid Unicode (a lone surrogate)")
+            bad.add(video)
+            continue
         if not isinstance(shard, (int, str)) or isinstance(shard, bool):
-            fault(f"{where(path, video)}: malformed metadata (shard must be an int or string, got {shard!r:.40})")
+            fault(f"{where(path, video)}: malformed metadata (shard must be an int or string, got {brief(shard, 40)})")
+            bad.add(video)
+            continue
+        # The shard goes into a file name beside the metadata file: a separator would leave the folder.
+        if isinstance(shard, str) and (not shard or not is_text(shard) or any(ch in shard for ch in "/\\\0")):
+            fault(f"{where(path, video)}: malformed metadata (shard {brief(shard, 40)} is not a plain name: it must "
+                  f"not be empty or hold a path separator)")
             bad.add(video)
             continue
         out[video] = str(shard)

@@ -88,7 +88,7 @@ def load_cached(path: Path, key: str) -> ClipIndex | None:
             keys, frames = z["keys"], z["frames"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:    # TypeError: a field of another shape
         log.warning("%s: unreadable index cache (%s); rebuilding", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     ok = (keys.ndim == 1 and keys.dtype.kind == "S" and frames.shape == keys.shape and frames.dtype == np.int32

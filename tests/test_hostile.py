@@ -5,9 +5,12 @@ or broken inputs cost what they should and end in one line. Each test reproduces
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +37,18 @@ def one_line(stderr: str) -> str:
     return line
 
 
-def python(code: str, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=env or script_env(),
-                          capture_output=True, text=True, timeout=300)
+@contextlib.contextmanager
+def full_disk_after(n_bytes: int):
+    """A file size limit stands in for a full disk: in this process, a write taking a file past `n_bytes` fails
+    with EFBIG, as writes fail with ENOSPC on a full disk (the soft limit only: it is put back after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # else the kernel's signal ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 # ------------------------------------------------------------------------------ outputs: checked first, atomic
@@ -62,18 +74,16 @@ def test_generate_checks_every_output_path_before_any_work(tmp_path, monkeypatch
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
-def test_score_only_on_a_full_disk_keeps_the_hypotheses(tmp_path):
-    """The file size limit stands in for a full disk: a write past 100 bytes fails. In place, OUT.json was
-    truncated; now its rewrite fails whole, OUT.json stays byte-identical and no temporary is left."""
+def test_score_only_on_a_full_disk_keeps_the_hypotheses(tmp_path, capsys):
+    """In place, a full disk left OUT.json truncated; now its rewrite fails whole, OUT.json stays byte-identical
+    and no temporary is left."""
+    import generate
     out = scored_output(tmp_path / "out.json")
     before = snapshot(tmp_path)
-    limit = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    res = python(limit, REPO / "generate.py", "--score_only", out, env=script_env(PYTHONDONTWRITEBYTECODE=1))
-    assert res.returncode == 2, res.stderr[-3000:]
-    err = one_line(res.stderr)
-    assert f"{out}: not written (File too large" in err and "as it was" in err, err
+    with full_disk_after(100):
+        code = generate.main(["--score_only", str(out)])
+    err = one_line(capsys.readouterr().err)
+    assert code == 2 and f"{out}: not written (File too large" in err and "as it was" in err, err
     assert snapshot(tmp_path) == before
 
 
@@ -246,20 +256,20 @@ def test_pointers_name_only_a_complete_checkpoint_of_their_own_run(tmp_path, poi
 
 def test_resume_through_a_latest_out_of_the_run_is_refused_and_deletes_nothing(tmp_path):
     """The probe: `latest` holding ../other_run/checkpoint-7 resumed the other run, whose rotation then deleted
-    this run's newer checkpoint."""
-    from tests.kit import train_args
+    this run's newer checkpoint. Now the run stops at its start, before anything of OUTPUT_DIR is touched."""
+    import argparse
+    from signllava.checkpoint import CheckpointError
+    from training import prepare_output
     run = tmp_path / "run"
     fake_checkpoint(run, 4)
     fake_checkpoint(tmp_path / "other_run", 7)
     (run / "latest").write_text("../other_run/checkpoint-7\n")
+    (run / "checkpoint-5.tmp").mkdir()             # what an interrupted save left: not removed before the refusal
     before = snapshot(tmp_path)
-    (tmp_path / "data").mkdir()
-    res = subprocess.run([sys.executable, REPO / "pretrain.py", *map(str, train_args(tmp_path / "data", tmp_path / "llm",
-                          run, 6, "--resume", "--save_total_limit", 1))], cwd=REPO, env=script_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "not a checkpoint of this run" in one_line(res.stderr), res.stderr[-3000:]
+    with pytest.raises(CheckpointError, match="names '../other_run/checkpoint-7', not a checkpoint of this run"):
+        prepare_output(argparse.Namespace(resume=True, overwrite_output_dir=False), run)
     after = snapshot(tmp_path)
-    assert after.pop("run/run.lock") and after == before     # the lock file is new; nothing else changed
+    assert after.pop("run/run.lock") and after == before and (run / "checkpoint-5.tmp").is_dir()
 
 
 # ------------------------------------------------------------------------------ reads bounded by the frame cap
@@ -385,3 +395,125 @@ def test_config_values_in_messages_are_cut_and_files_are_capped(tmp_path, capsys
     assert "larger than 1 MiB" in err, err
     err = config_error(tmp_path, capsys, "deep.yaml", "learning_rate: " + "[" * 50_000 + "]" * 50_000 + "\n")
     assert "cannot read it" in err, err
+
+
+# ------------------------------------------------------------------------------ one line, never a traceback
+def test_bad_shard_names_and_lone_surrogates_are_faults_listed_and_one_line_errors(tmp_path, builder, capsys):
+    from data import DataOptions, SignDataset
+    from signllava.datacheck import check_dataset
+    from signllava.errors import DataError
+    from tests.kit import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 3, "dev": 1},
+                              clips_per_video=3, missing={})
+    meta = data / "pose" / "metadata_pose.train.json"
+    shards = json.loads(meta.read_text())
+    shards.update(trainvid0="../x", trainvid1="a/b")
+    meta.write_text(json.dumps(shards))
+    ann_path = data / "annotation.dev.json"
+    ann = json.loads(ann_path.read_text())
+    ann["devvid0"]["devvid0_1"]["translation"] = "the cat \ud800"         # json.dumps writes it as \\ud800
+    ann["devvid0"]["devvid0_2"]["paraphrases"] = ["\udcff"]
+    ann_path.write_text(json.dumps(ann))
+    assert check_dataset(data, None, None) == 1
+    out = capsys.readouterr().out
+    for video, shard in (("trainvid0", "../x"), ("trainvid1", "a/b")):
+        assert f"video '{video}': malformed metadata (shard '{shard}' is not a plain name" in out, out
+    assert "clip 'devvid0_1': translation not valid Unicode" in out and "clip 'devvid0_2': paraphrases not" in out, out
+    with pytest.raises(DataError, match="video 'trainvid0': malformed metadata \\(shard '../x' is not a plain name"):
+        SignDataset(data, "train", builder, DataOptions(), train=True)
+    with pytest.raises(DataError, match="clip 'devvid0_1': translation not valid Unicode"):
+        SignDataset(data, "dev", builder, DataOptions(), train=False)
+
+
+def test_index_cache_with_a_field_of_the_wrong_shape_is_rebuilt(tmp_path, builder, caplog):
+    import numpy as np
+    from data import DataOptions, SignDataset
+    from signllava.shard_index import cache_path
+    from tests.kit import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 2}, clips_per_video=3)
+    first = SignDataset(data, "train", builder, DataOptions(), train=True)
+    cache = cache_path(first.stores["pose"].metadata)
+    with np.load(cache) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["format"] = np.array([1, 1])
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+    caplog.set_level("WARNING", logger="signllava")
+    again = SignDataset(data, "train", builder, DataOptions(), train=True)
+    assert "unreadable index cache" in caplog.text and np.array_equal(again.frames, first.frames)
+
+
+def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    import pretrain
+    (tmp_path / "out").write_text("mine")
+    (tmp_path / "data").mkdir()
+    for out in (tmp_path / "out", tmp_path / "out" / "run"):
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(["--data_dir", str(tmp_path / "data"), "--output_dir", str(out)])
+        assert e.value.code == 2
+        assert f"--output_dir {out}: " in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+BAD_CONFIGS = {"no base model": ({"base_model": None}, "no 'base_model'"),
+               "modalities 5": ({"modalities": 5}, "modalities 5: expected a list of distinct modality names"),
+               "bits 8": ({"bits": 8}, "bits 8: expected 4 or 16"),
+               "unknown projector": ({"projector_types": {"pose": "mlp2x_relu"}}, "projector_types {'pose': 'mlp2x_relu'}"),
+               "dims as text": ({"dims": {"pose": "6"}}, "dims {'pose': '6'}: expected a positive feature dim"),
+               "a list": (None, "not a Sign LLaVA config (format 'list')")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_checkpoint_config_of_wrong_shape_is_one_line(tmp_path, capsys, case):
+    import generate
+    from model import SignConfig
+    change, why = BAD_CONFIGS[case]
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    SignConfig(base_model="x", tokenizer="x", modalities=["pose"], dims={"pose": 6},
+               projector_types={"pose": "linear"}).save(ck)
+    raw = json.loads((ck / "config.json").read_text())
+    raw = [raw] if change is None else {k: v for k, v in {**raw, **change}.items() if v is not None}
+    (ck / "config.json").write_text(json.dumps(raw))
+    (ck / "projectors.safetensors").write_bytes(b"")
+    code = generate.main(["--checkpoint", str(ck), "--data_dir", str(tmp_path), "--output", str(tmp_path / "o.json")])
+    err = one_line(capsys.readouterr().err)
+    assert code == 2 and f"{ck / 'config.json'}: " in err and why in err, err
+
+
+BAD_OUTPUTS = {"a list": ([], "not an output of generate.py"),
+               "a number as hypothesis": ({"v": {"clip_order": ["c"], "c": {"translation": "a", "hypothesis": 5}}},
+                                          "video 'v' clip 'c': hypothesis is 5, not text"),
+               "no translation": ({"v": {"clip_order": ["c"], "c": {"hypothesis": "a"}}},
+                                  "video 'v' clip 'c': translation is None, not text"),
+               "a list in clip_order": ({"v": {"clip_order": [["c"]], "c": {}}}, "clip ['c']: named in clip_order but"),
+               "a lone surrogate": ({"v": {"clip_order": ["c"], "c": {"translation": "a", "hypothesis": "\ud800"}}},
+                                    "hypothesis is '\\ud800', not text")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OUTPUTS))
+def test_score_only_on_a_malformed_output_is_one_line_and_leaves_it(tmp_path, capsys, case):
+    import generate
+    content, why = BAD_OUTPUTS[case]
+    path = tmp_path / "out.json"
+    path.write_text(json.dumps(content))
+    before = snapshot(tmp_path)
+    code = generate.main(["--score_only", str(path)])
+    err = one_line(capsys.readouterr().err)
+    assert code == 2 and f"--score_only {path}: " in err and why in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_while_the_embedded_base_model_is_written_is_one_line_and_leaves_nothing(tmp_path):
+    """The tiny Llama's weights (megabytes) meet a disk that takes 300 kB: one line, no base_model, no temporary."""
+    from pretrain import write_embedded_base
+    from signllava.errors import RunError
+    from tests.kit import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 2}, clips_per_video=3)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(RunError) as e, full_disk_after(300_000):
+        write_embedded_base(out / "base_model", data / "annotation.train.json", seed=0)
+    err = str(e.value)
+    assert f"{out / 'base_model'}: the embedded base model could not be written (" in err and "File too large" in err
+    assert "\n" not in err and list(out.iterdir()) == []
