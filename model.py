@@ -339,12 +339,28 @@ def save_projectors(state: dict[str, torch.Tensor], directory: Path):
 
 
 def read_projector_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of trained weights (projectors and marker rows, or a LoRA adapter), checked."""
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except Exception as e:     # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: unreadable projector file ({e})") from None
+    return check_weights(state, path)
+
+
+def check_weights(state: dict, source) -> dict:
+    """Weights that cannot be right are refused, naming the file and tensor: an integer or bool tensor would be
+    cast silently into a float parameter, and a NaN or Inf anywhere makes every output empty or garbage."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{source}: tensor {brief(key, 60)} is {kind}; trained weights are floating point")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise CheckpointError(f"{source}: tensor {brief(key, 60)} holds {bad} non-finite values (NaN/Inf) of "
+                                  f"{value.numel()}; the weights are broken")
+    return state
 
 
 def read_reference_states(path: Path) -> dict[str, torch.Tensor]:
@@ -365,7 +381,7 @@ def read_reference_states(path: Path) -> dict[str, torch.Tensor]:
         out["marker_embed.weight"] = emb[-2:].clone()
     if not any(k.startswith("projectors.") for k in out):
         raise CheckpointError(f"{path}: no '<modality>_projector.*' keys in its module state")
-    return out
+    return check_weights(out, path)
 
 
 # ------------------------------------------------------------------------------------------ loading

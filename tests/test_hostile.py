@@ -517,3 +517,39 @@ def test_a_full_disk_while_the_embedded_base_model_is_written_is_one_line_and_le
     err = str(e.value)
     assert f"{out / 'base_model'}: the embedded base model could not be written (" in err and "File too large" in err
     assert "\n" not in err and list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ weights that cannot be right
+@pytest.mark.parametrize("kind", ["int64", "bool", "nan", "inf"])
+def test_non_float_or_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, kind):
+    import torch
+    from safetensors.torch import save_file
+    from model import read_projector_file
+    from signllava.errors import CheckpointError
+    bad = {"int64": torch.ones(4, 3, dtype=torch.int64), "bool": torch.ones(4, 3, dtype=torch.bool),
+           "nan": torch.tensor([[0.5, float("nan"), 1.0]]), "inf": torch.tensor([float("-inf"), 1.0])}[kind]
+    path = tmp_path / "projectors.safetensors"
+    save_file({"projectors.pose.bias": torch.zeros(3), "projectors.pose.weight": bad}, str(path))
+    why = "trained weights are floating point" if kind in ("int64", "bool") else "1 non-finite values"
+    with pytest.raises(CheckpointError, match=f"{path}: tensor 'projectors.pose.weight' .*{why}"):
+        read_projector_file(path)
+
+
+def test_generate_with_nan_projectors_is_one_line_not_empty_hypotheses(stage2_run, tmp_path, capsys):
+    """The probe: NaN projector weights gave an empty hypothesis for every clip and exit status 0."""
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    import generate
+    run = tmp_path / "run"
+    shutil.copytree(stage2_run, run)
+    weights = run / "checkpoint-1" / "projectors.safetensors"
+    state = load_file(str(weights))
+    state["projectors.pose.weight"][0, 0] = float("nan")
+    save_file(state, str(weights))                        # same size: its manifest still agrees
+    out = tmp_path / "o.json"
+    code = generate.main(["--checkpoint", str(run), "--data_dir", str(stage2_run.parent / "data"), "--split", "train",
+                          "--output", str(out), "--num_workers", "0", "--num_beams", "1", "--max_new_tokens", "2"])
+    err = one_line(capsys.readouterr().err)
+    assert code == 2 and f"{weights}: tensor 'projectors.pose.weight' holds 1 non-finite values" in err, err
+    assert not out.exists()
