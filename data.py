@@ -270,11 +270,13 @@ class SignDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([o.seed, epoch, i, 1])
         return imperfect_context(context, rng, o.context_dropout, o.context_noise, self._context_pool)
 
-    def read_features(self, video: str, clip: str, absent: list[str] = ()) -> list[np.ndarray]:
-        """One array per modality of the splice order; an absent one is empty ([0, D])."""
+    def read_features(self, video: str, clip: str, absent: list[str] = (), frames=None) -> list[np.ndarray]:
+        """One array per modality of the splice order; an absent one is empty ([0, D]). `frames`: the clip's row
+        of self.frames, to check each read against the index that planned the batches."""
         return [np.zeros((0, self.dims[m]), np.float32) if m in absent else
-                self.stores[m].read(video, clip, self.dims[m], self.limits[m], self.opts.frame_cap)
-                for m in self.modalities]
+                self.stores[m].read(video, clip, self.dims[m], self.limits[m], self.opts.frame_cap,
+                                    None if frames is None else int(frames[k]))
+                for k, m in enumerate(self.modalities)]
 
     def dropped_modalities(self, i: int, epoch: int, absent: list[str]) -> list[str]:
         """--modality_dropout: present modalities this training sample replaces by their absent rows, never all.
@@ -349,7 +351,7 @@ class SignDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         absent = self.absent_in(i)
         absent += self.dropped_modalities(i, epoch, absent)
-        feats = self.read_features(video, clip, absent)
+        feats = self.read_features(video, clip, absent, self.frames[i])
         task = self.fixed_task or self._tasks[int(rng.choice(len(self._tasks), p=self._task_p))]
         sample = None
         if task != "translation":

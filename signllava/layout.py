@@ -24,7 +24,7 @@ import numpy as np
 
 from signllava.errors import DataError, brief
 from signllava.frames import cap_frames
-from signllava.shard_index import ClipIndex, cached_index
+from signllava.shard_index import ClipIndex, cache_path, cached_index
 
 # The original's splice order; modalities we do not know follow alphabetically.
 KNOWN_MODALITY_ORDER = ("mae", "sign2vec", "dino", "pose")
@@ -364,13 +364,21 @@ class FeatureStore:
             raise DataError(f"{where(path, video, clip)}: clip not in shard") from None
 
     def read(self, video: str, clip: str, expected_dim: int | None = None, max_frames: int = 0,
-             frame_cap: str = "stride") -> np.ndarray:
+             frame_cap: str = "stride", indexed_frames: int | None = None) -> np.ndarray:
         """One clip's [T, D] array, checked: rank 2, at least one frame, the modality's dim, floating point,
         finite. With `max_frames` only the frames that cap keeps are read from the shard (frames.cap_frames),
-        never the whole clip; the header is checked before anything is read."""
+        never the whole clip; the header is checked before anything is read. `indexed_frames`: what the index
+        says the clip holds; a shard that disagrees changed after it was indexed, and the batch plans built from
+        the index no longer hold: an error, and the cache that said so is removed."""
         path = self.shard_file(video)
         ds = self._dataset(video, clip)
         try:
+            if indexed_frames is not None and ds.shape and ds.shape[0] != indexed_frames:
+                cache = cache_path(self.metadata)
+                cache.unlink(missing_ok=True)          # ours, and wrong: the next start indexes the shards again
+                raise DataError(f"{where(path, video, clip)}: {ds.shape[0]} frames in the shard, {indexed_frames} in "
+                                f"the index: the shard changed after it was indexed (index cache {cache.name} removed; "
+                                f"start again)")
             check_header(tuple(ds.shape), ds.dtype, path, video, clip, expected_dim)
             arr = cap_frames(ds, max_frames, frame_cap)
         except OSError as e:

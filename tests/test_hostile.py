@@ -553,3 +553,50 @@ def test_generate_with_nan_projectors_is_one_line_not_empty_hypotheses(stage2_ru
     err = one_line(capsys.readouterr().err)
     assert code == 2 and f"{weights}: tensor 'projectors.pose.weight' holds 1 non-finite values" in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ the index cache is not fooled
+def test_index_cache_sees_a_same_size_rewrite_an_edit_and_a_forged_cache(tmp_path, builder, caplog):
+    import h5py
+    import numpy as np
+    from data import DataOptions, SignDataset
+    from signllava.errors import DataError
+    from signllava.shard_index import ClipIndex, cache_path, fingerprint, save_cache
+    from tests.kit import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 1}, clips_per_video=3,
+                              missing={})
+    shard = data / "pose" / "pose.train.0.h5"
+    with h5py.File(shard, "a") as h:                   # a clip whose length lives in its header only
+        del h["trainvid0"]["trainvid0_1"]
+        h["trainvid0"].create_dataset("trainvid0_1", shape=(10, 6), maxshape=(None, 6), chunks=(4, 6), dtype="f2")
+
+    def frames_of(clip="trainvid0_1"):
+        ds = SignDataset(data, "train", builder, DataOptions(), train=True)
+        return ds, int(ds.frames[[c for _, c, _ in ds.items].index(clip), 0])
+    assert frames_of()[1] == 10
+    # Rewritten to the same size with its modification time put back: the status-change time still moved.
+    st = shard.stat()
+    with h5py.File(shard, "a") as h:
+        h["trainvid0"]["trainvid0_1"].resize((12, 6))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert frames_of()[1] == 12
+    # The cache edited to claim another count, its key kept: its digest no longer agrees.
+    cache = cache_path(data / "pose" / "metadata_pose.train.json")
+    with np.load(cache) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["frames"] = arrays["frames"] + 1
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+    caplog.set_level("WARNING", logger="signllava")
+    assert frames_of()[1] == 12 and "does not match its digest" in caplog.text
+    # A cache forged whole, digest and all: what the loader reads is checked against it, and it goes.
+    meta = data / "pose" / "metadata_pose.train.json"
+    good = ClipIndex(arrays["keys"], arrays["frames"] - 1)
+    save_cache(cache, fingerprint(meta, [shard]), ClipIndex(good.keys, good.frames + 5))
+    ds, claimed = frames_of()
+    assert claimed == 17
+    with pytest.raises(DataError, match="clip 'trainvid0_1': 12 frames in the shard, 17 in the index: the shard "
+                                        "changed after it was indexed"):
+        ds[[c for _, c, _ in ds.items].index("trainvid0_1")]
+    assert not cache.exists() and frames_of()[1] == 12
