@@ -516,10 +516,10 @@ def main(argv=None):
     p.add_argument("--modalities", help="comma-separated subset of modality folders")
     args = p.parse_args(argv)
     if args.make_demo:
-        from signllava.demo import make_demo
-        make_demo(args.make_demo, seed=args.seed, context=args.demo_context)
-        print(f"demo language written to {args.make_demo}")
-        return 0
+        from signllava.demo import write_demo
+        from signllava.errors import run_command
+        return run_command(lambda: print(f"demo language written to "
+                                         f"{write_demo(args.make_demo, seed=args.seed, context=args.demo_context)}") or 0)
     if not args.data_dir:
         p.error("give --data_dir D (check a dataset) or --make_demo DIR")
     from signllava.datacheck import check_dataset

@@ -54,6 +54,8 @@ class SignConfig:
     format: str = "signllava-1"
 
     def save(self, directory: Path):
+        """Into a folder being built (checkpoint-N.tmp, export's temporary): written in place, made visible
+        whole by that folder's rename."""
         d = asdict(self)
         # A base model kept in the run's own output dir (the embedded default) is stored as a relative
         # path, so a run directory can be moved or copied as a whole.
@@ -335,6 +337,7 @@ class SignLLM(nn.Module):
 
 
 def save_projectors(state: dict[str, torch.Tensor], directory: Path):
+    # In place: `directory` is a checkpoint-N.tmp being built, renamed into place once complete.
     save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(Path(directory) / PROJECTORS_NAME))
 
 

@@ -532,18 +532,11 @@ def raise_everywhere(failure: Exception | None, world: int):
 
 
 def write_demo_data(data_dir: Path):
-    """(rank 0) The built-in demo language, built beside `data_dir` and renamed into place: a kill or a full
-    disk half-way never leaves a partial dataset that the next start would take for the whole one."""
-    from signllava.atomic import remove_tree, replace_dir, temporary_dir
-    from signllava.demo import make_demo
+    """(rank 0) The built-in demo language, built beside `data_dir` and renamed into place (demo.write_demo): a
+    kill or a full disk half-way never leaves a partial dataset that the next start would take for the whole one."""
+    from signllava.demo import write_demo
     log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
-    tmp = temporary_dir(data_dir)
-    try:
-        make_demo(str(tmp))
-        replace_dir(tmp, data_dir)
-    except OSError as e:
-        remove_tree(tmp)
-        raise RunError(f"{data_dir}: the demo data could not be written ({faults.write_failure(e, data_dir.parent) or e})") from None
+    write_demo(data_dir)
 
 
 @dataclass
@@ -932,7 +925,9 @@ def save_checkpoint(state: TrainState):
 
 
 def write_checkpoint(state: TrainState):
-    """Written into `checkpoint-N.tmp`, renamed when every rank is done."""
+    """Written into `checkpoint-N.tmp`, renamed when every rank is done: every file in it (DeepSpeed's states, RNG
+    states, weights, adapter, config, trainer state) is written in place there, made visible whole by
+    checkpoint.commit's manifest and rename."""
     env, a, step, best = state.env, state.env.args, state.step, state.best
     tmp = checkpoint.begin(env.out, step) if env.rank == 0 else env.out / f"checkpoint-{step}.tmp"
     barrier()

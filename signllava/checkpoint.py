@@ -163,7 +163,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def begin(out_dir: Path, step: int) -> Path:
     """(rank 0) A fresh temporary directory for checkpoint `step`."""
     tmp = Path(out_dir) / f"checkpoint-{step}.tmp"
-    if tmp.exists():
+    if tmp.exists():            # ours: only the run holding OUTPUT_DIR's lock writes checkpoint-N.tmp there
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
@@ -195,6 +195,8 @@ def point_best(out_dir: Path, step: int):
 
 
 def _remove(d: Path):
+    """A complete checkpoint of this run (rotation, a re-save, --overwrite_output_dir): renamed out of sight
+    first, so a half-deleted one never looks complete."""
     gone = d.with_name(d.name + ".deleting")
     os.replace(d, gone)
     shutil.rmtree(gone, ignore_errors=True)
@@ -227,6 +229,7 @@ def clear_run(out_dir: Path) -> list[str]:
 
 
 def write_state(d: Path, state: dict):
+    # In place: d is a checkpoint-N.tmp being built.
     with open(d / STATE_NAME, "w") as f:
         json.dump(state, f, indent=1)
 
@@ -248,6 +251,7 @@ def leftovers(out_dir: Path) -> list[Path]:
 
 
 def remove_leftover(path: Path):
+    """One of `leftovers` (ours, under the run lock), or the .tmp of a save that just failed."""
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -600,3 +600,21 @@ def test_index_cache_sees_a_same_size_rewrite_an_edit_and_a_forged_cache(tmp_pat
                                         "changed after it was indexed"):
         ds[[c for _, c, _ in ds.items].index("trainvid0_1")]
     assert not cache.exists() and frames_of()[1] == 12
+
+
+def test_make_demo_replaces_an_earlier_demo_and_refuses_a_folder_of_the_users(tmp_path, capsys):
+    import data as data_cli
+    from signllava.demo import write_demo
+    small = dict(n_train_videos=2, n_dev_videos=1, n_test_videos=1)
+    demo = write_demo(tmp_path / "demo", **small)
+    first = snapshot(demo)
+    write_demo(demo, seed=1, **small)                              # an earlier demo: replaced whole
+    assert snapshot(demo).keys() == first.keys() and snapshot(demo) != first
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "annotation.train.json").write_text("my own annotations")
+    (mine / "thesis.txt").write_text("years of work")
+    before = snapshot(tmp_path)
+    assert data_cli.main(["--make_demo", str(mine)]) == 2
+    assert "not empty and not an earlier demo" in one_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before and hidden_siblings(tmp_path) == []
