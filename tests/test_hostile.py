@@ -311,7 +311,6 @@ def peak_bytes(fn) -> int:
 
 def test_max_frames_reads_only_the_frames_it_keeps(tmp_path, builder, monkeypatch):
     from data import DataOptions, SignDataset
-    from signllava import frames
     from signllava.errors import DataError
     from tests.kit import write_tiny_dataset
     data = write_tiny_dataset(tmp_path / "d", dims={"pose": 6}, videos_per_split={"train": 1}, clips_per_video=3,
@@ -332,7 +331,7 @@ def test_max_frames_reads_only_the_frames_it_keeps(tmp_path, builder, monkeypatc
             SignDataset(data, "train", builder, opts, train=True)
     # Pool over a long clip that is let through reads it in blocks (here 1 MB), never whole.
     monkeypatch.setattr("data.PLAUSIBLE_FRAMES", 10 * HUGE)
-    monkeypatch.setattr(frames, "READ_BYTES", 1 << 20)
+    monkeypatch.setattr("signllava.frames.READ_BYTES", 1 << 20)
     assert read_capped("pool") < 8 << 20
 
 
@@ -481,7 +480,7 @@ def test_a_checkpoint_config_of_wrong_shape_is_one_line(tmp_path, capsys, case):
     assert code == 2 and f"{ck / 'config.json'}: " in err and why in err, err
 
 
-BAD_OUTPUTS = {"a list": ([], "not an output of generate.py"),
+BAD_OUTPUTS = {"a list": ([{"v": {"clip_order": []}}], "not an output of generate.py"),
                "a number as hypothesis": ({"v": {"clip_order": ["c"], "c": {"translation": "a", "hypothesis": 5}}},
                                           "video 'v' clip 'c': hypothesis is 5, not text"),
                "no translation": ({"v": {"clip_order": ["c"], "c": {"hypothesis": "a"}}},
