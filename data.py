@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from signllava.frames import PLAUSIBLE_FRAMES, cap_frames  # noqa: F401 (cap_frames: data.cap_frames is API)
 from signllava.layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
 from signllava.prompts import TASKS, PromptBuilder, context_ids, imperfect_context, make_task, translation_prompt
 from signllava.shard_index import ABSENT, clip_keys
@@ -95,21 +96,6 @@ class DataOptions:
     context_noise: float = 0.0                   # training only: P(a context sentence is corrupted)
 
 
-def cap_frames(arr: np.ndarray, max_frames: int, mode: str) -> np.ndarray:
-    """At most max_frames frames: the first ones (truncate), evenly spaced ones (stride), or the means of
-    max_frames consecutive windows of near-equal size (pool: every frame counts, none is dropped)."""
-    if max_frames <= 0 or len(arr) <= max_frames:
-        return arr
-    if mode == "truncate":
-        return arr[:max_frames]
-    if mode == "pool":
-        starts = np.linspace(0, len(arr), max_frames + 1).astype(np.int64)
-        sums = np.add.reduceat(arr.astype(np.float32), starts[:-1], axis=0)
-        return (sums / np.diff(starts)[:, None]).astype(arr.dtype)
-    idx = np.linspace(0, len(arr) - 1, max_frames).round().astype(np.int64)
-    return arr[idx]
-
-
 def segment_sizes(feats: list[np.ndarray], modalities: list[str], absent) -> list[int]:
     """Positions between each segment's markers: its frames, or the one absent row."""
     return [1 if m in absent else len(f) for m, f in zip(modalities, feats)]
@@ -167,6 +153,7 @@ class SignDataset(torch.utils.data.Dataset):
         del items, frames
         self.dims = self._read_dims(expected_dims)
         self.limits = frame_limits(opts.max_frames, self.modalities)
+        self._refuse_implausible_lengths()
         self.too_long = self._apply_length_guard()
         self._text_len = np.fromiter((len(self.annotation.clips[(v, c)].translation) for v, c, _ in self.items),
                                      dtype=np.int32, count=len(self.items))
@@ -202,6 +189,21 @@ class SignDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.data_dir}: split {self.split!r} has no clip with features in all of "
                             f"{', '.join(self.read_modalities)}")
         return keep
+
+    def _refuse_implausible_lengths(self):
+        """A clip of more than PLAUSIBLE_FRAMES frames after --max_frames is broken data (reading it would cost
+        gigabytes): an error naming it, found from the index before anything is read."""
+        for k, m in enumerate(self.modalities):
+            n = self.frames[:, k].astype(np.int64)
+            cap = self.limits[m]
+            kept = np.minimum(n, cap) if cap > 0 and self.opts.frame_cap != "pool" else n    # pool reads them all
+            over = np.flatnonzero(kept > PLAUSIBLE_FRAMES)
+            if len(over):
+                v, c, _ = self.items[int(over[0])]
+                raise DataError(f"{self.stores[m].shard_file(v)}, video {v!r}, clip {c!r}: {int(n[over[0]]):,} {m} "
+                                f"frames, beyond any plausible clip (over {PLAUSIBLE_FRAMES:,}; {len(over)} such clips "
+                                f"in {self.split}); check the data (python data.py --data_dir), or cap what is read "
+                                f"with --max_frames and --frame_cap stride or truncate")
 
     def _read_dims(self, expected_dims: dict[str, int] | None) -> dict[str, int]:
         """Dims read from the data (each modality's first clip that has it), then every read is checked against
@@ -268,11 +270,13 @@ class SignDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([o.seed, epoch, i, 1])
         return imperfect_context(context, rng, o.context_dropout, o.context_noise, self._context_pool)
 
-    def read_features(self, video: str, clip: str, absent: list[str] = ()) -> list[np.ndarray]:
-        """One array per modality of the splice order; an absent one is empty ([0, D])."""
+    def read_features(self, video: str, clip: str, absent: list[str] = (), frames=None) -> list[np.ndarray]:
+        """One array per modality of the splice order; an absent one is empty ([0, D]). `frames`: the clip's row
+        of self.frames, to check each read against the index that planned the batches."""
         return [np.zeros((0, self.dims[m]), np.float32) if m in absent else
-                cap_frames(self.stores[m].read(video, clip, self.dims[m]), self.limits[m], self.opts.frame_cap)
-                for m in self.modalities]
+                self.stores[m].read(video, clip, self.dims[m], self.limits[m], self.opts.frame_cap,
+                                    None if frames is None else int(frames[k]))
+                for k, m in enumerate(self.modalities)]
 
     def dropped_modalities(self, i: int, epoch: int, absent: list[str]) -> list[str]:
         """--modality_dropout: present modalities this training sample replaces by their absent rows, never all.
@@ -347,7 +351,7 @@ class SignDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         absent = self.absent_in(i)
         absent += self.dropped_modalities(i, epoch, absent)
-        feats = self.read_features(video, clip, absent)
+        feats = self.read_features(video, clip, absent, self.frames[i])
         task = self.fixed_task or self._tasks[int(rng.choice(len(self._tasks), p=self._task_p))]
         sample = None
         if task != "translation":
@@ -512,10 +516,10 @@ def main(argv=None):
     p.add_argument("--modalities", help="comma-separated subset of modality folders")
     args = p.parse_args(argv)
     if args.make_demo:
-        from signllava.demo import make_demo
-        make_demo(args.make_demo, seed=args.seed, context=args.demo_context)
-        print(f"demo language written to {args.make_demo}")
-        return 0
+        from signllava.demo import write_demo
+        from signllava.errors import run_command
+        return run_command(lambda: print(f"demo language written to "
+                                         f"{write_demo(args.make_demo, seed=args.seed, context=args.demo_context)}") or 0)
     if not args.data_dir:
         p.error("give --data_dir D (check a dataset) or --make_demo DIR")
     from signllava.datacheck import check_dataset

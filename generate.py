@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from model import SignConfig, compute_dtype
+from signllava.atomic import output_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
-from signllava.errors import CheckpointError, DataError, range_problems, run_command
+from signllava.errors import CheckpointError, DataError, RunError, range_problems, run_command
 from signllava.layout import load_annotation
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
 from signllava.scoring import compute_metrics, format_table, sentence_scores, yes_no_metrics  # noqa: F401 (API)
@@ -424,7 +425,7 @@ def score_output(output: dict, task: str) -> dict:
     """Corpus metrics of an output JSON; for translation, each clip's sentence BLEU and chrF written into it."""
     entries = [vd[c] for vd in output.values() for c in vd["clip_order"]]
     hyps = [e["hypothesis"] for e in entries]
-    refs = [e.get("reference", e["translation"]) for e in entries]
+    refs = [e["reference"] if "reference" in e else e["translation"] for e in entries]
     if task == "translation":
         for e, h, r in zip(entries, hyps, refs):
             e.update(sentence_scores(h, r))
@@ -432,9 +433,36 @@ def score_output(output: dict, task: str) -> dict:
 
 
 def _write_json(path: str, obj):
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_output(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_output(path: str, text: str):
+    """One output file, complete or not at all (signllava/atomic.py): a full disk leaves an earlier file of that
+    name as it was, and says so in one line."""
+    from signllava.faults import write_failure
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise RunError(f"{path}: not written ({write_failure(e, Path(path).parent) or e}); a file there before is "
+                       f"as it was") from None
+
+
+OUTPUT_FLAGS = ("output", "metrics_out", "report")
+
+
+def output_problems(args) -> list[str]:
+    """Every path this run will write, checked before any work (a run of hours must not end on a path it
+    cannot write): not a folder, no file on its way, a folder we may write in, no two flags on one file."""
+    paths = [(f"--{n}", getattr(args, n)) for n in OUTPUT_FLAGS if getattr(args, n)]
+    if args.score_only:
+        paths.append(("--score_only", args.score_only))       # rewritten with the sentence scores
+    problems = [why for why in (output_problem(value, flag) for flag, value in paths) if why]
+    first: dict[str, str] = {}
+    for flag, value in paths:
+        same = first.setdefault(os.path.realpath(value), flag)
+        if same != flag:
+            problems.append(f"{same} and {flag} name the same file ({value})")
+    return problems
 
 
 def init_ranks(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -525,9 +553,31 @@ def finish(args, output: dict, metrics: dict):
     if args.metrics_out:
         _write_json(args.metrics_out, metrics)
     if args.report:
-        from signllava.report import write_report
-        write_report(args.report, output, metrics)
+        from signllava.report import render
+        write_output(args.report, render(output, metrics))
     print(format_table(metrics))
+
+
+def check_output_json(output) -> dict:
+    """An output JSON of this script, as --score_only reads it: every clip of every clip_order with a hypothesis
+    and a reference (its "reference" when it has one, as the yes/no tasks' outputs do, else its translation) that
+    are text. A ValueError names the first that is not."""
+    from signllava.errors import brief
+    from signllava.layout import is_text
+    if not isinstance(output, dict) or not output:
+        raise ValueError(f"not an output of generate.py (video -> {{clip_order, clips}}), got {brief(output, 40)}")
+    for v, vd in output.items():
+        if not isinstance(vd, dict) or not isinstance(vd.get("clip_order"), list):
+            raise ValueError(f"video {brief(v, 60)}: no clip_order list")
+        for c in vd["clip_order"]:
+            entry = vd.get(c) if isinstance(c, str) else None
+            if not isinstance(entry, dict):
+                raise ValueError(f"video {brief(v, 60)} clip {brief(c, 60)}: named in clip_order but has no entry")
+            for field in ("hypothesis", "reference" if "reference" in entry else "translation"):
+                if not isinstance(entry.get(field), str) or not is_text(entry[field]):
+                    raise ValueError(f"video {brief(v, 60)} clip {brief(c, 60)}: {field} is "
+                                     f"{brief(entry.get(field), 40)}, not text")
+    return output
 
 
 def score_only(args) -> int:
@@ -535,18 +585,18 @@ def score_only(args) -> int:
     written to --metrics_out, keeping what an earlier metrics file there says about how it was generated)."""
     path = Path(args.score_only)
     try:
-        output = json.loads(path.read_text(encoding="utf-8"))
-        if not output or not all(isinstance(vd, dict) and "clip_order" in vd for vd in output.values()):
-            raise ValueError("not an output of generate.py (video -> {clip_order, clips})")
-        for v, vd in output.items():
-            for c in vd["clip_order"]:
-                if not isinstance(vd.get(c), dict) or "hypothesis" not in vd[c]:
-                    raise ValueError(f"video {v} clip {c}: no 'hypothesis'")
+        output = check_output_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         raise DataError(f"--score_only {path}: {e}") from None
     before = {}
     if args.metrics_out and Path(args.metrics_out).is_file():
-        before = json.loads(Path(args.metrics_out).read_text(encoding="utf-8"))
+        try:
+            before = json.loads(Path(args.metrics_out).read_text(encoding="utf-8"))
+            if not isinstance(before, dict):
+                raise ValueError(f"holds a {type(before).__name__}, not a metrics object")
+        except (OSError, ValueError) as e:
+            raise DataError(f"--metrics_out {args.metrics_out}: an earlier file there is not metrics JSON ({e}); move "
+                            f"it away or give another path") from None
     metrics = {**before, **score_output(output, args.task), "output": str(path)}
     _write_json(str(path), output)
     finish(args, output, metrics)
@@ -599,6 +649,7 @@ def main(argv=None) -> int:
     else:
         problems += [f"--{n} is required (unless --score_only)" for n in ("checkpoint", "data_dir", "output")
                      if getattr(args, n) is None]
+    problems += output_problems(args)
     if args.context not in (None, "none", "gold", "predicted") and not Path(args.context).is_file():
         problems.append(f"--context {args.context}: not none, gold, predicted or an existing output JSON")
     if problems:

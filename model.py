@@ -21,7 +21,7 @@ from torch import nn
 
 from signllava import kernels, safe_load
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
-from signllava.errors import CheckpointError
+from signllava.errors import CheckpointError, brief
 from signllava.prompts import MARKER_TOKENS, SYSTEM_PROMPT
 
 log = logging.getLogger("signllava")
@@ -54,6 +54,8 @@ class SignConfig:
     format: str = "signllava-1"
 
     def save(self, directory: Path):
+        """Into a folder being built (checkpoint-N.tmp, export's temporary): written in place, made visible
+        whole by that folder's rename."""
         d = asdict(self)
         # A base model kept in the run's own output dir (the embedded default) is stored as a relative
         # path, so a run directory can be moved or copied as a whole.
@@ -75,8 +77,13 @@ class SignConfig:
             raise CheckpointError(f"{path}: not found (is {directory} a Sign LLaVA checkpoint?)") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: malformed JSON ({e})") from None
-        if raw.get("format") != "signllava-1":
-            raise CheckpointError(f"{path}: not a Sign LLaVA config (format {raw.get('format')!r})")
+        if not isinstance(raw, dict) or raw.get("format") != "signllava-1":
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{path}: not a Sign LLaVA config (format {brief(got, 40)})")
+        problems = config_problems(raw)
+        if problems:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointError(f"{path}: not a usable config ({'; '.join(problems[:3])}{more})")
         known = set(cls.__dataclass_fields__)
         cfg = cls(**{k: v for k, v in raw.items() if k in known})
         # Local paths are stored relative to the config when they live beside it; resolve them here.
@@ -87,22 +94,69 @@ class SignConfig:
         return cfg
 
 
+def config_problems(raw: dict) -> list[str]:
+    """What is wrong with a config.json's fields (missing, of the wrong type, out of range), each in a few words;
+    a checkpoint's config is read from outside, so nothing of it is trusted before it passes here."""
+    def is_int(x, low=0):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    def names(x):
+        return isinstance(x, list) and bool(x) and all(isinstance(m, str) and m for m in x) and len(set(x)) == len(x)
+    problems = [f"no {k!r}" for k in ("base_model", "tokenizer", "modalities", "dims", "projector_types") if k not in raw]
+    if problems:
+        return problems
+    mods = raw["modalities"]
+    checks = [
+        ("base_model", isinstance(raw["base_model"], str) and raw["base_model"] != "", "a model name or path"),
+        ("tokenizer", isinstance(raw["tokenizer"], str) and raw["tokenizer"] != "", "a tokenizer name or path"),
+        ("modalities", names(mods), "a list of distinct modality names"),
+        ("dims", names(mods) and isinstance(raw["dims"], dict) and all(is_int(raw["dims"].get(m), 1) for m in mods),
+         "a positive feature dim for every modality"),
+        ("projector_types", names(mods) and isinstance(raw["projector_types"], dict)
+         and all(projector_kind_ok(raw["projector_types"].get(m)) for m in mods),
+         "linear, identity or mlpNx_gelu for every modality"),
+        ("stage", raw.get("stage", 1) in (1, 2) and not isinstance(raw.get("stage", 1), bool), "1 or 2"),
+        ("bits", raw.get("bits", 16) in (4, 16) and not isinstance(raw.get("bits", 16), bool), "4 or 16"),
+        ("lora", raw.get("lora") is None or isinstance(raw.get("lora"), dict), "null or a LoRA config"),
+        ("markers", isinstance(raw.get("markers", []), list) and len(raw.get("markers", ["", ""])) == 2
+         and all(isinstance(t, str) for t in raw.get("markers", [])), "two marker tokens"),
+        ("added_tokens", isinstance(raw.get("added_tokens", False), bool), "true or false"),
+        ("system_prompt", isinstance(raw.get("system_prompt", ""), str), "text"),
+        ("chat_template", raw.get("chat_template") is None or isinstance(raw.get("chat_template"), str), "null or text"),
+        ("context_window", is_int(raw.get("context_window", 0)), "a whole number >= 0"),
+        ("prelude_window", is_int(raw.get("prelude_window", 0)), "a whole number >= 0"),
+        ("max_frames", is_int(raw.get("max_frames", 0)) or (isinstance(raw.get("max_frames"), dict)
+         and all(isinstance(k, str) and is_int(v) for k, v in raw["max_frames"].items())),
+         "a whole number >= 0 or one per modality"),
+        ("frame_cap", raw.get("frame_cap", "stride") in ("stride", "truncate", "pool"), "stride, truncate or pool"),
+        ("max_seq_len", is_int(raw.get("max_seq_len", 0)), "a whole number >= 0"),
+        ("modality_embeddings", isinstance(raw.get("modality_embeddings", False), bool), "true or false"),
+    ]
+    return [f"{name} {brief(raw.get(name), 40)}: expected {what}" for name, ok, what in checks if not ok]
+
+
 # ------------------------------------------------------------------------------------------ projectors
+_MLP_RE = re.compile(r"mlp([1-9]\d?)x_gelu")        # up to 99 layers
+
+
+def projector_kind_ok(kind) -> bool:
+    return isinstance(kind, str) and (kind in ("linear", "identity") or bool(_MLP_RE.fullmatch(kind)))
+
+
 def build_projector(kind: str, in_dim: int, hidden: int) -> nn.Module:
     """linear | mlpNx_gelu (Linear, then N-1 x [GELU, Linear]) | identity, applied per frame."""
+    if not projector_kind_ok(kind):
+        raise ValueError(f"unknown projector type {kind!r:.60} (linear, identity, mlpNx_gelu e.g. mlp2x_gelu)")
     if kind == "linear":
         return nn.Linear(in_dim, hidden)
     if kind == "identity":
         if in_dim != hidden:
             raise ValueError(f"identity projector needs feature dim == LLM hidden size ({in_dim} != {hidden})")
         return nn.Identity()
-    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
-    if m and int(m.group(1)) >= 1:
-        layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
-        for _ in range(int(m.group(1)) - 1):
-            layers += [nn.GELU(), nn.Linear(hidden, hidden)]
-        return nn.Sequential(*layers)
-    raise ValueError(f"unknown projector type {kind!r} (linear, identity, mlpNx_gelu e.g. mlp2x_gelu)")
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
+    for _ in range(int(_MLP_RE.fullmatch(kind).group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*layers)
 
 
 def parse_projector_types(text: str, modalities: list[str]) -> dict[str, str]:
@@ -117,7 +171,11 @@ def parse_projector_types(text: str, modalities: list[str]) -> dict[str, str]:
     unknown = set(per) - set(modalities)
     if unknown:
         raise ValueError(f"--projector_type names modalities not in the data: {', '.join(sorted(unknown))}")
-    return {m: per.get(m, default) for m in modalities}
+    kinds = {m: per.get(m, default) for m in modalities}
+    bad = sorted({k for k in kinds.values() if not projector_kind_ok(k)})
+    if bad:
+        raise ValueError(f"unknown projector type {', '.join(bad)} (linear, identity, mlpNx_gelu e.g. mlp2x_gelu)")
+    return kinds
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -279,16 +337,33 @@ class SignLLM(nn.Module):
 
 
 def save_projectors(state: dict[str, torch.Tensor], directory: Path):
+    # In place: `directory` is a checkpoint-N.tmp being built, renamed into place once complete.
     save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(Path(directory) / PROJECTORS_NAME))
 
 
 def read_projector_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of trained weights (projectors and marker rows, or a LoRA adapter), checked."""
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except Exception as e:     # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: unreadable projector file ({e})") from None
+    return check_weights(state, path)
+
+
+def check_weights(state: dict, source) -> dict:
+    """Weights that cannot be right are refused, naming the file and tensor: an integer or bool tensor would be
+    cast silently into a float parameter, and a NaN or Inf anywhere makes every output empty or garbage."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{source}: tensor {brief(key, 60)} is {kind}; trained weights are floating point")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise CheckpointError(f"{source}: tensor {brief(key, 60)} holds {bad} non-finite values (NaN/Inf) of "
+                                  f"{value.numel()}; the weights are broken")
+    return state
 
 
 def read_reference_states(path: Path) -> dict[str, torch.Tensor]:
@@ -309,7 +384,7 @@ def read_reference_states(path: Path) -> dict[str, torch.Tensor]:
         out["marker_embed.weight"] = emb[-2:].clone()
     if not any(k.startswith("projectors.") for k in out):
         raise CheckpointError(f"{path}: no '<modality>_projector.*' keys in its module state")
-    return out
+    return check_weights(out, path)
 
 
 # ------------------------------------------------------------------------------------------ loading

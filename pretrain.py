@@ -10,12 +10,14 @@ written to O/base_model and used by every later stage.
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from model import assemble, load_tokenizer
 from signllava.config import parse_args
-from signllava.errors import run_command
+from signllava.errors import DataError, RunError, run_command
 from signllava.prompts import resolve_template
-from training import RunEnv, add_common_args, barrier, fit, load_data, model_config, setup_run, validate_args
+from training import (RunEnv, add_common_args, barrier, fit, load_data, model_config, raise_everywhere, setup_run,
+                      validate_args)
 
 log = logging.getLogger("signllava")
 
@@ -23,15 +25,34 @@ log = logging.getLogger("signllava")
 def embedded_base(env: RunEnv) -> str:
     """The tiny Llama and tokenizer in O/base_model, built once (by rank 0) from the training sentences."""
     base = env.out / "base_model"
+    failure = None
     if env.rank == 0 and not base.exists():
-        from signllava.demo import build_default_llm
-        from signllava.layout import load_annotation
-        ann = load_annotation(env.data_dir / "annotation.train.json")
-        texts = [t for c in ann.clips.values() for t in [c.translation, *c.paraphrases]]
-        log.info("no --model: building the embedded tiny Llama and tokenizer into %s", base)
-        build_default_llm(base, texts, seed=env.args.seed)
+        try:
+            write_embedded_base(base, env.data_dir / "annotation.train.json", env.args.seed)
+        except (DataError, RunError) as e:
+            failure = e
+    raise_everywhere(failure, env.world)
     barrier()
     return str(base.resolve())
+
+
+def write_embedded_base(base: Path, annotation: Path, seed: int):
+    """Build O/base_model (complete or absent: demo.build_default_llm writes it beside and renames it in); a file
+    system that refuses it (a full disk, permissions) is one line, and nothing of it is left behind."""
+    from signllava.demo import build_default_llm
+    from signllava.faults import write_failure
+    from signllava.layout import load_annotation
+    ann = load_annotation(annotation)
+    texts = [t for c in ann.clips.values() for t in [c.translation, *c.paraphrases]]
+    log.info("no --model: building the embedded tiny Llama and tokenizer into %s", base)
+    try:
+        build_default_llm(base, texts, seed=seed)
+    except Exception as e:
+        why = write_failure(e, base.parent)
+        if why is None:
+            raise
+        raise RunError(f"{base}: the embedded base model could not be written ({why}); nothing of it was kept, the "
+                       f"next start builds it again") from None
 
 
 def train(args) -> int:

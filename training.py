@@ -42,7 +42,8 @@ from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader,
                   plan_epoch, rank_share)
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
-from signllava import checkpoint, faults, kernels, portable_state, safe_load, step_profiler
+from signllava import checkpoint, faults, kernels, portable_state, run_lock, safe_load, step_profiler
+from signllava.atomic import parent_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
@@ -238,6 +239,11 @@ def validate_args(p: argparse.ArgumentParser, args):
     # A rate of 0 is allowed: a run that only loads, evaluates and saves (tests use it to check loading).
     problems += [f"--{n} must be >= 0" for n in ("learning_rate", "projector_lr", "weight_decay")
                  if getattr(args, n, None) is not None and getattr(args, n) < 0]
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output_dir {out}: exists and is not a directory")
+    elif not out.exists() and parent_problem(out):
+        problems.append(f"--output_dir {out}: {parent_problem(out)}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         problems.append(f"--data_dir {args.data_dir}: no such directory")
     if args.chat_template not in (None, "builtin") and not Path(args.chat_template).is_file():
@@ -450,6 +456,7 @@ class RunEnv:
     zero_stage: int
     rank: int
     world: int
+    lock: object = None          # rank 0: OUTPUT_DIR's run lock, held for the whole run (signllava/run_lock.py)
 
     @property
     def zero3(self) -> bool:
@@ -480,29 +487,63 @@ def setup_run(args) -> RunEnv:
     if zero_stage == 3 and args.compile_layers:
         raise RunError(f"--compile_layers: not with ZeRO-3 ({args.deepspeed_config}), whose hooks gather and release "
                        "each layer's weights around its forward; use ZeRO-2 or drop the flag")
-    if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
-        raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for left in checkpoint.leftovers(out):
-            checkpoint.remove_leftover(left)
-            log.info("removed %s, left by an interrupted save", left)
-        if args.overwrite_output_dir and not args.resume:
-            gone = checkpoint.clear_run(out)
-            if gone:
-                log.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(gone))
     data_dir = Path(args.data_dir) if args.data_dir else out / "demo_data"
-    if not args.data_dir and rank == 0 and not (data_dir / "annotation.train.json").exists():
-        from signllava.demo import make_demo
-        log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
-        make_demo(str(data_dir))
+    lock = failure = None
+    if rank == 0:
+        try:
+            lock = prepare_output(args, out)
+            if not args.data_dir and not (data_dir / "annotation.train.json").exists():
+                write_demo_data(data_dir)
+        except (CheckpointError, DataError, RunError) as e:
+            failure = e
+    raise_everywhere(failure, world)
     barrier()
     if zero_stage == 3 and world == 1 and device.type == "cuda":
         # Measured on one H200 (issue 16): QLoRA 3.9 k real tokens/s under ZeRO-3 against 10-11 k under ZeRO-2.
         log.warning("ZeRO-3 on one GPU: parameters are gathered and released layer by layer on every pass with no "
                     "other rank to share them (QLoRA ran at under half ZeRO-2's speed); ds_config_zero2.json is "
                     "the default, ZeRO-3 is for models that need sharding over several GPUs")
-    return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world)
+    return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world, lock)
+
+
+def prepare_output(args, out: Path) -> run_lock.RunLock:
+    """(rank 0) Take OUTPUT_DIR's lock before anything in it is touched, so that no other run is writing there;
+    then refuse a finished run (without --resume or --overwrite_output_dir), remove what an interrupted save of
+    this folder left (it can only be ours now), and clear the previous run when asked."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = run_lock.hold(out)
+    if not args.resume and checkpoint.complete_checkpoints(out) and not args.overwrite_output_dir:
+        raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or --overwrite_output_dir")
+    if args.resume:
+        checkpoint.latest_checkpoint(out)      # a `latest` naming anything but a checkpoint of this run: refused now
+    for left in checkpoint.leftovers(out):
+        checkpoint.remove_leftover(left)
+        log.info("removed %s, left by an interrupted save", left)
+    if args.overwrite_output_dir and not args.resume:
+        gone = checkpoint.clear_run(out)
+        if gone:
+            log.info("--overwrite_output_dir: removed the previous run's %s", ", ".join(gone))
+    return lock
+
+
+def raise_everywhere(failure: Exception | None, world: int):
+    """Rank 0's one-line error raised on every rank, so that none waits at a barrier for a rank that stopped."""
+    if world > 1:
+        sent = [None if failure is None else (type(failure).__name__, str(failure))]
+        torch.distributed.broadcast_object_list(sent, src=0)
+        if sent[0] is not None:
+            kind, message = sent[0]
+            failure = {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, RunError)(message)
+    if failure is not None:
+        raise failure
+
+
+def write_demo_data(data_dir: Path):
+    """(rank 0) The built-in demo language, built beside `data_dir` and renamed into place (demo.write_demo): a
+    kill or a full disk half-way never leaves a partial dataset that the next start would take for the whole one."""
+    from signllava.demo import write_demo
+    log.info("no --data_dir: writing the built-in demo language to %s", data_dir)
+    write_demo(data_dir)
 
 
 @dataclass
@@ -546,7 +587,10 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
     """The SignConfig saved with every checkpoint: enough to rebuild the model without any flag."""
     a = env.args
     mods = data.train.modalities
-    ptypes = projector_types or parse_projector_types(a.projector_type, mods)
+    try:
+        ptypes = projector_types or parse_projector_types(a.projector_type, mods)
+    except ValueError as e:
+        raise RunError(f"--projector_type {a.projector_type}: {e}") from None
     return SignConfig(base_model=base_model, tokenizer=tokenizer_path, modalities=mods, dims=data.train.dims,
                       projector_types={m: ptypes[m] for m in mods}, stage=stage, added_tokens=added_tokens,
                       context_window=a.context_window, prelude_window=a.prelude_window,
@@ -639,7 +683,7 @@ def write_summary(state: TrainState):
     if best is not None and best.step is not None:
         summary["best"] = {"metric": best.metric, "step": best.step, "score": best.score,
                            "checkpoint": str(out / f"checkpoint-{best.step}")}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "train_summary.json", json.dumps(summary, indent=1))
     log.info("done: %s", summary)
     if (out / "metrics.jsonl").is_file():
         log.info("curves: %s", draw_curves(out))
@@ -720,7 +764,11 @@ def resume(state: TrainState, directory: Path):
         now = batch_geometry(a.batch_size, a.max_tokens_per_batch, a.grad_accum, env.world, a.packing)
         raise CheckpointError(f"{directory}: saved with {then}; resume needs the same global batch (now {now})")
     if saved["world_size"] == env.world and saved.get("zero_stage") == env.zero_stage:
-        load_path, _ = state.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        try:
+            load_path, _ = state.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as e:      # DeepSpeed's, on bad files
+            raise CheckpointError(f"{directory}: DeepSpeed state unreadable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
         if load_path is None:
             raise CheckpointError(f"{directory}: DeepSpeed state missing or unreadable")
     else:
@@ -743,6 +791,8 @@ def record(state: TrainState, row: dict):
     for k, v in row.items():
         if k != "step":
             state.writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
+    # Appended in place, not rewritten atomically: an append-only log whose earlier lines a write never touches;
+    # a kill loses at most the line being written, which curves.read_series skips as the last line.
     with open(state.env.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -882,7 +932,9 @@ def save_checkpoint(state: TrainState):
 
 
 def write_checkpoint(state: TrainState):
-    """Written into `checkpoint-N.tmp`, renamed when every rank is done."""
+    """Written into `checkpoint-N.tmp`, renamed when every rank is done: every file in it (DeepSpeed's states, RNG
+    states, weights, adapter, config, trainer state) is written in place there, made visible whole by
+    checkpoint.commit's manifest and rename."""
     env, a, step, best = state.env, state.env.args, state.step, state.best
     tmp = checkpoint.begin(env.out, step) if env.rank == 0 else env.out / f"checkpoint-{step}.tmp"
     barrier()

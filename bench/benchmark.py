@@ -100,6 +100,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))      # the repository root: data, model, training, generate, signllava
 
+from signllava.atomic import write_atomic  # noqa: E402
 from bench.synthetic import (DIMS, FRAME_DIV, LORA, SHAPES, WORDS, Spec, Synth, assemble_with, base_llm, build_llm, cast_params_, collate, free_memory, frame_counts, llama_config, log, make_optimizer, make_specs, make_tokenizer, patched_load_llm, quantize_4bit_, set_gradient_checkpointing, set_gradient_checkpointing_llm, sign_config)  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ arithmetic
@@ -945,6 +946,7 @@ def write_dataset(root: Path, synth: Synth, specs: list[Spec], split: str = "tra
         for i, c in clips:
             words = [rng.choice(WORDS) for _ in range(specs[i].answer)]
             ann[v][c] = {"translation": " ".join(words).capitalize() + ".", "paraphrases": [], "keywords": words[:2]}
+    # In place: `root` is the benchmark's own temporary folder (mkdtemp), removed when the section ends.
     (root / f"annotation.{split}.json").write_text(json.dumps(ann))
     shard_of = {v: k % shards for k, v in enumerate(videos)}
     files = {}
@@ -1219,7 +1221,7 @@ def main(argv=None) -> dict:
         R["elapsed_s"] = time.perf_counter() - t_all
         R["summary"] = summary_rows(R)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(R, indent=1, default=str) + "\n")
+        write_atomic(out_path, json.dumps(R, indent=1, default=str) + "\n")     # a kill keeps the last complete save
         od = args.copy_to or os.environ.get("OUT")
         if od and Path(od).is_dir() and Path(od).resolve() != out_path.parent.resolve():
             shutil.copy(out_path, Path(od) / out_path.name)

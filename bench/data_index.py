@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from signllava.atomic import write_atomic  # noqa: E402
+
 MODALITIES = ("mae", "sign2vec", "dino", "pose")
 WORDS = "the a my cat dog man woman house school car book water reads walks sees likes big small old new".split()
 
@@ -94,7 +96,7 @@ def write_split(root: Path, n: int, modalities: list[str], clips_per_video: int,
         for c in clips:
             words = [rng.choice(WORDS) for _ in range(rng.randint(5, 20))]
             ann[v][c] = {"translation": " ".join(words).capitalize() + ".", "paraphrases": ["<none>"], "keywords": words[:2]}
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)      # a folder of this benchmark's own temporary (mkdtemp): written in place
     (root / "annotation.train.json").write_text(json.dumps(ann))
     for m in modalities:
         (root / m).mkdir(exist_ok=True)
@@ -243,7 +245,7 @@ def main(argv=None):
                 f"{k} {row[k]['seconds']:6.1f} s ({row[k]['cpu_s']:.1f} cpu) {row[k]['index_mb']:6.0f} MB" for k in labels)
                 + f"  (base {row[labels[0]]['base_mb']:.0f} MB, written in {row['write_s']:.0f} s)", flush=True)
             shutil.rmtree(d, ignore_errors=True)
-            out.write_text(json.dumps(R, indent=1))           # kept as it grows: a long run stopped early still counts
+            write_atomic(out, json.dumps(R, indent=1))        # kept as it grows: a long run stopped early still counts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [{"clips": r["clips"], **{f"{k}_{q}": r[k][q] for k in labels
@@ -255,7 +257,7 @@ def main(argv=None):
         print(f"  {k:<15} {R['projection'][k + '_seconds']['projected']:7.0f} s  "
               f"({R['projection'][k + '_cpu_s']['projected']:.0f} s cpu)  "
               f"{R['projection'][k + '_index_mb']['projected'] / 1024:6.2f} GB above the imports")
-    out.write_text(json.dumps(R, indent=1))
+    write_atomic(out, json.dumps(R, indent=1))
     if args.copy_to:
         shutil.copy(out, Path(args.copy_to) / out.name)
     print(f"wrote {out}")

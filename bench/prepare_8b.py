@@ -34,7 +34,7 @@ def main():
     tok = bench.make_tokenizer()
     llm = bench.build_llm(args.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     llm.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|eot_id|>")
-    llm.save_pretrained(out / "llm")
+    llm.save_pretrained(out / "llm")      # in place: the benchmark's own output folder (bench/real_scripts.sh OUT)
     tok.save_pretrained(out / "llm")
     del llm
     print(f"model written in {time.time() - t:.0f} s", flush=True)

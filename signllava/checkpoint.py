@@ -1,7 +1,9 @@
 """Checkpoint directories that are complete or invisible.
 
     O/checkpoint-<step>.tmp/   being written (ignored by everything)
-    O/checkpoint-<step>/       complete: renamed from .tmp only after every file is written and synced
+    O/checkpoint-<step>/       complete: renamed from .tmp only after every file is written and synced, and
+                               only counted as complete while its manifest.json (written last: every file
+                               and its size) agrees with what is there
     O/latest                   the name of the newest complete checkpoint, replaced atomically
     O/best                     the name of the best one so far (training's --metric_for_best), likewise;
                                rotation never removes it
@@ -12,25 +14,77 @@ Deletion of old checkpoints renames first (`.deleting`) so a half-deleted one ne
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 from pathlib import Path
 
+from signllava.atomic import fsync_tree, is_temporary, write_atomic
 from signllava.errors import CheckpointError
+
+log = logging.getLogger("signllava")
 
 # The files of a checkpoint directory.
 CONFIG_NAME = "config.json"                    # SignConfig: how to rebuild the model
 PROJECTORS_NAME = "projectors.safetensors"     # projectors + marker rows
 ADAPTER_DIR = "adapter"                        # stage 2: the LoRA adapter in PEFT's format
 STATE_NAME = "trainer_state.json"
+MANIFEST_NAME = "manifest.json"                # written last: every other file of the checkpoint and its size
 POINTERS = ("latest", "best")                  # files in O naming a checkpoint directory
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_MANIFEST_MAX_BYTES = 1 << 22                  # a real one lists a few dozen files
+_POINTER_MAX_BYTES = 64                        # "checkpoint-<step>\n"
 
 
 def is_complete(d: Path) -> bool:
-    return bool(_CKPT_RE.match(d.name)) and d.is_dir() and all((d / f).is_file() for f in (STATE_NAME, CONFIG_NAME, PROJECTORS_NAME))
+    return bool(_CKPT_RE.match(d.name)) and d.is_dir() and manifest_problem(d) is None
+
+
+def write_manifest(d: Path):
+    """(rank 0, every rank's files written) d/manifest.json: each file under d and its size, the last file a
+    save writes. A checkpoint whose files are missing or of other sizes (renamed into place before its save
+    ended, truncated, edited) no longer counts as complete."""
+    files = {}
+    for root, _, names in os.walk(d):
+        for name in names:
+            path = Path(root) / name
+            rel = path.relative_to(d).as_posix()
+            if rel != MANIFEST_NAME:
+                files[rel] = path.stat().st_size
+    write_atomic(d / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def manifest_problem(d: Path) -> str | None:
+    """Why checkpoint directory d is not complete by its manifest, or None."""
+    path = d / MANIFEST_NAME
+    try:
+        if path.stat().st_size > _MANIFEST_MAX_BYTES:
+            return f"{MANIFEST_NAME} is implausibly large"
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME} (its save did not finish)"
+    except (OSError, ValueError, AttributeError):
+        return f"unreadable {MANIFEST_NAME}"
+    if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+        return f"{MANIFEST_NAME} is not a list of files and sizes"
+    for required in (STATE_NAME, CONFIG_NAME, PROJECTORS_NAME):
+        if required not in files:
+            return f"{MANIFEST_NAME} does not list {required}"
+    for rel, size in files.items():
+        p = d / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{MANIFEST_NAME} names {rel!r:.80}, outside the checkpoint"
+        try:
+            actual = p.stat().st_size if p.is_file() else None
+        except OSError:
+            actual = None
+        if actual is None:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel} has {actual} bytes, its manifest says {size}"
+    return None
 
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
@@ -41,15 +95,31 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def pointed(pointer: Path) -> Path | None:
-    """The complete checkpoint a pointer file (O/latest, O/best) names, else None."""
-    if not pointer.is_file():
+    """The checkpoint a pointer file (O/latest, O/best) names; None when there is no such file. Anything but
+    the name of a complete `checkpoint-N` directly beside the pointer -- a path out of the run (`../other/
+    checkpoint-7`), a missing or incomplete directory, garbage -- is a CheckpointError, never followed and
+    never silently replaced by another checkpoint."""
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    cand = pointer.parent / pointer.read_text().strip()
-    return cand if is_complete(cand) else None
+    try:
+        with open(pointer, "rb") as f:
+            raw = f.read(_POINTER_MAX_BYTES + 1)
+        name = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if len(raw) > _POINTER_MAX_BYTES or not _CKPT_RE.match(name):
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a checkpoint of this run (it must hold the name "
+                              f"of a checkpoint-N folder beside it)")
+    cand = pointer.parent / name
+    if not is_complete(cand):
+        why = "no such directory" if not cand.is_dir() else manifest_problem(cand)
+        raise CheckpointError(f"{pointer}: names {name!r}, which is not a complete checkpoint ({why})")
+    return cand
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """What `O/latest` names if that is complete; else the newest complete checkpoint."""
+    """What `O/latest` names (which must be a complete checkpoint of this run); without `O/latest`, the newest
+    complete checkpoint."""
     out_dir = Path(out_dir)
     found = pointed(out_dir / "latest")
     if found is not None:
@@ -69,13 +139,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or output directory")
     if p.is_file() and p.name in POINTERS:
-        found = pointed(p)
-        if found is None:
-            raise CheckpointError(f"{p}: names {p.read_text().strip()!r}, which is not a complete checkpoint")
-        return found
+        return pointed(p)
     if p.is_dir() and (p / CONFIG_NAME).is_file() and (p / PROJECTORS_NAME).is_file():
         if p.name.endswith((".tmp", ".deleting")):
             raise CheckpointError(f"{p}: incomplete checkpoint (its save was interrupted)")
+        if (p / MANIFEST_NAME).exists():
+            why = manifest_problem(p)
+            if why:
+                raise CheckpointError(f"{p}: incomplete or damaged checkpoint ({why})")
+        elif _CKPT_RE.match(p.name):
+            # Named by the user: taken as given (--resume and `latest` never take one without a manifest).
+            log.warning("%s: no %s (written before checkpoints had one, or its save never finished); taken as given",
+                        p, MANIFEST_NAME)
         return p
     if p.is_dir():
         found = latest_checkpoint(p)
@@ -85,29 +160,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: not a checkpoint directory")
 
 
-def _fsync_tree(d: Path):
-    for root, _, files in os.walk(d):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def begin(out_dir: Path, step: int) -> Path:
     """(rank 0) A fresh temporary directory for checkpoint `step`."""
     tmp = Path(out_dir) / f"checkpoint-{step}.tmp"
-    if tmp.exists():
+    if tmp.exists():            # ours: only the run holding OUTPUT_DIR's lock writes checkpoint-N.tmp there
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
@@ -117,7 +173,8 @@ def commit(tmp: Path, step: int, keep: int, best_step: int | None = None) -> Pat
     """(rank 0) Sync, rename into place, repoint `latest` (and `best` when this step is the best), drop old
     checkpoints beyond the newest `keep` -- never the best one. Pointers move before anything is removed, so a
     kill at any moment leaves both naming complete checkpoints."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
+    write_manifest(tmp)
     final = tmp.with_name(f"checkpoint-{step}")
     if final.exists():                       # re-saving a step after a resume: replace it
         _remove(final)
@@ -138,6 +195,8 @@ def point_best(out_dir: Path, step: int):
 
 
 def _remove(d: Path):
+    """A complete checkpoint of this run (rotation, a re-save, --overwrite_output_dir): renamed out of sight
+    first, so a half-deleted one never looks complete."""
     gone = d.with_name(d.name + ".deleting")
     os.replace(d, gone)
     shutil.rmtree(gone, ignore_errors=True)
@@ -170,6 +229,7 @@ def clear_run(out_dir: Path) -> list[str]:
 
 
 def write_state(d: Path, state: dict):
+    # In place: d is a checkpoint-N.tmp being built.
     with open(d / STATE_NAME, "w") as f:
         json.dump(state, f, indent=1)
 
@@ -179,15 +239,19 @@ def read_state(d: Path) -> dict:
 
 
 def leftovers(out_dir: Path) -> list[Path]:
-    """What an interrupted save or deletion leaves behind: `checkpoint-N.tmp`, `*.deleting`, `latest.tmp`."""
+    """What an interrupted save or deletion leaves behind: `checkpoint-N.tmp`, `*.deleting`, and the temporaries
+    of atomic writes (`.latest.<random>.tmp`, ...; `latest.tmp` from before they had random names). Only ever
+    called by the run that holds the folder's lock, so none of them can be another live process's."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
     return sorted(d for d in out_dir.iterdir()
-                  if (d.name.startswith("checkpoint-") and d.name.endswith((".tmp", ".deleting"))) or d.name == "latest.tmp")
+                  if (d.name.startswith("checkpoint-") and d.name.endswith((".tmp", ".deleting")))
+                  or d.name == "latest.tmp" or is_temporary(d.name))
 
 
 def remove_leftover(path: Path):
+    """One of `leftovers` (ours, under the run lock), or the .tmp of a save that just failed."""
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from signllava.atomic import write_atomic
+from signllava.errors import brief
+
 NOT_RECORDED = ("config", "local_rank")          # how the run was started, not what it does
 
 
@@ -43,28 +46,66 @@ def _actions(p: argparse.ArgumentParser) -> tuple[dict, dict]:
     return {a.dest: a for a in actions}, {s.lstrip("-"): a for a in actions for s in a.option_strings}
 
 
+# A run's flags fit in a few kilobytes. Both caps keep a hostile file cheap: YAML aliases let 421 bytes stand for
+# hundreds of millions of values, which cost nothing until something (an error message) walks them.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 10_000                  # values after aliases are expanded (keys, items, scalars)
+MAX_CONFIG_CHARS = 4 << 20                  # characters of all strings after aliases are expanded
+
+
+def _within_size(data) -> bool:
+    """Whether `data` expands to at most MAX_CONFIG_VALUES values and MAX_CONFIG_CHARS characters; stops counting
+    at the first value over, so a structure of shared references costs no more than the caps to measure."""
+    stack, values, chars = [data], 0, 0
+    while stack:
+        x = stack.pop()
+        values += 1
+        chars += len(x) if isinstance(x, str) else 0
+        if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_CHARS:
+            return False
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return True
+
+
+def _name(key) -> str:
+    """A key as a message names it: as written when it is short text, else cut."""
+    return key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else brief(key, 40)
+
+
 def read_config(p: argparse.ArgumentParser, path: Path) -> dict:
     """The file's values by destination, converted and checked as argparse would check them."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            p.error(f"--config {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a file of flag values")
+        text = raw.decode("utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        p.error(f"--config {path}: cannot read it ({str(e).splitlines()[0]})")
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
+        p.error(f"--config {path}: cannot read it ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
     if data is None:
         return {}
     if not isinstance(data, dict):
         p.error(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    if not _within_size(data):
+        p.error(f"--config {path}: expands to more than {MAX_CONFIG_VALUES:,} values or {MAX_CONFIG_CHARS >> 20} M "
+                f"characters (YAML anchors and aliases?); a file of flag values is far smaller")
     by_dest, by_flag = _actions(p)
     unknown = [k for k in data if k not in by_dest and k not in by_flag]
     if unknown:
-        p.error(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))} (not a flag of {p.prog})")
+        shown = ", ".join(_name(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        p.error(f"--config {path}: unknown key(s) {shown} (not a flag of {p.prog})")
     values, problems = {}, []
     for key, value in data.items():
         action = by_dest.get(key) or by_flag[key]
         try:
             values[action.dest] = _value(action, key, value, as_dest=key in by_dest)
         except ValueError as e:
-            problems.append(f"{key}: {e}")
+            problems.append(f"{_name(key)}: {e}")
     if problems:
         p.error(f"--config {path}: " + "; ".join(problems))
     return values
@@ -73,28 +114,26 @@ def read_config(p: argparse.ArgumentParser, path: Path) -> dict:
 def _value(action: argparse.Action, key: str, value, as_dest: bool):
     if action.nargs == 0:                        # store_true / store_false
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise ValueError(f"expected true or false, got {brief(value)}")
         flips = isinstance(action, argparse._StoreFalseAction) and not as_dest
         return not value if flips else value
     if value is None:
         return None
     if isinstance(value, (dict, list, bool)):
-        raise ValueError(f"expected a single value, got {value!r}")
+        raise ValueError(f"expected a single value, got {brief(value)}")
     if action.type is not None:
         try:
             value = action.type(str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise ValueError(f"not a valid {getattr(action.type, '__name__', 'value')}: {value!r}") from None
+            raise ValueError(f"not a valid {getattr(action.type, '__name__', 'value')}: {brief(value)}") from None
     else:
         value = str(value)
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise ValueError(f"{brief(value)} is not one of {', '.join(map(str, action.choices))}")
     return value
 
 
 def write_run_args(args: argparse.Namespace, path: Path):
     """OUTPUT_DIR/args.yaml: every flag's value in this run, readable back through --config."""
     record = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(record, sort_keys=False, default_flow_style=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(record, sort_keys=False, default_flow_style=False))

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from signllava.atomic import atomic_file
 from signllava.errors import DataError, run_command
 
 SERIES = {"loss": "train loss", "dev_loss": "dev loss", "lr": "learning rate", "dev_bleu": "dev BLEU",
@@ -83,10 +84,9 @@ def draw_curves(out: Path, png: Path | None = None) -> Path:
     fig.suptitle(out.resolve().name, fontsize=9)
     fig.tight_layout()
     png = Path(png) if png else out / "curves.png"
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(png, "wb") as f:         # a reader never sees half a picture
+        fig.savefig(f, format="png")
     plt.close(fig)
-    tmp.replace(png)                # a reader never sees half a picture
     return png
 
 

@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from signllava.frames import PLAUSIBLE_FRAMES
 from signllava.layout import (SPLITS, DataError, find_metadata, load_annotation, modality_rank, natural_key, parse_metadata,
                     read_json, shard_path, where)
 
@@ -221,6 +222,9 @@ def _array_problem(h: h5py.File, video: str, clip: str, shape: tuple, dtype, nam
             return f"array of rank {len(shape)} (shape {tuple(shape)}), expected [T, D]"
         if shape[0] == 0:
             return "clip has zero frames"
+        if shape[0] > PLAUSIBLE_FRAMES:       # its values are not read: that alone would cost gigabytes
+            return (f"{shape[0]:,} frames, beyond any plausible clip (over {PLAUSIBLE_FRAMES:,}); training and "
+                    f"generation refuse it unless --max_frames (stride or truncate) caps what they read")
         if shape[1] != ms.dim:
             return f"feature dim {shape[1]}, expected {ms.dim} like the rest of {name} in {split}"
         if not np.issubdtype(dtype, np.floating):

@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 
+from signllava.atomic import remove_tree, replace_dir, temporary_dir
 from signllava.prompts import IS_REVERSED, MARKER_TOKENS, MULTI_WORD, ONE_WORD, SYSTEM_PROMPT, TRANSLATE, TRANSLATE_WITH_CONTEXT
 
 # --- lexicon ---------------------------------------------------------------------------
@@ -253,6 +254,7 @@ def clip_features(glosses, protos, rng):
 
 
 def write_json(path, obj):
+    # In place: make_demo only ever writes into a fresh folder that write_demo renames into place when complete.
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=False, ensure_ascii=False)
 
@@ -300,7 +302,7 @@ def make_demo(out_dir: str, seed: int = 0, n_train_videos: int = 150,
     """Write the synthetic dataset to out_dir; same seed -> identical output. `context`: sentences refer
     back to the previous one (refer_back)."""
     out = Path(out_dir)
-    for m in MODALITIES:
+    for m in MODALITIES:           # (write_demo gives it a fresh folder; the h5 shards below are written in it)
         (out / m).mkdir(parents=True, exist_ok=True)
     # Independent streams so that changing one split's size leaves the others unchanged.
     protos = make_prototypes(np.random.default_rng([seed, 0]))
@@ -313,6 +315,35 @@ def make_demo(out_dir: str, seed: int = 0, n_train_videos: int = 150,
         rng = np.random.default_rng([seed, i])
         context_rng = np.random.default_rng([seed, i, 1]) if context else None
         make_split(out, split, sizes[split], n_shards, protos, rng, context_rng)
+
+
+DEMO_NAMES = {f"annotation.{split}.json" for split in SPLITS} | set(MODALITIES)     # all a demo folder holds
+
+
+def write_demo(out_dir, **kwargs) -> Path:
+    """make_demo built in a temporary sibling and renamed into place, so `out_dir` is the whole demo or as it
+    was. An earlier demo there is replaced; any other non-empty folder is refused: its files are the user's."""
+    from signllava.errors import RunError
+    from signllava.faults import write_failure
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a directory")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not names <= DEMO_NAMES:
+        raise RunError(f"{out}: not empty and not an earlier demo ({len(names - DEMO_NAMES)} other entries); the demo "
+                       f"never overwrites what it did not write: give an empty or new folder")
+    tmp = temporary_dir(out)
+    try:
+        make_demo(str(tmp), **kwargs)
+        replace_dir(tmp, out, replace_existing=bool(names))
+    except OSError as e:
+        remove_tree(tmp)
+        raise RunError(f"{out}: the demo data could not be written ({write_failure(e, tmp.parent) or e}); "
+                       f"{out} is as it was") from None
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    return out
 
 
 # ------------------------------------------------------------------------------------------ tiny LLM
@@ -360,8 +391,12 @@ def build_default_llm(out_dir: Path, texts: list[str], seed: int = 0, **shape) -
     llm = LlamaForCausalLM(cfg)
     llm.generation_config.eos_token_id = tok.eos_token_id
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tok.save_pretrained(tmp)
-    llm.save_pretrained(tmp)
-    tmp.rename(out_dir)          # complete or absent: a crash here never leaves half a base model
+    tmp = temporary_dir(out_dir)     # complete or absent: a crash or a full disk never leaves half a base model
+    try:
+        tok.save_pretrained(tmp)
+        llm.save_pretrained(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        remove_tree(tmp)
+        raise
     return out_dir

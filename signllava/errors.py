@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import reprlib
 import sys
 from typing import Callable
 
@@ -34,3 +35,13 @@ def range_problems(args, at_least_one=(), non_negative=()) -> list[str]:
     """Flags out of range, each as `--name must be ...` (a flag left at None is not checked)."""
     problems = [f"--{n} must be >= 1" for n in at_least_one if getattr(args, n) is not None and getattr(args, n) < 1]
     return problems + [f"--{n} must be >= 0" for n in non_negative if (getattr(args, n) or 0) < 0]
+
+
+def brief(value, limit: int = 80) -> str:
+    """repr(value) for a message: at most `limit` characters, built from a few items of a container however large
+    it is (a YAML value of nested aliases expands to millions; a full repr of it took gigabytes)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

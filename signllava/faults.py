@@ -63,7 +63,7 @@ def write_failure(e: BaseException, directory: Path) -> str | None:
         e = e.__cause__ or e.__context__
     os_error = next((x for x in chain if isinstance(x, OSError)), None)
     writer = [x for x in chain if (isinstance(x, RuntimeError) and any(m in str(x) for m in WRITER_ERRORS))
-              or (type(x).__name__ == "SafetensorError" and "Io" in str(x))]
+              or (type(x).__name__ == "SafetensorError" and ("Io" in str(x) or "I/O error" in str(x)))]
     if os_error is None and not writer:
         return None
     try:

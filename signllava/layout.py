@@ -22,8 +22,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from signllava.errors import DataError
-from signllava.shard_index import ClipIndex, cached_index
+from signllava.errors import DataError, brief
+from signllava.frames import cap_frames
+from signllava.shard_index import ClipIndex, cache_path, cached_index
 
 # The original's splice order; modalities we do not know follow alphabetically.
 KNOWN_MODALITY_ORDER = ("mae", "sign2vec", "dino", "pose")
@@ -51,6 +52,16 @@ def read_json(path: Path) -> object:
         raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
 
 
+def is_text(s: str) -> bool:
+    """Whether `s` can be written as UTF-8 (JSON's \\ud800 escapes give strings with lone surrogates, which no
+    tokenizer, h5 name or output file takes)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def natural_key(name: str):
     """'x_10' sorts after 'x_2': split into text and integer runs."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -72,6 +83,12 @@ class Annotation:
     clips: dict[tuple[str, str], ClipText]
     resorted_videos: int = 0                           # videos whose clip_order we natural-sorted
     faults: list[str] = field(default_factory=list)    # filled only when read with collect_faults
+
+
+def _all_text(value) -> bool:
+    """A string, or list of them, writable as UTF-8 (anything else is checked, or dropped, by the caller)."""
+    items = value if isinstance(value, list) else [value]
+    return all(is_text(x) for x in items if isinstance(x, str))
 
 
 def _clean_paraphrases(items) -> list[str]:
@@ -97,6 +114,9 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
         ann.faults.append(msg)
 
     for video, vd in raw.items():
+        if not is_text(video):
+            fault(f"{where(path, video)}: video name is not valid Unicode (a lone surrogate)")
+            continue
         if not isinstance(vd, dict) or not isinstance(vd.get("clip_order"), list):
             fault(f"{where(path, video)}: malformed annotation (needs a 'clip_order' list)")
             continue
@@ -104,12 +124,19 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
         ok_order = []
         for clip in order:
             cd = vd.get(clip)
+            if not is_text(clip):
+                fault(f"{where(path, video, clip)}: clip name is not valid Unicode (a lone surrogate)")
+                continue
             if not isinstance(cd, dict):
                 fault(f"{where(path, video, clip)}: named in clip_order but has no annotation")
                 continue
             tr = cd.get("translation")
             if not isinstance(tr, str) or not tr.strip():
                 fault(f"{where(path, video, clip)}: empty or missing translation")
+                continue
+            bad_text = [k for k in ("translation", "paraphrases", "keywords", "hypothesis") if not _all_text(cd.get(k))]
+            if bad_text:
+                fault(f"{where(path, video, clip)}: {', '.join(bad_text)} not valid Unicode (a lone surrogate)")
                 continue
             kws = cd.get("keywords") or []
             if not isinstance(kws, list):
@@ -180,8 +207,18 @@ def parse_metadata(raw, path: Path, on_fault=None) -> tuple[dict[str, str], set[
         return None
     out, bad = {}, set()
     for video, shard in raw.items():
+        if not is_text(video):
+            fault(f"{where(path, video)}: video name is not valid Unicode (a lone surrogate)")
+            bad.add(video)
+            continue
         if not isinstance(shard, (int, str)) or isinstance(shard, bool):
-            fault(f"{where(path, video)}: malformed metadata (shard must be an int or string, got {shard!r:.40})")
+            fault(f"{where(path, video)}: malformed metadata (shard must be an int or string, got {brief(shard, 40)})")
+            bad.add(video)
+            continue
+        # The shard goes into a file name beside the metadata file: a separator would leave the folder.
+        if isinstance(shard, str) and (not shard or not is_text(shard) or any(ch in shard for ch in "/\\\0")):
+            fault(f"{where(path, video)}: malformed metadata (shard {brief(shard, 40)} is not a plain name: it must "
+                  f"not be empty or hold a path separator)")
             bad.add(video)
             continue
         out[video] = str(shard)
@@ -213,10 +250,16 @@ def walk_video(h: h5py.File, path: Path, video: str, metadata: Path, keys: list,
             obj = h5py.h5o.open(gid, clip)
             if isinstance(obj, h5py.h5d.DatasetID):
                 shape = obj.shape
+                if shape and shape[0] > MAX_INDEXED_FRAMES:
+                    raise DataError(f"{where(path, video, clip.decode('utf-8', 'replace'))}: {shape[0]:,} frames, more "
+                                    f"than any clip can have (the index holds up to {MAX_INDEXED_FRAMES:,})")
                 keys.append(prefix + clip)
                 frames.append(shape[0] if shape else 0)
     except (KeyError, ValueError, OSError, RuntimeError) as e:
         raise DataError(f"{where(path, video)}: unreadable ({e})") from None
+
+
+MAX_INDEXED_FRAMES = int(np.iinfo(np.int32).max)       # the index's frame counts are int32
 
 
 def walk_shard(job: tuple[Path, list[str], Path]) -> tuple[list[bytes], list[int]]:
@@ -320,16 +363,27 @@ class FeatureStore:
         except KeyError:
             raise DataError(f"{where(path, video, clip)}: clip not in shard") from None
 
-    def read(self, video: str, clip: str, expected_dim: int | None = None) -> np.ndarray:
-        """One clip's [T, D] array, checked: rank 2, at least one frame, the modality's dim, finite."""
+    def read(self, video: str, clip: str, expected_dim: int | None = None, max_frames: int = 0,
+             frame_cap: str = "stride", indexed_frames: int | None = None) -> np.ndarray:
+        """One clip's [T, D] array, checked: rank 2, at least one frame, the modality's dim, floating point,
+        finite. With `max_frames` only the frames that cap keeps are read from the shard (frames.cap_frames),
+        never the whole clip; the header is checked before anything is read. `indexed_frames`: what the index
+        says the clip holds; a shard that disagrees changed after it was indexed, and the batch plans built from
+        the index no longer hold: an error, and the cache that said so is removed."""
         path = self.shard_file(video)
+        ds = self._dataset(video, clip)
         try:
-            arr = self._dataset(video, clip)[()]
-        except DataError:
-            raise
+            if indexed_frames is not None and ds.shape and ds.shape[0] != indexed_frames:
+                cache = cache_path(self.metadata)
+                cache.unlink(missing_ok=True)          # ours, and wrong: the next start indexes the shards again
+                raise DataError(f"{where(path, video, clip)}: {ds.shape[0]} frames in the shard, {indexed_frames} in "
+                                f"the index: the shard changed after it was indexed (index cache {cache.name} removed; "
+                                f"start again)")
+            check_header(tuple(ds.shape), ds.dtype, path, video, clip, expected_dim)
+            arr = cap_frames(ds, max_frames, frame_cap)
         except OSError as e:
             raise DataError(f"{where(path, video, clip)}: unreadable ({e})") from None
-        return check_array(arr, path, video, clip, expected_dim)
+        return check_finite(arr, path, video, clip)
 
     def close(self):
         if self._owner == os.getpid():
@@ -344,17 +398,22 @@ class FeatureStore:
         return state
 
 
-def check_array(arr: np.ndarray, path, video, clip, expected_dim: int | None) -> np.ndarray:
+def check_header(shape: tuple, dtype, path, video, clip, expected_dim: int | None):
+    """What an array's shape and dtype say is wrong with it, as a DataError (nothing of its values read)."""
     loc = where(path, video, clip)
-    if arr.ndim != 2:
-        raise DataError(f"{loc}: array of rank {arr.ndim} (shape {tuple(arr.shape)}), expected [T, D]")
-    if arr.shape[0] == 0:
+    if len(shape) != 2:
+        raise DataError(f"{loc}: array of rank {len(shape)} (shape {shape}), expected [T, D]")
+    if shape[0] == 0:
         raise DataError(f"{loc}: clip has zero frames")
-    if expected_dim is not None and arr.shape[1] != expected_dim:
-        raise DataError(f"{loc}: feature dim {arr.shape[1]}, expected {expected_dim} like the rest of this modality")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{loc}: dtype {arr.dtype}, expected floating point")
+    if expected_dim is not None and shape[1] != expected_dim:
+        raise DataError(f"{loc}: feature dim {shape[1]}, expected {expected_dim} like the rest of this modality")
+    if not np.issubdtype(dtype, np.floating):
+        raise DataError(f"{loc}: dtype {dtype}, expected floating point")
+
+
+def check_finite(arr: np.ndarray, path, video, clip) -> np.ndarray:
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
-        raise DataError(f"{loc}: {bad} non-finite values (NaN/Inf)")
+        raise DataError(f"{where(path, video, clip)}: {bad} non-finite values (NaN/Inf)")
     return arr
+

@@ -77,11 +77,11 @@ def convert_gguf(gguf_path: Path, out: Path):
         try:
             tmp.rename(out)
         except OSError:             # another process finished first (or a stale dir without the marker)
-            if not (out / _DONE).is_file():
+            if not (out / _DONE).is_file():      # this cache's own folder, left unfinished by an older version
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.rename(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)     # this call's temporary sibling (gone already if renamed)
 
 
 if __name__ == "__main__":

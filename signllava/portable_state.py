@@ -72,7 +72,7 @@ def gather(engine) -> dict:
 
 
 def save(state: dict, directory: Path):
-    torch.save(state, Path(directory) / PORTABLE_NAME)
+    torch.save(state, Path(directory) / PORTABLE_NAME)          # into checkpoint-N.tmp: renamed in when complete
 
 
 def restore(engine, directory: Path):

@@ -10,7 +10,6 @@ scripts off); the script only hides rows. No server, nothing fetched from the ne
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -114,10 +113,3 @@ def render(output: dict, metrics: dict) -> str:
 </tbody></table>
 <script>{SCRIPT}</script></body></html>
 """
-
-
-def write_report(path: str | Path, output: dict, metrics: dict) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render(output, metrics), encoding="utf-8")
-    return p

@@ -6,16 +6,20 @@ instead: the sorted keys `video NUL clip` as UTF-8 bytes and the clips' frame co
 every annotated clip is one vectorised binary search, and "clip not in this modality" is frame count -1.
 
 The cache is an .npz (loaded with allow_pickle=False: nothing in it can run code) written atomically
-next to the metadata file. It is keyed on the name, size and mtime of the metadata file and of every
-shard it names; a cache whose key differs, or that cannot be read, or whose arrays are not what this
-module writes, is rebuilt, never trusted. A folder we cannot write to simply goes without a cache.
+next to the metadata file. It is keyed on what cannot be kept by accident: the metadata file's content
+(sha256), and for every shard it names its name, size, modification time, inode and status-change time --
+the kernel sets the last on every write, rename and `touch -d`, and no tool sets it back, so a shard
+rewritten to the same size with its modification time restored, or replaced by a copy, changes the key.
+The arrays carry a digest over themselves and the key, so a cache edited to claim other frame counts is
+rebuilt too. A cache whose key or digest differs, that cannot be read, or whose arrays are not what this
+module writes, is rebuilt, never trusted; and what the loader reads is checked against the cached frame
+count again (layout.FeatureStore.read). A folder we cannot write to simply goes without a cache.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +27,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from signllava.atomic import atomic_file
+
 log = logging.getLogger("signllava")
 
-FORMAT = 1          # bump when the arrays' meaning changes: older caches are then rebuilt
+FORMAT = 2          # bump when the arrays' meaning changes: older caches are then rebuilt
 ABSENT = -1         # frame count of a clip the modality does not hold
 
 
@@ -64,13 +70,23 @@ class ClipIndex:
         return out
 
 
-def fingerprint(files: list[Path]) -> str:
-    """Name, size and modification time (ns) of each file: what a cache built from them is valid for."""
-    rows = []
-    for p in files:
+def fingerprint(metadata: Path, shards: list[Path]) -> str:
+    """What a cache built from these files is valid for: the metadata file's content, and each shard's name,
+    size, modification time, inode and status-change time (ns)."""
+    rows = [[metadata.name, hashlib.sha256(metadata.read_bytes()).hexdigest()]]
+    for p in shards:
         st = p.stat()
-        rows.append([p.name, st.st_size, st.st_mtime_ns])
+        rows.append([p.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return json.dumps(rows)
+
+
+def digest(key: str, keys: np.ndarray, frames: np.ndarray) -> str:
+    """A cache's arrays and key as one hash: an edit to any of them that does not redo it is seen."""
+    h = hashlib.sha256(key.encode())
+    for a in (keys, frames):
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def cache_path(metadata: Path) -> Path:
@@ -85,10 +101,10 @@ def load_cached(path: Path, key: str) -> ClipIndex | None:
             if int(z["format"]) != FORMAT or str(z["fingerprint"]) != key:
                 log.info("%s: stale (the data changed since it was written); rebuilding", path)
                 return None
-            keys, frames = z["keys"], z["frames"]
+            keys, frames, sealed = z["keys"], z["frames"], str(z["digest"])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:    # TypeError: a field of another shape
         log.warning("%s: unreadable index cache (%s); rebuilding", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     ok = (keys.ndim == 1 and keys.dtype.kind == "S" and frames.shape == keys.shape and frames.dtype == np.int32
@@ -96,27 +112,21 @@ def load_cached(path: Path, key: str) -> ClipIndex | None:
     if not ok:
         log.warning("%s: index cache is not in the expected form; rebuilding", path)
         return None
+    if sealed != digest(key, keys, frames):
+        log.warning("%s: index cache does not match its digest (edited?); rebuilding", path)
+        return None
     return ClipIndex(keys, frames)
 
 
 def save_cache(path: Path, key: str, index: ClipIndex) -> bool:
-    """Write atomically (a temporary file in the same folder, then rename); False if the folder is not writable."""
-    tmp = None
+    """Write atomically (signllava/atomic.py); False if the folder is not writable."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, format=np.int64(FORMAT), fingerprint=np.str_(key), keys=index.keys, frames=index.frames)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as f:
+            np.savez(f, format=np.int64(FORMAT), fingerprint=np.str_(key), keys=index.keys, frames=index.frames,
+                     digest=np.str_(digest(key, index.keys, index.frames)))
         return True
     except OSError as e:
         log.info("%s: index cache not written (%s); the next start indexes the shards again", path, e.strerror or e)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         return False
 
 
@@ -124,7 +134,7 @@ def cached_index(metadata: Path, files: list[Path], build: Callable[[], ClipInde
     """The index of `files` from the cache next to `metadata`, or built (and cached) when there is none valid.
     The fingerprint is taken before building, so files changed while we read them make the cache stale."""
     path = cache_path(metadata)
-    key = fingerprint([metadata] + files)
+    key = fingerprint(metadata, files)
     index = load_cached(path, key)
     if index is None:
         index = build()

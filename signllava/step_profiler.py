@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from signllava.atomic import write_atomic
+
 log = logging.getLogger("signllava")
 
 
@@ -87,10 +89,10 @@ class StepProfiler:
         tables.append(("self host time", "self_cpu_time_total"))
         text = "\n\n".join(f"# operators by {title}, {steps} steps\n" + ops.table(sort_by=key, row_limit=40)
                            for title, key in tables)
-        (self.out / "ops.txt").write_text(text + "\n")
+        write_atomic(self.out / "ops.txt", text + "\n")
         summary = {"steps": steps, "wall_s_per_step": wall_s / steps, "host_op_s_per_step": host_s / steps}
         if device_s is not None:
             summary.update(device_busy_s_per_step=device_s / steps, device_busy_fraction=device_s / wall_s)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomic(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
         log.info("profile of %d steps in %s: %.3f s a step%s", steps, self.out, wall_s / steps,
                  f", device busy {100 * device_s / wall_s:.0f} %" if device_s is not None else "")

@@ -150,7 +150,7 @@ def test_unwritable_folder_goes_without_cache(tmp_path, builder, monkeypatch):
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr("signllava.shard_index.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("signllava.atomic.tempfile.mkstemp", refuse)
     ds = dataset(data, builder)
     assert len(ds) == 4 * 11 - 2
     assert not any(cache_path(s.metadata).exists() for s in ds.stores.values())
