@@ -1,6 +1,7 @@
 """Files to batches: the dataset, the collator and the epoch/batch plan.
 
     python data.py --data_dir D [--split dev] [--modalities mae,pose]   check every file, print a summary
+                   [--annotation_file A] [--features m=PATH]          (files named explicitly: data_paths.py)
     python data.py --make_demo DIR [--demo_context]                     write the built-in demo language
 
 Randomness inside a sample (paraphrase choice, task choice, negatives, time flip) is drawn from a
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from signllava.layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
+from signllava.cli import make_parser
+from signllava.data_paths import DataPaths
+from signllava.layout import DataError, FeatureStore, load_annotation, modality_rank
 from signllava.prompts import TASKS, PromptBuilder, context_ids, imperfect_context, make_task, translation_prompt
 from signllava.shard_index import ABSENT, clip_keys
 
@@ -122,23 +125,24 @@ def capped_len(t: int, max_frames: int) -> int:
 class SignDataset(torch.utils.data.Dataset):
     """Clips of one split that have features in every selected modality.
 
-    `expected_dims` (from a checkpoint) makes a dim mismatch an error; otherwise dims are read from
+    `data` is the dataset's folder (today's layout) or a DataPaths naming its files. `expected_dims` (from a checkpoint) makes a dim mismatch an error; otherwise dims are read from
     the data. `context_texts` overrides the gold translations used as context (generation with
     predicted context)."""
 
-    def __init__(self, data_dir: str | Path, split: str, builder: PromptBuilder, opts: DataOptions,
-                 train: bool, expected_dims: dict[str, int] | None = None, annotation_path: Path | None = None):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data: DataPaths | str | Path, split: str, builder: PromptBuilder, opts: DataOptions,
+                 train: bool, expected_dims: dict[str, int] | None = None):
+        self.paths = DataPaths.of(data)
+        self.data_dir = self.paths.data_dir
         if not self.data_dir.is_dir():
             raise DataError(f"{self.data_dir}: data directory not found")
         self.split, self.builder, self.opts, self.train = split, builder, opts, train
-        self.annotation = load_annotation(annotation_path or self.data_dir / f"annotation.{split}.json")
+        self.annotation = load_annotation(self.paths.annotation(split))
         if self.annotation.resorted_videos:
             log.info("%s: clip_order of %d videos was in plain text order (x_10 before x_2); sorted naturally",
                      self.annotation.path, self.annotation.resorted_videos)
         self.context_texts: dict[tuple[str, str], str] = {k: c.translation for k, c in self.annotation.clips.items()}
 
-        found = discover_modalities(self.data_dir, split)
+        found = self.paths.metadata(split)
         wanted = opts.modalities or (list(expected_dims) if expected_dims else list(found))
         self.modalities = sorted(wanted, key=modality_rank)        # the splice order, absent ones included
         self.read_modalities = [m for m in self.modalities if m not in opts.absent_modalities]
@@ -499,8 +503,21 @@ def make_loader(dataset, batches: list[list], collate, num_workers: int, pin_mem
         generator=torch.Generator().manual_seed(0))
 
 
+def add_path_args(p):
+    """--annotation_file and --features (signllava/data_paths.py), for every command that reads a dataset."""
+    p.add_argument("--annotation_file", metavar="PATH|SPLIT=PATH,...",
+                   help="annotation file(s) instead of DATA_DIR/annotation.<split>.json: one PATH for every split, "
+                        "PATH with {split} in it (h2s.annotations.{split}.json), or train=A,dev=B; relative paths are "
+                        "under --data_dir")
+    p.add_argument("--features", metavar="NAME=PATH,...",
+                   help="metadata file of a modality instead of DATA_DIR/NAME/metadata_NAME.<split>.json, with {split} "
+                        "in PATH (sign2vec=sign2vec/finetune/run/metadata_sign2vec.{split}.json) or NAME.SPLIT=PATH "
+                        "for one split; its shards lie beside it; relative paths are under --data_dir; modalities "
+                        "not named are found in DATA_DIR's folders as before")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--make_demo", metavar="DIR", help="write the built-in demo language into DIR")
     p.add_argument("--seed", type=int, default=0, help="demo seed")
     p.add_argument("--demo_context", action="store_true",
@@ -510,6 +527,7 @@ def main(argv=None):
     p.add_argument("--split", choices=["train", "dev", "test"], action="append",
                    help="split(s) to check (default: all present)")
     p.add_argument("--modalities", help="comma-separated subset of modality folders")
+    add_path_args(p)
     args = p.parse_args(argv)
     if args.make_demo:
         from signllava.demo import make_demo
@@ -519,7 +537,11 @@ def main(argv=None):
     if not args.data_dir:
         p.error("give --data_dir D (check a dataset) or --make_demo DIR")
     from signllava.datacheck import check_dataset
-    return check_dataset(Path(args.data_dir), args.split, args.modalities.split(",") if args.modalities else None)
+    try:
+        paths = DataPaths.from_specs(args.data_dir, args.annotation_file, args.features)
+    except ValueError as e:
+        p.error(str(e))
+    return check_dataset(paths, args.split, args.modalities.split(",") if args.modalities else None)
 
 
 if __name__ == "__main__":

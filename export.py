@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
+from signllava.cli import make_parser
 from signllava.errors import CheckpointError, run_command
 from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
 
@@ -51,10 +52,10 @@ def export(checkpoint: str, output_dir: str, dtype: torch.dtype) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="stage-2 output dir or checkpoint dir")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--output_dir", required=True, help="the merged HF model directory written")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the merged weights")
     args = p.parse_args(argv)
     return run_command(lambda: merge(args))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from model import SignConfig, assemble, load_tokenizer, read_projector_file, read_reference_states
 from signllava.checkpoint import CONFIG_NAME, PROJECTORS_NAME, resolve_checkpoint
+from signllava.cli import make_parser
 from signllava.config import parse_args
 from signllava.errors import CheckpointError, run_command
 from signllava.prompts import resolve_template
@@ -94,14 +95,14 @@ def default_output_dir(projector: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--projector", required=True, help="stage-1 output/checkpoint dir, projectors.safetensors, "
                                                       "or the original's mp_rank_00_model_states.pt")
     g = p.add_argument_group("QLoRA")
     g.add_argument("--bits", type=int, choices=[4, 16], default=4, help="4: nf4 + double quant base; 16: plain LoRA")
-    g.add_argument("--lora_r", type=int, default=64)
-    g.add_argument("--lora_alpha", type=float, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_r", type=int, default=64, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=16, help="LoRA scale numerator (scale = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
     g.add_argument("--lora_targets", default="all-linear",
                    help="'all-linear' (every linear layer of the LLM but lm_head: q,k,v,o,gate,up,down for Llama) "
                         "or a comma-separated list of module names")
@@ -116,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = parse_args(p, argv)
+    if not Path(args.projector).exists():          # before the distributed start-up, like validate_args' checks
+        p.error(f"--projector {args.projector}: no such file or directory")
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.projector)
     validate_args(p, args)

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from model import assemble, load_tokenizer
+from signllava.cli import make_parser
 from signllava.config import parse_args
 from signllava.errors import run_command
 from signllava.prompts import resolve_template
@@ -26,7 +27,7 @@ def embedded_base(env: RunEnv) -> str:
     if env.rank == 0 and not base.exists():
         from signllava.demo import build_default_llm
         from signllava.layout import load_annotation
-        ann = load_annotation(env.data_dir / "annotation.train.json")
+        ann = load_annotation(env.paths.annotation("train"))
         texts = [t for c in ann.clips.values() for t in [c.translation, *c.paraphrases]]
         log.info("no --model: building the embedded tiny Llama and tokenizer into %s", base)
         build_default_llm(base, texts, seed=env.args.seed)
@@ -49,7 +50,7 @@ def train(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, lr=1e-3)
     return p
 
