@@ -22,7 +22,8 @@ import torch
 from signllava.cli import make_parser
 from signllava.data_paths import DataPaths
 from signllava.layout import DataError, FeatureStore, load_annotation, modality_rank
-from signllava.prompts import TASKS, PromptBuilder, context_ids, imperfect_context, make_task, translation_prompt
+from signllava.prompts import (TASKS, PromptBuilder, carry_chance, context_ids, imperfect_context, make_task,
+                               translation_prompt)
 from signllava.shard_index import ABSENT, clip_keys
 
 log = logging.getLogger("signllava")
@@ -182,6 +183,29 @@ class SignDataset(torch.utils.data.Dataset):
         self.generation = False                  # True: prompt ids only (answer kept in meta as the reference)
         self._context_pool: list[str] | None = None      # sentences that --context_noise draws from
         self.close()                             # reading the dims opened shards: leave nothing open to fork
+
+    def log_task_mix(self):
+        """With yes/no tasks weighted: how many clips can carry each, and the task mix that results, since a clip
+        that cannot carry its drawn task (no keywords, no candidate words) becomes a translation sample. A task
+        no clip can carry is a warning: its weight silently turns into translation otherwise."""
+        weights = dict(zip(self._tasks, self._task_p))
+        asked = [t for t, p in weights.items() if t != "translation" and p > 0]
+        if not asked:
+            return
+        texts = [self.annotation.clips[(v, c)] for v, c, _ in self.items]
+        chance = {t: np.asarray([carry_chance(t, x.translation, x.keywords, self.vocabulary, self.opts.max_num_words)
+                                 for x in texts]) for t in asked}
+        mix = {t: weights[t] * float(chance[t].mean()) for t in asked}
+        mix = {"translation": 1.0 - sum(mix.values()), **mix}
+        with_keywords = sum(bool(x.keywords) for x in texts)
+        can = ", ".join(f"{t} {int((chance[t] > 0).sum())}" for t in asked)
+        dead = [t for t in asked if not chance[t].any()]
+        (log.warning if dead else log.info)(
+            "%s/%s: task weights %s; of %d clips (%d with keywords, vocabulary of %d words) these can carry %s; the "
+            "mix becomes %s%s", self.data_dir.name, self.split,
+            ",".join(f"{t}={p:.3g}" for t, p in weights.items()), len(texts), with_keywords, len(self.vocabulary),
+            can, ", ".join(f"{t} {p:.3f}" for t, p in mix.items()),
+            f" ({', '.join(dead)}: no clip can carry it, so its weight went to translation)" if dead else "")
 
     def _keep(self, items: list, frames: np.ndarray) -> np.ndarray:
         """Rows to keep: all but (drop) those missing from a read modality, or (absent) all, the missing

@@ -557,6 +557,8 @@ def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
     dev = SignDataset(env.paths, "dev", builder, dev_opts, train=False, expected_dims=train.dims) if has_dev else None
     log.info("train: %d clips, modalities %s, dims %s%s", len(train), ",".join(train.modalities), train.dims,
              f"; dev: {len(dev)} clips" if dev else "; no dev split")
+    for split in (train, dev) if dev else (train,):
+        split.log_task_mix()
     return Data(tokenizer, builder, ids["pad"], train, dev)
 
 

@@ -167,3 +167,34 @@ def test_help_shows_every_default(capsys):
     assert "peak learning rate after the warmup (default: 0.001)" in text
     assert "--deepspeed_config DEEPSPEED_CONFIG DeepSpeed JSON" in text and "ds_config_zero2.json)" in text
     assert "--save_steps SAVE_STEPS a checkpoint every N optimizer steps (and at the end) (default: 500)" in text
+
+
+def test_task_mix_logged_when_a_split_has_no_keywords(tmp_path, builder, caplog):
+    import json
+    data = write_tiny_dataset(tmp_path / "d", videos_per_split={"train": 2, "dev": 1})
+    ann_path = data / "annotation.train.json"
+    ann = json.loads(ann_path.read_text())
+    for vd in ann.values():                 # the original's mock data: no keywords at all
+        for clip in vd["clip_order"]:
+            del vd[clip]["keywords"]
+    ann_path.write_text(json.dumps(ann))
+    weights = {"translation": 0.7, "one_word_present": 0.1, "multi_word_present": 0.1, "is_reversed": 0.1}
+    ds = SignDataset(data, "train", builder, DataOptions(task_weights=weights), train=True)
+    with caplog.at_level(logging.INFO, logger="signllava"):
+        ds.log_task_mix()
+    [rec] = [r for r in caplog.records if "task weights" in r.getMessage()]
+    msg = rec.getMessage()
+    assert rec.levelno == logging.WARNING, msg
+    n = len(ds)
+    assert f"of {n} clips (0 with keywords, vocabulary of 0 words) these can carry one_word_present 0, " \
+           f"multi_word_present 0, is_reversed {n}" in msg
+    assert "the mix becomes translation 0.900, one_word_present 0.000, multi_word_present 0.000, is_reversed 0.100" in msg
+    assert "one_word_present, multi_word_present: no clip can carry it" in msg
+    drawn = [ds[(i, 0)]["task"] for i in range(n)]                    # what the samples really are
+    assert set(drawn) <= {"translation", "is_reversed"}
+    caplog.clear()
+    dev = SignDataset(data, "dev", builder, DataOptions(task_weights=weights), train=False)   # keywords kept there
+    with caplog.at_level(logging.INFO, logger="signllava"):
+        dev.log_task_mix()
+    [rec] = [r for r in caplog.records if "task weights" in r.getMessage()]
+    assert rec.levelno == logging.INFO and f"one_word_present {len(dev)}" in rec.getMessage()
