@@ -30,11 +30,32 @@ def read_projector_source(path: str) -> tuple[SignConfig | None, dict, str]:
         raise CheckpointError(f"--projector {p}: no such file or directory")
     if p.is_file() and p.suffix == ".safetensors":
         cfg = SignConfig.load(p.parent) if (p.parent / CONFIG_NAME).is_file() else None
-        return cfg, read_projector_file(p), str(p)
+        return warn_stage2(cfg, p), read_projector_file(p), str(p)
     if p.is_file() and p.suffix in (".pt", ".bin"):
+        ours = own_checkpoint_of(p)
+        if ours is not None:
+            raise CheckpointError(f"--projector {p}: the DeepSpeed engine state inside this trainer's checkpoint "
+                                  f"{ours}; give the checkpoint directory itself (--projector {ours})")
         return None, read_reference_states(p), str(p)
     d = resolve_checkpoint(p)
-    return SignConfig.load(d), read_projector_file(d / PROJECTORS_NAME), str(d / PROJECTORS_NAME)
+    return warn_stage2(SignConfig.load(d), d), read_projector_file(d / PROJECTORS_NAME), str(d / PROJECTORS_NAME)
+
+
+def own_checkpoint_of(path: Path) -> Path | None:
+    """The checkpoint directory of ours whose DeepSpeed folder holds `path` (checkpoint-N/deepspeed/*.pt), if it is one."""
+    for d in path.parents[:2]:
+        if (d / CONFIG_NAME).is_file() and (d / PROJECTORS_NAME).is_file():
+            return d
+    return None
+
+
+def warn_stage2(cfg: SignConfig | None, source: Path) -> SignConfig | None:
+    """A stage-2 checkpoint as --projector gives its projectors and marker rows only; its LoRA is not carried on."""
+    if cfg is not None and cfg.stage == 2:
+        log.warning("--projector %s is a stage-2 checkpoint: this run starts from its projectors and marker rows "
+                    "with a NEW LoRA adapter (its own adapter is not loaded); to continue that stage-2 run, run "
+                    "finetune.py with its --output_dir and --resume", source)
+    return cfg
 
 
 def stage1_modalities(args, prev_cfg: SignConfig | None, state: dict) -> list[str] | None:
