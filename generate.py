@@ -37,6 +37,7 @@ Inference from Python:
     from generate import Translator
     tr = Translator.from_checkpoint("runs/stage2")
     tr.translate({"mae": mae_array, "pose": pose_array}, context=["Earlier sentence."], num_beams=5)
+    tr.translate({"pose": pose_array}, context="The previous sentence.")     # a string is one sentence
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -248,14 +250,25 @@ class Translator:
         return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats, "modalities": mods,
                 "absent": absent, "video": None, "clip": None, "task": "translation", "prompt": prompt, "answer": None}
 
-    def context_prompt(self, context: list[str] | None) -> str:
-        """Training's policy: `context` is the video's preceding sentences in time order; the checkpoint's
-        windows pick the first `prelude_window` and the last `context_window` of them."""
-        context = list(context or [])
+    def context_prompt(self, context: str | list[str] | None) -> str:
+        """Training's policy: `context` is the video's preceding sentences in time order (a string is one
+        sentence, as the original's prepare_translation_prompt took it); the checkpoint's windows pick the first
+        `prelude_window` and the last `context_window` of them. A checkpoint trained without a window gets no
+        context, and a warning says so rather than dropping it silently."""
+        if context is None:
+            context = []
+        elif isinstance(context, str):
+            context = [context]
+        elif not all(isinstance(c, str) for c in context):
+            raise TypeError(f"context: a sentence (str) or a list of sentences, got {context!r:.80}")
+        if any(c.strip() for c in context) and self.context_window == 0 and self.prelude_window == 0:
+            warnings.warn(f"context ignored: {self.checkpoint or 'this checkpoint'} was trained without a context "
+                          "window (set Translator.context_window / prelude_window to give it context anyway)",
+                          stacklevel=3)
         pick = context_ids(len(context), self.context_window, self.prelude_window)
-        return translation_prompt([context[i] for i in pick if context[i]])
+        return translation_prompt([context[i] for i in pick if context[i].strip()])
 
-    def translate(self, features: dict[str, np.ndarray], context: list[str] | None = None,
+    def translate(self, features: dict[str, np.ndarray], context: str | list[str] | None = None,
                   num_beams: int = 5, max_new_tokens: int = MAX_NEW_TOKENS, min_new_tokens: int = 0) -> str:
         item = self.make_item(features, self.context_prompt(context))
         return self.generate_items([item], num_beams, max_new_tokens, min_new_tokens)[0]
