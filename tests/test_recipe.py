@@ -186,11 +186,11 @@ def test_recipes_parse():
     import pretrain
     from signllava.config import read_config
     recipes = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(recipes) == 4
+    assert len(recipes) == 6
     for path in recipes:
         p = (finetune if "stage2" in path.name else pretrain).parser()
         values = read_config(p, path)
-        assert values["weight_decay"] == 0.1 and values["modalities"] in ("pose", "mae,dino,sign2vec")
+        assert values["weight_decay"] == 0.1 and values["modalities"] in ("pose", "mae,dino,sign2vec", "sign2vec")
 
 
 def test_pose_recipes_run_on_the_demo_layout_and_args_yaml_repeats_a_run(tmp_path):
