@@ -79,11 +79,12 @@ def test_lr_schedules():
 
 # ------------------------------------------------------------------------------------------ data
 def run_env(args: dict, data: Path, out: Path):
-    from training import RunEnv
     from pretrain import parser
+    from signllava.data_paths import DataPaths
+    from training import RunEnv
     ns = parser().parse_args(["--output_dir", str(out), "--data_dir", str(data), "--num_workers", "0",
                               *[str(x) for kv in args.items() for x in kv]])
-    return RunEnv(ns, out, data, torch.device("cpu"), torch.float32, 2, 0, 1)
+    return RunEnv(ns, out, data, DataPaths(data), torch.device("cpu"), torch.float32, 2, 0, 1)
 
 
 def test_eval_task_weights_set_the_dev_tasks(tiny, tmp_path):
