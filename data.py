@@ -1,6 +1,7 @@
 """Files to batches: the dataset, the collator and the epoch/batch plan.
 
     python data.py --data_dir D [--split dev] [--modalities mae,pose]   check every file, print a summary
+                   [--annotation_file A] [--features m=PATH]          (files named explicitly: data_paths.py)
     python data.py --make_demo DIR [--demo_context]                     write the built-in demo language
 
 Randomness inside a sample (paraphrase choice, task choice, negatives, time flip) is drawn from a
@@ -18,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from signllava.cli import make_parser
+from signllava.data_paths import DataPaths
 from signllava.frames import PLAUSIBLE_FRAMES, cap_frames  # noqa: F401 (cap_frames: data.cap_frames is API)
-from signllava.layout import DataError, FeatureStore, discover_modalities, load_annotation, modality_rank
-from signllava.prompts import TASKS, PromptBuilder, context_ids, imperfect_context, make_task, translation_prompt
+from signllava.layout import DataError, FeatureStore, load_annotation, modality_rank
+from signllava.prompts import (TASKS, PromptBuilder, carry_chance, context_ids, imperfect_context, make_task,
+                               translation_prompt)
 from signllava.shard_index import ABSENT, clip_keys
 
 log = logging.getLogger("signllava")
@@ -108,23 +112,24 @@ def capped_len(t: int, max_frames: int) -> int:
 class SignDataset(torch.utils.data.Dataset):
     """Clips of one split that have features in every selected modality.
 
-    `expected_dims` (from a checkpoint) makes a dim mismatch an error; otherwise dims are read from
+    `data` is the dataset's folder (today's layout) or a DataPaths naming its files. `expected_dims` (from a checkpoint) makes a dim mismatch an error; otherwise dims are read from
     the data. `context_texts` overrides the gold translations used as context (generation with
     predicted context)."""
 
-    def __init__(self, data_dir: str | Path, split: str, builder: PromptBuilder, opts: DataOptions,
-                 train: bool, expected_dims: dict[str, int] | None = None, annotation_path: Path | None = None):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data: DataPaths | str | Path, split: str, builder: PromptBuilder, opts: DataOptions,
+                 train: bool, expected_dims: dict[str, int] | None = None):
+        self.paths = DataPaths.of(data)
+        self.data_dir = self.paths.data_dir
         if not self.data_dir.is_dir():
             raise DataError(f"{self.data_dir}: data directory not found")
         self.split, self.builder, self.opts, self.train = split, builder, opts, train
-        self.annotation = load_annotation(annotation_path or self.data_dir / f"annotation.{split}.json")
+        self.annotation = load_annotation(self.paths.annotation(split))
         if self.annotation.resorted_videos:
             log.info("%s: clip_order of %d videos was in plain text order (x_10 before x_2); sorted naturally",
                      self.annotation.path, self.annotation.resorted_videos)
         self.context_texts: dict[tuple[str, str], str] = {k: c.translation for k, c in self.annotation.clips.items()}
 
-        found = discover_modalities(self.data_dir, split)
+        found = self.paths.metadata(split)
         wanted = opts.modalities or (list(expected_dims) if expected_dims else list(found))
         self.modalities = sorted(wanted, key=modality_rank)        # the splice order, absent ones included
         self.read_modalities = [m for m in self.modalities if m not in opts.absent_modalities]
@@ -165,6 +170,29 @@ class SignDataset(torch.utils.data.Dataset):
         self.generation = False                  # True: prompt ids only (answer kept in meta as the reference)
         self._context_pool: list[str] | None = None      # sentences that --context_noise draws from
         self.close()                             # reading the dims opened shards: leave nothing open to fork
+
+    def log_task_mix(self):
+        """With yes/no tasks weighted: how many clips can carry each, and the task mix that results, since a clip
+        that cannot carry its drawn task (no keywords, no candidate words) becomes a translation sample. A task
+        no clip can carry is a warning: its weight silently turns into translation otherwise."""
+        weights = dict(zip(self._tasks, self._task_p))
+        asked = [t for t, p in weights.items() if t != "translation" and p > 0]
+        if not asked:
+            return
+        texts = [self.annotation.clips[(v, c)] for v, c, _ in self.items]
+        chance = {t: np.asarray([carry_chance(t, x.translation, x.keywords, self.vocabulary, self.opts.max_num_words)
+                                 for x in texts]) for t in asked}
+        mix = {t: weights[t] * float(chance[t].mean()) for t in asked}
+        mix = {"translation": 1.0 - sum(mix.values()), **mix}
+        with_keywords = sum(bool(x.keywords) for x in texts)
+        can = ", ".join(f"{t} {int((chance[t] > 0).sum())}" for t in asked)
+        dead = [t for t in asked if not chance[t].any()]
+        (log.warning if dead else log.info)(
+            "%s/%s: task weights %s; of %d clips (%d with keywords, vocabulary of %d words) these can carry %s; the "
+            "mix becomes %s%s", self.data_dir.name, self.split,
+            ",".join(f"{t}={p:.3g}" for t, p in weights.items()), len(texts), with_keywords, len(self.vocabulary),
+            can, ", ".join(f"{t} {p:.3f}" for t, p in mix.items()),
+            f" ({', '.join(dead)}: no clip can carry it, so its weight went to translation)" if dead else "")
 
     def _keep(self, items: list, frames: np.ndarray) -> np.ndarray:
         """Rows to keep: all but (drop) those missing from a read modality, or (absent) all, the missing
@@ -503,8 +531,21 @@ def make_loader(dataset, batches: list[list], collate, num_workers: int, pin_mem
         generator=torch.Generator().manual_seed(0))
 
 
+def add_path_args(p):
+    """--annotation_file and --features (signllava/data_paths.py), for every command that reads a dataset."""
+    p.add_argument("--annotation_file", metavar="PATH|SPLIT=PATH,...",
+                   help="annotation file(s) instead of DATA_DIR/annotation.<split>.json: one PATH for every split, "
+                        "PATH with {split} in it (h2s.annotations.{split}.json), or train=A,dev=B; relative paths are "
+                        "under --data_dir")
+    p.add_argument("--features", metavar="NAME=PATH,...",
+                   help="metadata file of a modality instead of DATA_DIR/NAME/metadata_NAME.<split>.json, with {split} "
+                        "in PATH (sign2vec=sign2vec/finetune/run/metadata_sign2vec.{split}.json) or NAME.SPLIT=PATH "
+                        "for one split; its shards lie beside it; relative paths are under --data_dir; modalities "
+                        "not named are found in DATA_DIR's folders as before")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--make_demo", metavar="DIR", help="write the built-in demo language into DIR")
     p.add_argument("--seed", type=int, default=0, help="demo seed")
     p.add_argument("--demo_context", action="store_true",
@@ -514,6 +555,7 @@ def main(argv=None):
     p.add_argument("--split", choices=["train", "dev", "test"], action="append",
                    help="split(s) to check (default: all present)")
     p.add_argument("--modalities", help="comma-separated subset of modality folders")
+    add_path_args(p)
     args = p.parse_args(argv)
     if args.make_demo:
         from signllava.demo import write_demo
@@ -523,7 +565,11 @@ def main(argv=None):
     if not args.data_dir:
         p.error("give --data_dir D (check a dataset) or --make_demo DIR")
     from signllava.datacheck import check_dataset
-    return check_dataset(Path(args.data_dir), args.split, args.modalities.split(",") if args.modalities else None)
+    try:
+        paths = DataPaths.from_specs(args.data_dir, args.annotation_file, args.features)
+    except ValueError as e:
+        p.error(str(e))
+    return check_dataset(paths, args.split, args.modalities.split(",") if args.modalities else None)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from signllava import checkpoint
 from signllava.atomic import parent_problem, remove_tree, replace_dir, temporary_dir
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
+from signllava.cli import make_parser
 from signllava.errors import CheckpointError, RunError, run_command
 from signllava.run_lock import LOCK_NAME
 from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
@@ -100,10 +101,10 @@ def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="stage-2 output dir or checkpoint dir")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--output_dir", required=True, help="the merged HF model directory written")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the merged weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUTPUT_DIR that is not an earlier export (never a training run)")
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from model import SignConfig, assemble, load_tokenizer, read_projector_file, read_reference_states
 from signllava.checkpoint import CONFIG_NAME, PROJECTORS_NAME, resolve_checkpoint
+from signllava.cli import make_parser
 from signllava.config import parse_args
 from signllava.errors import CheckpointError, run_command
 from signllava.prompts import resolve_template
@@ -29,11 +30,32 @@ def read_projector_source(path: str) -> tuple[SignConfig | None, dict, str]:
         raise CheckpointError(f"--projector {p}: no such file or directory")
     if p.is_file() and p.suffix == ".safetensors":
         cfg = SignConfig.load(p.parent) if (p.parent / CONFIG_NAME).is_file() else None
-        return cfg, read_projector_file(p), str(p)
+        return warn_stage2(cfg, p), read_projector_file(p), str(p)
     if p.is_file() and p.suffix in (".pt", ".bin"):
+        ours = own_checkpoint_of(p)
+        if ours is not None:
+            raise CheckpointError(f"--projector {p}: the DeepSpeed engine state inside this trainer's checkpoint "
+                                  f"{ours}; give the checkpoint directory itself (--projector {ours})")
         return None, read_reference_states(p), str(p)
     d = resolve_checkpoint(p)
-    return SignConfig.load(d), read_projector_file(d / PROJECTORS_NAME), str(d / PROJECTORS_NAME)
+    return warn_stage2(SignConfig.load(d), d), read_projector_file(d / PROJECTORS_NAME), str(d / PROJECTORS_NAME)
+
+
+def own_checkpoint_of(path: Path) -> Path | None:
+    """The checkpoint directory of ours whose DeepSpeed folder holds `path` (checkpoint-N/deepspeed/*.pt), if it is one."""
+    for d in path.parents[:2]:
+        if (d / CONFIG_NAME).is_file() and (d / PROJECTORS_NAME).is_file():
+            return d
+    return None
+
+
+def warn_stage2(cfg: SignConfig | None, source: Path) -> SignConfig | None:
+    """A stage-2 checkpoint as --projector gives its projectors and marker rows only; its LoRA is not carried on."""
+    if cfg is not None and cfg.stage == 2:
+        log.warning("--projector %s is a stage-2 checkpoint: this run starts from its projectors and marker rows "
+                    "with a NEW LoRA adapter (its own adapter is not loaded); to continue that stage-2 run, run "
+                    "finetune.py with its --output_dir and --resume", source)
+    return cfg
 
 
 def stage1_modalities(args, prev_cfg: SignConfig | None, state: dict) -> list[str] | None:
@@ -94,14 +116,14 @@ def default_output_dir(projector: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--projector", required=True, help="stage-1 output/checkpoint dir, projectors.safetensors, "
                                                       "or the original's mp_rank_00_model_states.pt")
     g = p.add_argument_group("QLoRA")
     g.add_argument("--bits", type=int, choices=[4, 16], default=4, help="4: nf4 + double quant base; 16: plain LoRA")
-    g.add_argument("--lora_r", type=int, default=64)
-    g.add_argument("--lora_alpha", type=float, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_r", type=int, default=64, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=16, help="LoRA scale numerator (scale = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
     g.add_argument("--lora_targets", default="all-linear",
                    help="'all-linear' (every linear layer of the LLM but lm_head: q,k,v,o,gate,up,down for Llama) "
                         "or a comma-separated list of module names")
@@ -116,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = parse_args(p, argv)
+    if not Path(args.projector).exists():          # before the distributed start-up, like validate_args' checks
+        p.error(f"--projector {args.projector}: no such file or directory")
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.projector)
     validate_args(p, args)

@@ -37,6 +37,7 @@ Inference from Python:
     from generate import Translator
     tr = Translator.from_checkpoint("runs/stage2")
     tr.translate({"mae": mae_array, "pose": pose_array}, context=["Earlier sentence."], num_beams=5)
+    tr.translate({"pose": pose_array}, context="The previous sentence.")     # a string is one sentence
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,9 @@ import torch
 from model import SignConfig, compute_dtype
 from signllava.atomic import output_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
+from signllava.cli import make_parser
+from signllava.config import add_config_arg, parse_args
+from signllava.data_paths import DataPaths, data_problems
 from signllava.errors import CheckpointError, DataError, RunError, range_problems, run_command
 from signllava.layout import load_annotation
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
@@ -246,14 +251,25 @@ class Translator:
         return {"input_ids": ids, "labels": labels, "segments": seg, "features": feats, "modalities": mods,
                 "absent": absent, "video": None, "clip": None, "task": "translation", "prompt": prompt, "answer": None}
 
-    def context_prompt(self, context: list[str] | None) -> str:
-        """Training's policy: `context` is the video's preceding sentences in time order; the checkpoint's
-        windows pick the first `prelude_window` and the last `context_window` of them."""
-        context = list(context or [])
+    def context_prompt(self, context: str | list[str] | None) -> str:
+        """Training's policy: `context` is the video's preceding sentences in time order (a string is one
+        sentence, as the original's prepare_translation_prompt took it); the checkpoint's windows pick the first
+        `prelude_window` and the last `context_window` of them. A checkpoint trained without a window gets no
+        context, and a warning says so rather than dropping it silently."""
+        if context is None:
+            context = []
+        elif isinstance(context, str):
+            context = [context]
+        elif not all(isinstance(c, str) for c in context):
+            raise TypeError(f"context: a sentence (str) or a list of sentences, got {context!r:.80}")
+        if any(c.strip() for c in context) and self.context_window == 0 and self.prelude_window == 0:
+            warnings.warn(f"context ignored: {self.checkpoint or 'this checkpoint'} was trained without a context "
+                          "window (set Translator.context_window / prelude_window to give it context anyway)",
+                          stacklevel=3)
         pick = context_ids(len(context), self.context_window, self.prelude_window)
-        return translation_prompt([context[i] for i in pick if context[i]])
+        return translation_prompt([context[i] for i in pick if context[i].strip()])
 
-    def translate(self, features: dict[str, np.ndarray], context: list[str] | None = None,
+    def translate(self, features: dict[str, np.ndarray], context: str | list[str] | None = None,
                   num_beams: int = 5, max_new_tokens: int = MAX_NEW_TOKENS, min_new_tokens: int = 0) -> str:
         item = self.make_item(features, self.context_prompt(context))
         return self.generate_items([item], num_beams, max_new_tokens, min_new_tokens)[0]
@@ -285,16 +301,17 @@ def context_policy(cfg: SignConfig, mode: str | None, context_window: int | None
     return mode, cw, pw
 
 
-def generation_dataset(data_dir, split: str, builder: PromptBuilder, cfg: SignConfig, mode: str, cw: int, pw: int,
+def generation_dataset(data, split: str, builder: PromptBuilder, cfg: SignConfig, mode: str, cw: int, pw: int,
                        task: str = "translation", seed: int = 42, absent: tuple[str, ...] = ()):
     """The split as generation reads it (prompt ids only, one task, the checkpoint's modalities and frame cap):
-    the same clips in the same order for generate.py and for training's evaluation."""
+    the same clips in the same order for generate.py and for training's evaluation. `data`: the data folder or
+    a DataPaths."""
     from data import DataOptions, SignDataset
     opts = DataOptions(modalities=list(cfg.modalities), max_frames=cfg.max_frames, frame_cap=cfg.frame_cap,
                        absent_modalities=absent, missing_modality="absent" if cfg.modality_embeddings else "drop",
                        max_seq_len=cfg.max_seq_len, context_window=cw, prelude_window=pw, task_weights={task: 1.0},
                        seed=seed)
-    ds = SignDataset(data_dir, split, builder, opts, train=False, expected_dims=cfg.dims)
+    ds = SignDataset(data, split, builder, opts, train=False, expected_dims=cfg.dims)
     ds.generation, ds.fixed_task = True, task
     if mode == "predicted":
         ds.context_texts = {}
@@ -507,7 +524,7 @@ def run(args) -> int:
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"], system_prompt=cfg.system_prompt)
     mode, cw, pw = context_policy(cfg, args.context, args.context_window, args.prelude_window, args.task)
     # The data is checked against the checkpoint before the (possibly large) model is loaded.
-    ds = generation_dataset(args.data_dir, args.split, builder, cfg, mode, cw, pw, args.task, args.seed,
+    ds = generation_dataset(data_paths(args), args.split, builder, cfg, mode, cw, pw, args.task, args.seed,
                             absent=tuple(absent_modalities(cfg, args.modalities)))
     indices = list(range(len(ds)))[:args.limit or None]
     if mode != "none" and args.task == "translation" and cw == 0 and pw == 0:
@@ -603,30 +620,32 @@ def score_only(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    from data import add_path_args
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", help="stage-1/2 output dir or checkpoint dir")
-    p.add_argument("--data_dir")
-    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--data_dir", help="the dataset (the Sign LLaVA layout, or with --annotation_file / --features)")
+    add_path_args(p)
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="the split translated")
     p.add_argument("--output", help="annotation-shaped JSON with a 'hypothesis' per clip (and its sentence scores)")
     p.add_argument("--metrics_out", help="metrics JSON")
     p.add_argument("--report", metavar="OUT.html", help="a self-contained HTML page of the scores and every clip, "
                                                         "worst first, filterable by video and text")
     p.add_argument("--score_only", metavar="OUT.json", help="re-score an existing --output JSON; no generation")
-    p.add_argument("--num_beams", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--num_beams", type=int, default=5, help="beam search width (1: greedy)")
+    p.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="longest hypothesis in tokens")
     p.add_argument("--min_new_tokens", type=int, default=0, help="the original's min_length (0: none)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, metavar="N",
                    help="forbid any N-gram of tokens twice in a hypothesis: cuts an under-trained model's loops, "
                         "which run to --max_new_tokens and weigh heavily in corpus BLEU (0: off, as the original)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16, help="clips translated together")
     p.add_argument("--context", metavar="none|gold|predicted|FILE",
                    help="context sentences for the translation task (default: predicted when the checkpoint was "
                         "trained with a context window, else none; gold only when asked: it does not exist at "
                         "test time). The windows decide how many")
     p.add_argument("--context_window", type=int, help="preceding sentences (default: the checkpoint's)")
     p.add_argument("--prelude_window", type=int, help="first sentences of the video (default: the checkpoint's)")
-    p.add_argument("--task", default="translation", choices=TASKS)
+    p.add_argument("--task", default="translation", choices=TASKS, help="the prompt every clip gets")
     p.add_argument("--modalities", help="comma-separated subset of the checkpoint's modalities to read; the others "
                                         "get their learned absent rows (default: all it was trained with)")
     p.add_argument("--limit", type=int, default=0, help="only the first N clips (0: all)")
@@ -637,7 +656,17 @@ def main(argv=None) -> int:
                    "a GPU), static (the same fixed buffers, no graph), eager (the default on a CPU)")
     p.add_argument("--bleurt_checkpoint", metavar="PATH", help="also score BLEURT with this checkpoint (needs the bleurt package)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = p.parse_args(argv)
+    add_config_arg(p)
+    return p
+
+
+def data_paths(args) -> DataPaths:
+    return DataPaths.from_specs(args.data_dir, args.annotation_file, args.features)
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = parse_args(p, argv)
     problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"),
                               non_negative=("context_window", "prelude_window", "limit", "num_workers",
                                             "min_new_tokens", "no_repeat_ngram_size"))
@@ -652,6 +681,8 @@ def main(argv=None) -> int:
     problems += output_problems(args)
     if args.context not in (None, "none", "gold", "predicted") and not Path(args.context).is_file():
         problems.append(f"--context {args.context}: not none, gold, predicted or an existing output JSON")
+    if args.data_dir and not args.score_only:      # before the model loads
+        problems += data_problems(args.data_dir, args.annotation_file, args.features, [args.split])
     if problems:
         p.error("; ".join(problems))
     return run_command(lambda: score_only(args) if args.score_only else run(args))

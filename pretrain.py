@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from model import assemble, load_tokenizer
+from signllava.cli import make_parser
 from signllava.config import parse_args
 from signllava.errors import DataError, RunError, run_command
 from signllava.prompts import resolve_template
@@ -28,7 +29,7 @@ def embedded_base(env: RunEnv) -> str:
     failure = None
     if env.rank == 0 and not base.exists():
         try:
-            write_embedded_base(base, env.data_dir / "annotation.train.json", env.args.seed)
+            write_embedded_base(base, env.paths.annotation("train"), env.args.seed)
         except (DataError, RunError) as e:
             failure = e
     raise_everywhere(failure, env.world)
@@ -70,7 +71,7 @@ def train(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_common_args(p, lr=1e-3)
     return p
 

@@ -38,14 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (Collator, DataOptions, SignDataset, eval_batches, make_loader, parse_max_frames, parse_task_weights,
-                  plan_epoch, rank_share)
+from data import (Collator, DataOptions, SignDataset, add_path_args, eval_batches, make_loader, parse_max_frames,
+                  parse_task_weights, plan_epoch, rank_share)
 from model import (TRAINABLE_PREFIXES, SignConfig, SignLLM, compute_dtype, max_positions, parse_projector_types,
                    save_projectors)
 from signllava import checkpoint, faults, kernels, portable_state, run_lock, safe_load, step_profiler
 from signllava.atomic import parent_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
+from signllava.data_paths import DataPaths, data_problems
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
 from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
@@ -67,7 +68,8 @@ def add_common_args(p: argparse.ArgumentParser, lr: float, output_required: bool
 def add_data_args(g):
     g.add_argument("--data_dir", help="dataset in the Sign LLaVA layout (default: the built-in demo language, "
                                       "written to OUTPUT_DIR/demo_data)")
-    g.add_argument("--modalities", help="comma-separated subset of the modality folders (default: all)")
+    add_path_args(g)
+    g.add_argument("--modalities", help="comma-separated subset of the modalities (default: all)")
     g.add_argument("--max_frames", default="0",
                    help="cap frames per modality: '300' for all, or 'mae=300,sign2vec=150' (others uncapped); 0: no cap")
     g.add_argument("--frame_cap", choices=["stride", "truncate", "pool"], default="stride",
@@ -112,7 +114,8 @@ def add_model_args(g):
                         "Jinja file (default: the model's own; stage 2 and generation keep stage 1's)")
     g.add_argument("--projector_type", default="mlp2x_gelu",
                    help="linear | identity | mlpNx_gelu; per modality: 'mlp2x_gelu,pose=linear'")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in the backward pass: less memory, a slower step")
     g.add_argument("--compile_layers", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile each decoder layer for training steps (regional; evaluation stays eager). "
                         "The flag alone: inductor; aot_eager traces without generating kernels (debugging). "
@@ -130,19 +133,20 @@ def add_model_args(g):
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="padded rows under SDPA instead of packed rows (default packs each micro-batch into one "
                         "row, no padding, attention within each sample: the varlen flash kernel on GPU)")
-    g.add_argument("--label_smoothing", type=float, default=0.0)
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="label smoothing of the answer tokens' loss (the original's label_smoothing_factor)")
 
 
 def add_optimisation_args(g, lr: float):
-    g.add_argument("--learning_rate", "--lr", type=float, default=lr)
+    g.add_argument("--learning_rate", "--lr", type=float, default=lr, help="peak learning rate after the warmup")
     g.add_argument("--weight_decay", type=float, default=0.1,
                    help="AdamW decay of weight matrices (biases, norms and marker rows never decay); 0.1 as in the "
                         "original's configs")
     g.add_argument("--lr_scheduler", choices=sorted(SCHEDULES), default="cosine",
                    help="learning-rate shape after the linear warmup")
-    g.add_argument("--warmup_ratio", type=float, default=0.03)
+    g.add_argument("--warmup_ratio", type=float, default=0.03, help="share of the steps spent warming up linearly")
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine and linear decay to lr * this")
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping by global norm")
     g.add_argument("--max_bad_steps", type=int, default=10,
                    help="an optimizer step whose loss or gradient norm is not finite is skipped (no update) and "
                         "counted; after this many in a row the run stops, naming the step and its clips")
@@ -156,20 +160,23 @@ def add_optimisation_args(g, lr: float):
                         "in small; a clip longer than "
                         "N is a batch of its own. --batch_size is then ignored for training (dev batches keep "
                         "--eval_batch_size). 0: off")
-    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step and rank")
     g.add_argument("--max_steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (a fraction is allowed)")
     g.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches (default groups similar lengths to cut padding)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="seeds the model's init, the batch plan and every sample's draws")
 
 
 def add_run_args(g, output_required: bool, output_help: str | None):
-    g.add_argument("--output_dir", required=output_required, help=output_help)
-    g.add_argument("--deepspeed_config", default=str(Path(__file__).with_name("ds_config_zero2.json")))
-    g.add_argument("--save_steps", type=int, default=500)
+    g.add_argument("--output_dir", required=output_required,
+                   help=output_help or "the run's folder: checkpoints, latest/best, metrics, args.yaml")
+    g.add_argument("--deepspeed_config", default=str(Path(__file__).with_name("ds_config_zero2.json")),
+                   help="DeepSpeed JSON for the ZeRO stage and its buckets (ds_config_zero3.json shards parameters "
+                        "too); batch geometry, precision and clipping always come from the flags")
+    g.add_argument("--save_steps", type=int, default=500, help="a checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--save_total_limit", type=int, default=3, help="complete checkpoints kept (0: all)")
-    g.add_argument("--eval_steps", type=int, default=500)
+    g.add_argument("--eval_steps", type=int, default=500, help="dev evaluation every N optimizer steps (and at the end)")
     g.add_argument("--eval_batch_size", type=int, default=16, help="dev batches, for the loss and for translation")
     g.add_argument("--eval_generate", type=int, default=None, metavar="N",
                    help="dev clips translated (beam search, as generate.py) and scored with BLEU and chrF at every "
@@ -182,7 +189,7 @@ def add_run_args(g, output_required: bool, output_help: str | None):
     g.add_argument("--metric_for_best", choices=sorted(BEST_KEYS),
                    help="what picks OUTPUT_DIR/best, the checkpoint rotation never removes (default: bleu when "
                         "translation is on, else dev_loss)")
-    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--logging_steps", type=int, default=10, help="loss, learning rate and speed logged every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest complete checkpoint")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh in an OUTPUT_DIR that holds a run: its checkpoints, latest/best, metrics.jsonl, "
@@ -239,13 +246,7 @@ def validate_args(p: argparse.ArgumentParser, args):
     # A rate of 0 is allowed: a run that only loads, evaluates and saves (tests use it to check loading).
     problems += [f"--{n} must be >= 0" for n in ("learning_rate", "projector_lr", "weight_decay")
                  if getattr(args, n, None) is not None and getattr(args, n) < 0]
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        problems.append(f"--output_dir {out}: exists and is not a directory")
-    elif not out.exists() and parent_problem(out):
-        problems.append(f"--output_dir {out}: {parent_problem(out)}")
-    if args.data_dir and not Path(args.data_dir).is_dir():
-        problems.append(f"--data_dir {args.data_dir}: no such directory")
+    problems += location_problems(args)
     if args.chat_template not in (None, "builtin") and not Path(args.chat_template).is_file():
         problems.append(f"--chat_template {args.chat_template}: no such file (or 'builtin')")
     if not Path(args.deepspeed_config).is_file():
@@ -257,6 +258,26 @@ def validate_args(p: argparse.ArgumentParser, args):
             problems.append(f"--{flag}: {e}")
     if problems:
         p.error("; ".join(problems))
+
+
+def location_problems(args) -> list[str]:
+    """The data folder, the training split's annotation and modalities, and the output folder, checked from
+    file names before the distributed start-up (the launcher's rendezvous, DeepSpeed's first-use builds), so a
+    wrong path costs a second, not minutes."""
+    if args.data_dir:
+        problems = data_problems(args.data_dir, args.annotation_file, args.features, ["train"])
+    else:
+        problems = [f"--{n} needs --data_dir (its relative paths are under it)" for n in ("annotation_file", "features")
+                    if getattr(args, n)]
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output_dir {out}: a file, not a directory")
+    elif not out.exists() and parent_problem(out):
+        problems.append(f"--output_dir {out}: {parent_problem(out)}")
+    elif not args.resume and not args.overwrite_output_dir and checkpoint.complete_checkpoints(out):
+        problems.append(f"--output_dir {out}: already holds checkpoints; pass --resume to continue or "
+                        "--overwrite_output_dir to start afresh")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -451,6 +472,7 @@ class RunEnv:
     args: argparse.Namespace
     out: Path
     data_dir: Path
+    paths: DataPaths                            # the dataset's files (today's layout, or --annotation_file / --features)
     device: torch.device
     dtype: torch.dtype
     zero_stage: int
@@ -503,7 +525,10 @@ def setup_run(args) -> RunEnv:
         log.warning("ZeRO-3 on one GPU: parameters are gathered and released layer by layer on every pass with no "
                     "other rank to share them (QLoRA ran at under half ZeRO-2's speed); ds_config_zero2.json is "
                     "the default, ZeRO-3 is for models that need sharding over several GPUs")
-    return RunEnv(args, out, data_dir, device, compute_dtype(device), zero_stage, rank, world, lock)
+    paths = DataPaths.from_specs(data_dir, args.annotation_file, args.features)
+    if paths.describe():
+        log.info("data files named explicitly: %s", paths.describe())
+    return RunEnv(args, out, data_dir, paths, device, compute_dtype(device), zero_stage, rank, world, lock)
 
 
 def prepare_output(args, out: Path) -> run_lock.RunLock:
@@ -573,12 +598,14 @@ def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
                        max_num_words=a.max_num_words, seed=a.seed, context_dropout=a.context_dropout,
                        context_noise=a.context_noise)
     builder = PromptBuilder(tokenizer, ids["markers"], ids["pad"])
-    train = SignDataset(env.data_dir, "train", builder, opts, train=True, expected_dims=expected_dims)
-    has_dev = (env.data_dir / "annotation.dev.json").exists()
+    train = SignDataset(env.paths, "train", builder, opts, train=True, expected_dims=expected_dims)
     dev_opts = replace(opts, task_weights=parse_task_weights(a.eval_task_weights or a.task_weights))
-    dev = SignDataset(env.data_dir, "dev", builder, dev_opts, train=False, expected_dims=train.dims) if has_dev else None
+    has_dev = env.paths.has_split("dev")
+    dev = SignDataset(env.paths, "dev", builder, dev_opts, train=False, expected_dims=train.dims) if has_dev else None
     log.info("train: %d clips, modalities %s, dims %s%s", len(train), ",".join(train.modalities), train.dims,
              f"; dev: {len(dev)} clips" if dev else "; no dev split")
+    for split in (train, dev) if dev else (train,):
+        split.log_task_mix()
     return Data(tokenizer, builder, ids["pad"], train, dev)
 
 
@@ -836,7 +863,7 @@ def setup_evaluation(state: TrainState):
         if env.zero3:       # ZeRO-3 gathers each layer's weights in hooks around its forward: no static buffers
             tr.decode_steps = "eager"
         mode, cw, pw = context_policy(state.cfg, None)
-        ds = generation_dataset(env.data_dir, "dev", tr.builder, state.cfg, mode, cw, pw, seed=a.seed)
+        ds = generation_dataset(env.paths, "dev", tr.builder, state.cfg, mode, cw, pw, seed=a.seed)
         indices = list(range(min(n, len(ds))))
         longest = max(len(tr.tokenizer(ds.annotation.clips[tuple(ds.items[i][:2])].translation)["input_ids"])
                       for i in indices)

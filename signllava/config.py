@@ -3,18 +3,23 @@
 Keys are the flags' names without the dashes (`learning_rate`, `no_packing`) or their destinations as the run
 records them (`packing: false`). Every run writes the flags it ran with to OUTPUT_DIR/args.yaml, in that
 second form, so `--config OUTPUT_DIR/args.yaml` runs it again. A key no flag knows, a value of the wrong type
-or outside a flag's choices is argparse's one-line usage error (exit status 2) naming the file and the key.
+or outside a flag's choices is argparse's one-line usage error (exit status 2) naming the file and the key (and
+the closest flag, or the flag an original Sign LLaVA key became). A file in the original's layout (sections
+ModelArguments, TrainingArguments, ...) is read through signllava/migrate_config.py.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
 from signllava.atomic import write_atomic
 from signllava.errors import brief
+from signllava.migrate_config import MigrationError, is_original_layout, migrate, original_key_hint
 
 NOT_RECORDED = ("config", "local_rank")          # how the run was started, not what it does
 
@@ -95,10 +100,14 @@ def read_config(p: argparse.ArgumentParser, path: Path) -> dict:
         p.error(f"--config {path}: expands to more than {MAX_CONFIG_VALUES:,} values or {MAX_CONFIG_CHARS >> 20} M "
                 f"characters (YAML anchors and aliases?); a file of flag values is far smaller")
     by_dest, by_flag = _actions(p)
+    if is_original_layout(data):
+        data = _from_original(p, path, data, by_dest, by_flag)
     unknown = [k for k in data if k not in by_dest and k not in by_flag]
     if unknown:
-        shown = ", ".join(_name(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        p.error(f"--config {path}: unknown key(s) {shown} (not a flag of {p.prog})")
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        p.error(f"--config {path}: unknown key(s) "
+                + ", ".join(f"{_name(k)}{_hint(str(k)[:200], by_flag)}" for k in unknown[:5]) + more
+                + f" (not flags of {p.prog})")
     values, problems = {}, []
     for key, value in data.items():
         action = by_dest.get(key) or by_flag[key]
@@ -109,6 +118,31 @@ def read_config(p: argparse.ArgumentParser, path: Path) -> dict:
     if problems:
         p.error(f"--config {path}: " + "; ".join(problems))
     return values
+
+
+def _hint(key: str, by_flag: dict) -> str:
+    """What an unknown key probably meant: the flag an original Sign LLaVA key became, else the closest flag."""
+    original = original_key_hint(key)
+    if original is not None:
+        return f" (the original's name; here: {original}; python -m signllava.migrate_config converts a whole file)"
+    match = difflib.get_close_matches(key, list(by_flag), n=1, cutoff=0.6)
+    return f" (closest flag: {match[0]})" if match else ""
+
+
+def _from_original(p: argparse.ArgumentParser, path: Path, data: dict, by_dest: dict, by_flag: dict) -> dict:
+    """A file in the original Sign LLaVA's layout, translated as `python -m signllava.migrate_config` does."""
+    try:
+        m = migrate(data, str(path))
+    except MigrationError as e:
+        p.error(f"--config {e}")
+    foreign = [k for k in m.values if k not in by_dest and k not in by_flag]
+    if foreign:
+        p.error(f"--config {path}: the original's config for {m.script} (it sets {', '.join(foreign)}, which "
+                f"{p.prog} has no flag for); run {m.script}")
+    print(f"note: --config {path}: the original Sign LLaVA's layout, read as `python -m signllava.migrate_config "
+          f"{path}` converts it ({len(m.values)} flags; {len(m.dropped)} keys dropped and {len(m.notes)} "
+          "differences, which that command lists)", file=sys.stderr)
+    return m.values
 
 
 def _value(action: argparse.Action, key: str, value, as_dest: bool):

@@ -1,6 +1,8 @@
-"""The data checker: `python data.py --data_dir D [--split S ...] [--modalities a,b]`.
+"""The data checker: `python data.py --data_dir D [--split S ...] [--modalities a,b] [--annotation_file A]
+[--features m=PATH]`.
 
-Reads every annotation, metadata file and h5 clip of a dataset in the layout of layout.py and prints
+Reads every annotation, metadata file and h5 clip of a dataset in the layout of layout.py (or at the paths
+data_paths.py names) and prints
 a summary (clips per split; per modality the dim and frames min / median / max; clips left out
 because a modality lacks them). Every fault is printed as one line
 
@@ -29,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from signllava.frames import PLAUSIBLE_FRAMES
+from signllava.data_paths import DataPaths
 from signllava.layout import (SPLITS, DataError, find_metadata, load_annotation, modality_rank, natural_key, parse_metadata,
                     read_json, shard_path, where)
 
@@ -264,39 +267,36 @@ def _check_arrays(split: str, name: str, meta: Path, headers: list[tuple], handl
 
 
 # ----------------------------------------------------------------------------------------- split
-def _modality_metadata(data_dir: Path, split: str, requested: list[str] | None, rep: Report) -> dict[str, Path]:
-    found = {}
+def _modality_metadata(paths: DataPaths, split: str, requested: list[str] | None, rep: Report) -> dict[str, Path]:
+    """Modality -> metadata file of the split: those --features names, and the folders of the data dir (all of
+    them, or the --modalities asked for), each folder's fault reported."""
+    explicit = paths.explicit_metadata(split)
+    found = {m: p for m, p in explicit.items() if requested is None or m in requested}
     if requested is None:
-        for sub in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-            try:
-                meta = find_metadata(sub, split)
-            except DataError as e:
-                rep.fault(e)
-                continue
-            if meta is not None:
-                found[sub.name] = meta
+        folders = [p for p in sorted(paths.data_dir.iterdir()) if p.is_dir() and p.name not in paths.features]
     else:
-        for m in requested:
-            sub = data_dir / m
-            if not sub.is_dir():
-                rep.fault(f"{sub}: modality folder not found (asked for with --modalities)")
-                continue
-            try:
-                meta = find_metadata(sub, split)
-            except DataError as e:
-                rep.fault(e)
-                continue
-            if meta is None:
-                rep.fault(f"{sub}: no metadata file *.{split}.json for split {split!r} (asked for with --modalities)")
-                continue
-            found[m] = meta
+        folders = [paths.data_dir / m for m in requested if m not in explicit]
+    for sub in folders:
+        if requested is not None and not sub.is_dir():
+            rep.fault(f"{sub}: modality folder not found (asked for with --modalities)")
+            continue
+        try:
+            meta = find_metadata(sub, split)
+        except DataError as e:
+            rep.fault(e)
+            continue
+        if meta is not None:
+            found[sub.name] = meta
+        elif requested is not None:
+            rep.fault(f"{sub}: no metadata file *.{split}.json for split {split!r} (asked for with --modalities)")
     return dict(sorted(found.items(), key=lambda kv: modality_rank(kv[0])))
 
 
-def check_split(data_dir: Path, split: str, requested: list[str] | None, rep: Report) -> SplitSummary:
+def check_split(paths: DataPaths, split: str, requested: list[str] | None, rep: Report) -> SplitSummary:
+    data_dir = paths.data_dir
     ss = SplitSummary(split)
     faults_before = rep.faults
-    ann_path = data_dir / f"annotation.{split}.json"
+    ann_path = paths.annotation(split)
     ann = None
     try:
         ann = load_annotation(ann_path, collect_faults=True)
@@ -318,7 +318,7 @@ def check_split(data_dir: Path, split: str, requested: list[str] | None, rep: Re
         annotated = set(items)
         ss.videos, ss.clips, ss.resorted = len(ann.videos), len(items), ann.resorted_videos
 
-    mods = _modality_metadata(data_dir, split, requested, rep)
+    mods = _modality_metadata(paths, split, requested, rep)
     ss.found = list(mods)
     if not mods and requested is None:
         rep.fault(f"{data_dir}: no modality folder has a metadata file *.{split}.json for split {split!r}")
@@ -356,9 +356,11 @@ def _frames(frames: list[int]) -> str:
     return f"{min(frames)} / {statistics.median(frames):g} / {max(frames)}"
 
 
-def check_dataset(data_dir: Path, splits: list[str] | None, modalities: list[str] | None) -> int:
-    """Check a dataset, print faults and a summary; return the exit status (1 if any fault)."""
-    data_dir = Path(data_dir)
+def check_dataset(data: DataPaths | Path, splits: list[str] | None, modalities: list[str] | None) -> int:
+    """Check a dataset (its folder in today's layout, or a DataPaths naming its files), print faults and a
+    summary; return the exit status (1 if any fault)."""
+    paths = DataPaths.of(data)
+    data_dir = paths.data_dir
     rep = Report()
     if not data_dir.is_dir():
         rep.fault(f"{data_dir}: data directory not found")
@@ -367,15 +369,15 @@ def check_dataset(data_dir: Path, splits: list[str] | None, modalities: list[str
     if splits:
         splits = list(dict.fromkeys(splits))
     else:
-        splits = [s for s in SPLITS if (data_dir / f"annotation.{s}.json").is_file()]
+        splits = [s for s in SPLITS if paths.has_split(s)]
         if not splits:
-            rep.fault(f"{data_dir}: no annotation file (annotation.<{'|'.join(SPLITS)}>.json)")
+            rep.fault(f"{data_dir}: no annotation file ({', '.join(str(paths.annotation(s)) for s in SPLITS)})")
             rep.info("FAILED: 1 fault")
             return 1
     if modalities is not None:
         modalities = [m.strip() for m in modalities if m.strip()] or None
 
-    summaries = [check_split(data_dir, s, modalities, rep) for s in splits]
+    summaries = [check_split(paths, s, modalities, rep) for s in splits]
 
     # A dim must agree across splits: the model is built from one and evaluated on the others.
     first_dim: dict[str, tuple[str, int]] = {}

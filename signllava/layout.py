@@ -180,10 +180,11 @@ def shard_path(metadata: Path, shard) -> Path:
     return metadata.with_name(f"{name[:-len('.json')]}.{shard}.h5")
 
 
-def discover_modalities(data_dir: Path, split: str) -> dict[str, Path]:
-    """Every sub-folder with a metadata file for `split` is a modality, named after the folder."""
+def discover_modalities(data_dir: Path, split: str, skip: set[str] = frozenset()) -> dict[str, Path]:
+    """Every sub-folder with a metadata file for `split` is a modality, named after the folder (folders named in
+    `skip`, whose metadata is given explicitly, are not looked into)."""
     found = {}
-    for sub in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name not in skip):
         meta = find_metadata(sub, split)
         if meta is not None:
             found[sub.name] = meta

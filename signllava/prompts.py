@@ -115,12 +115,10 @@ def make_task(task: str, translation: str, keywords: list[str], vocabulary: list
               rng: np.random.Generator, max_num_words: int = 5) -> TaskSample | None:
     """Build a yes/no task for one clip (reference §4, with its case and substring bugs fixed and
     every sampling loop bounded). Returns None when the clip cannot carry the task (no candidates)."""
-    words = _words(translation)
-    positives = list(dict.fromkeys(k.lower() for k in keywords))
     if task == "is_reversed":
         rev = bool(rng.random() < 0.5)
         return TaskSample(IS_REVERSED, "yes" if rev else "no", reverse_time=rev)
-    negatives = [w for w in vocabulary if w not in positives and not mentions(words, w)]
+    positives, negatives = _candidates(translation, keywords, vocabulary)
     if task == "one_word_present":
         use_pos = positives and (not negatives or rng.random() < 0.5)
         pool = positives if use_pos else negatives
@@ -139,6 +137,35 @@ def make_task(task: str, translation: str, keywords: list[str], vocabulary: list
         pairs = sorted([(w, "yes") for w in pos] + [(w, "no") for w in neg])
         return TaskSample(MULTI_WORD.format(words=", ".join(w for w, _ in pairs)), ", ".join(a for _, a in pairs))
     raise ValueError(f"unknown task {task!r}")
+
+
+def _candidates(translation: str, keywords: list[str], vocabulary: list[str],
+                limit: int | None = None) -> tuple[list[str], list[str]]:
+    """(the clip's keywords lowercased, vocabulary words it does not mention): the yes and no words of its
+    questions; `limit` stops the negatives there (enough to know whether a task can be asked)."""
+    words = _words(translation)
+    positives = list(dict.fromkeys(k.lower() for k in keywords))
+    negatives = []
+    for w in vocabulary:
+        if w not in positives and not mentions(words, w):
+            negatives.append(w)
+            if limit is not None and len(negatives) >= limit:
+                break
+    return positives, negatives
+
+
+def carry_chance(task: str, translation: str, keywords: list[str], vocabulary: list[str],
+                 max_num_words: int = 5) -> float:
+    """The chance that make_task gives this clip `task` rather than None (a clip that cannot carry its drawn task
+    is a translation sample instead): 0 or 1, except multi_word_present, whose word count is drawn."""
+    if task in ("translation", "is_reversed"):
+        return 1.0
+    n_pos, n_neg = map(len, _candidates(translation, keywords, vocabulary, limit=2))
+    if task == "one_word_present":
+        return float(n_pos + n_neg > 0)
+    counts = range(2, max_num_words + 1)
+    ok = [min(n_pos, n // 2) + min(n - min(n_pos, n // 2), n_neg) >= 2 for n in counts]
+    return sum(ok) / len(ok) if ok else 0.0
 
 
 # ----------------------------------------------------------------------------------------- templates

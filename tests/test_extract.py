@@ -198,7 +198,7 @@ def test_killed_run_resumes_to_the_same_features(youtube, kit):
 def test_every_bad_input_is_one_line_and_counted(kit, tmp_path):
     vids, caps = tmp_path / "videos", tmp_path / "captions"
     caps.mkdir()
-    good = write_video(vids / "good.mp4", film_astronaut(12), fps=10)
+    write_video(vids / "good.mp4", film_astronaut(12), fps=10)
     write_video(vids / "empty.mp4", np.full((12, 240, 320, 3), 90, np.uint8), fps=10)      # nobody in frame
     (vids / "junk.mp4").write_bytes(b"\0not a video" * 50)
     data = write_video(tmp_path / "full.mp4", film_astronaut(30), fps=10).read_bytes()

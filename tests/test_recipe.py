@@ -79,11 +79,12 @@ def test_lr_schedules():
 
 # ------------------------------------------------------------------------------------------ data
 def run_env(args: dict, data: Path, out: Path):
-    from training import RunEnv
     from pretrain import parser
+    from signllava.data_paths import DataPaths
+    from training import RunEnv
     ns = parser().parse_args(["--output_dir", str(out), "--data_dir", str(data), "--num_workers", "0",
                               *[str(x) for kv in args.items() for x in kv]])
-    return RunEnv(ns, out, data, torch.device("cpu"), torch.float32, 2, 0, 1)
+    return RunEnv(ns, out, data, DataPaths(data), torch.device("cpu"), torch.float32, 2, 0, 1)
 
 
 def test_eval_task_weights_set_the_dev_tasks(tiny, tmp_path):
@@ -171,7 +172,7 @@ def test_config_file_values_overrides_and_errors(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"packing": False, "seed": 7}))     # a destination, as args.yaml has
     a = parse_args(parser(), ["--config", str(tmp_path / "c.json"), "--output_dir", "o"])
     assert (a.packing, a.seed) == (False, 7)
-    for text, words in [("learning_rat: 1\nfoo: 2\n", ["unknown key(s) learning_rat, foo"]),
+    for text, words in [("learning_rat: 1\nfoo: 2\n", ["unknown key(s) learning_rat (closest flag: learning_rate), foo"]),
                         ("lr_scheduler: cos\nepochs: abc\npacking: 1\n",
                          ["'cos' is not one of", "epochs: not a valid float", "packing: expected true or false"])]:
         cfg.write_text(text)
@@ -186,11 +187,11 @@ def test_recipes_parse():
     import pretrain
     from signllava.config import read_config
     recipes = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(recipes) == 4
+    assert len(recipes) == 6
     for path in recipes:
         p = (finetune if "stage2" in path.name else pretrain).parser()
         values = read_config(p, path)
-        assert values["weight_decay"] == 0.1 and values["modalities"] in ("pose", "mae,dino,sign2vec")
+        assert values["weight_decay"] == 0.1 and values["modalities"] in ("pose", "mae,dino,sign2vec", "sign2vec")
 
 
 def test_pose_recipes_run_on_the_demo_layout_and_args_yaml_repeats_a_run(tmp_path):
