@@ -74,7 +74,7 @@ class Annotation:
     faults: list[str] = field(default_factory=list)    # filled only when read with collect_faults
 
 
-def _clean_paraphrases(items) -> list[str]:
+def clean_paraphrases(items) -> list[str]:
     """Real paraphrase lists hold '<none>', '' and NaN placeholders; they are not sentences."""
     out = []
     for p in items or []:
@@ -117,7 +117,7 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
             hyp = cd.get("hypothesis")
             ann.clips[(video, clip)] = ClipText(
                 translation=tr.strip(),
-                paraphrases=_clean_paraphrases(cd.get("paraphrases")),
+                paraphrases=clean_paraphrases(cd.get("paraphrases")),
                 keywords=list(dict.fromkeys(k.strip() for k in kws if isinstance(k, str) and k.strip())),
                 hypothesis=hyp if isinstance(hyp, str) else None)
             ok_order.append(clip)
