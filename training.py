@@ -52,6 +52,8 @@ log = logging.getLogger("signllava")
 EVAL_GENERATE_CAP = 500                         # default dev clips translated at each evaluation
 # --metric_for_best -> the metrics.jsonl key it reads; dev loss is better lower, the scores higher.
 BEST_KEYS = {"bleu": "dev_bleu", "chrf": "dev_chrf", "dev_loss": "dev_loss"}
+# The suite's scores (signllava/scoring.py) each evaluation logs as dev_<name>, with the BLEU / chrF intervals.
+EVAL_SCALARS = ("bleu", "chrf", "bleu1", "bleu2", "bleu3", "rouge_l", "multiref_bleu", "multiref_chrf")
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -592,6 +594,8 @@ class TrainState:
     best: Best | None = None                    # None: no dev split, nothing to pick by
     translation: EvalTranslation | None = None
     dev_postfix: dict | None = None             # the last evaluation, for the progress bar
+    eval_scores: dict | None = None             # the last evaluation's whole suite, signatures and intervals
+    best_scores: dict | None = None             # the same of the best evaluation (this process's own)
 
 
 def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
@@ -632,6 +636,10 @@ def write_summary(state: TrainState):
     if best is not None and best.step is not None:
         summary["best"] = {"metric": best.metric, "step": best.step, "score": best.score,
                            "checkpoint": str(out / f"checkpoint-{best.step}")}
+    if state.eval_scores:       # the model card's dev scores, with signatures and intervals
+        summary["dev_scores"] = {"step": state.step, **state.eval_scores}
+        if state.best_scores:
+            summary["best_dev_scores"] = state.best_scores
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     log.info("done: %s", summary)
     if (out / "metrics.jsonl").is_file():
@@ -809,7 +817,7 @@ def evaluate_translation(state: TrainState) -> dict | None:
     calls (padded with dummy ones) and generate() keeps finished ranks stepping. The RNG is put back afterwards,
     so evaluating never changes the training trajectory."""
     from generate import count_calls, gather_results, generate_split, share_by_video
-    from signllava.scoring import compute_metrics
+    from signllava.scoring import N_BOOTSTRAP, compute_metrics, score_rows
     t, env, a = state.translation, state.env, state.env.args
     if t is None:
         return None
@@ -832,8 +840,13 @@ def evaluate_translation(state: TrainState) -> dict | None:
     set_rng_state(saved_rng)
     results = gather_results(results, env.world)
     keys = [k for k in (tuple(t.dataset.items[i][:2]) for i in t.indices) if k in results]
-    m = compute_metrics([results[k]["hypothesis"] for k in keys], [results[k]["reference"] for k in keys])
-    return {"dev_bleu": m["bleu"], "dev_chrf": m["chrf"]}
+    m = compute_metrics([results[k]["hypothesis"] for k in keys], [results[k]["reference"] for k in keys],
+                        paraphrases=[t.dataset.annotation.clips[k].paraphrases for k in keys], n_bootstrap=N_BOOTSTRAP)
+    if state.eval_scores is None:     # once: what reproduces each logged score
+        log.info("evaluation scores: %s", "; ".join(f"{name} [{sig}]" for name, _, _, sig in score_rows(m)))
+    state.eval_scores = m
+    return {f"dev_{k}": m[k] for k in EVAL_SCALARS if k in m} | {
+        f"dev_{k}_ci95": m["ci95"][k]["pm"] for k in ("bleu", "chrf")}
 
 
 def run_evaluation(state: TrainState) -> bool:
@@ -848,11 +861,13 @@ def run_evaluation(state: TrainState) -> bool:
     row = {"step": state.step, "dev_loss": state.dev_loss, **scores}
     log.info("step %d: %s", state.step, ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items() if k != "step"))
     record(state, row)
-    state.dev_postfix = {k: f"{v:.4f}" if k == "dev_loss" else f"{v:.2f}" for k, v in row.items() if k != "step"}
+    state.dev_postfix = {k: f"{v:.4f}" if k == "dev_loss" else f"{v:.2f}" for k, v in row.items()
+                         if k in ("dev_loss", "dev_bleu", "dev_chrf")}
     score = row[BEST_KEYS[state.best.metric]]
     if not state.best.improved_by(score):
         return False
     state.best = Best(state.best.metric, state.step, score)
+    state.best_scores = state.eval_scores and {"step": state.step, **state.eval_scores}
     return True
 
 
