@@ -19,6 +19,7 @@ import generate
 from generate import Translator, compute_metrics, yes_no_metrics
 from signllava.decode_graph import base_causal_lm
 from signllava.prompts import context_ids, translation_prompt
+from tests.kit import chromium
 
 HERE = Path(__file__).resolve().parent.parent     # the repository root
 DIMS = {"mae": 6, "pose": 4}
@@ -444,23 +445,6 @@ def test_bleurt_through_the_cli(env, tmp_path, capsys):
                         str(tmp_path / "x.json"), "--device", "cpu", "--bleurt", str(tmp_path / "no-such-dir")])
     assert rc == 2 and not (tmp_path / "x.json").exists()
     assert "--bleurt" in capsys.readouterr().err
-
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
-
-
-def chromium(tmp: Path, url: str, *flags: str) -> str:
-    """Open `url` in headless Chromium (fresh profile) -> stdout (the DOM after scripts ran, with --dump-dom)."""
-    import shutil
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium); the report's browser check is skipped")
-    profile = tmp / f"profile{len(list(tmp.glob('profile*')))}"
-    res = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
 
 
 def visible_rows(dom: str) -> list[str]:
