@@ -179,6 +179,11 @@ def add_run_args(g, output_required: bool, output_help: str | None):
                    help="what picks OUTPUT_DIR/best, the checkpoint rotation never removes (default: bleu when "
                         "translation is on, else dev_loss)")
     g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--report_to", default="tensorboard", metavar="tensorboard,wandb,trackio|none",
+                   help="trackers of the training scalars besides OUTPUT_DIR/metrics.jsonl, any combination "
+                        "(signllava/trackers.py; W&B honours WANDB_MODE=offline, Trackio stores locally)")
+    g.add_argument("--run_name", help="the run's name in W&B / Trackio (default: the output directory's name)")
+    g.add_argument("--tracker_project", default="signllava", help="the W&B / Trackio project")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest complete checkpoint")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh in an OUTPUT_DIR that holds a run: its checkpoints, latest/best, metrics.jsonl, "
@@ -239,6 +244,11 @@ def validate_args(p: argparse.ArgumentParser, args):
         problems.append(f"--chat_template {args.chat_template}: no such file (or 'builtin')")
     if not Path(args.deepspeed_config).is_file():
         problems.append(f"--deepspeed_config {args.deepspeed_config}: no such file")
+    try:
+        from signllava.trackers import parse_report_to
+        parse_report_to(args.report_to)
+    except ValueError as e:
+        problems.append(str(e))
     for flag in ("task_weights", "eval_task_weights"):
         try:
             parse_task_weights(getattr(args, flag))
@@ -585,7 +595,7 @@ class TrainState:
     total: int
     engine: object = None
     scheduler: object = None
-    writer: object = None
+    trackers: object = None                     # signllava.trackers.Trackers on rank 0
     step: int = 0
     best_dev_loss: float | None = None
     dev_loss: float | None = None
@@ -615,12 +625,11 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
     if resume_from is not None:
         resume(state, resume_from)
     if env.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        state.writer = SummaryWriter(str(env.out / "runs"))
         write_run_args(env.args, env.out / "args.yaml")
+        state.trackers = start_trackers(env)
     train(state)
-    if state.writer:
-        state.writer.close()
+    if state.trackers:
+        state.trackers.close()
     if env.rank == 0:
         write_summary(state)
     barrier()
@@ -737,13 +746,22 @@ def resume(state: TrainState, directory: Path):
     log.info("resumed from %s at step %d", directory, state.step)
 
 
+def start_trackers(env: RunEnv):
+    """(rank 0) The --report_to trackers, the run's flags as their config."""
+    from signllava.config import NOT_RECORDED
+    from signllava.trackers import Trackers, parse_report_to
+    a = env.args
+    config = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+              for k, v in vars(a).items() if k not in NOT_RECORDED}
+    return Trackers(parse_report_to(a.report_to), env.out, a.run_name or env.out.resolve().name, a.tracker_project,
+                    config, resume=a.resume)
+
+
 def record(state: TrainState, row: dict):
-    """Rank 0: TensorBoard scalars plus one JSON line per record in OUTPUT_DIR/metrics.jsonl."""
-    if state.writer is None:
+    """Rank 0: one JSON line per record in OUTPUT_DIR/metrics.jsonl, and the row to each --report_to tracker."""
+    if state.trackers is None:
         return
-    for k, v in row.items():
-        if k != "step":
-            state.writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
+    state.trackers.log(row)
     with open(state.env.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
