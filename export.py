@@ -1,10 +1,12 @@
 """Merge a stage-2 LoRA adapter into a 16-bit copy of the base model, for inference without peft or
 bitsandbytes.
 
-    python export.py --checkpoint runs/stage2 --output_dir runs/stage2-merged [--dtype bf16|fp32]
+    python export.py --checkpoint runs/stage2 --output_dir runs/stage2-merged [--dtype bf16|fp32] [--metrics M.json ...]
 
 Writes OUT/model/ (a plain HF model + tokenizer), OUT/projectors.safetensors and OUT/config.json, so
-`generate.py --checkpoint OUT` and `Translator.from_checkpoint(OUT)` load it like any checkpoint.
+`generate.py --checkpoint OUT` and `Translator.from_checkpoint(OUT)` load it like any checkpoint, and
+OUT/README.md, a model card in the Hugging Face layout (signllava/model_card.py): the folder is ready for
+`huggingface-cli upload ORG/NAME OUT`. `--metrics dev.metrics.json test.metrics.json` adds generate.py's scores.
 The LoRA was trained against the nf4-quantised base and is merged into the 16-bit base: the usual
 QLoRA approximation, small for real models (compare both with generate.py if it matters to you).
 """
@@ -19,12 +21,13 @@ import torch
 
 from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
 from signllava.errors import CheckpointError, run_command
+from signllava.model_card import write_model_card
 from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
 
 log = logging.getLogger("signllava")
 
 
-def export(checkpoint: str, output_dir: str, dtype: torch.dtype) -> Path:
+def export(checkpoint: str, output_dir: str, dtype: torch.dtype, metrics_files: list[Path] = ()) -> Path:
     from signllava.checkpoint import resolve_checkpoint
     ckpt = resolve_checkpoint(checkpoint)
     cfg = SignConfig.load(ckpt)
@@ -42,8 +45,12 @@ def export(checkpoint: str, output_dir: str, dtype: torch.dtype) -> Path:
     merged.save_pretrained(str(tmp / "model"))
     tok.save_pretrained(str(tmp / "model"))
     shutil.copy2(ckpt / PROJECTORS_NAME, tmp / PROJECTORS_NAME)
-    replace(cfg, base_model=str((tmp / "model").resolve()), tokenizer=str((tmp / "model").resolve()),
-            bits=16, lora=None).save(tmp)
+    merged_cfg = replace(cfg, base_model=str((tmp / "model").resolve()), tokenizer=str((tmp / "model").resolve()),
+                         bits=16, lora=None)
+    merged_cfg.save(tmp)
+    # The card names the base model and the recipe of the run the checkpoint came from (its args.yaml files).
+    run_dir = ckpt.parent if (ckpt.parent / "args.yaml").is_file() else None
+    write_model_card(tmp, cfg, cfg.base_model, run_dir, list(metrics_files), adapter=False)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -55,12 +62,18 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="stage-2 output dir or checkpoint dir")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--metrics", nargs="*", default=[], metavar="M.json",
+                   help="generate.py metrics JSONs (e.g. dev and test) whose scores the model card lists")
     args = p.parse_args(argv)
+    missing = [m for m in args.metrics if not Path(m).is_file()]
+    if missing:
+        p.error(f"--metrics {missing[0]}: no such file")
     return run_command(lambda: merge(args))
 
 
 def merge(args) -> int:
-    out = export(args.checkpoint, args.output_dir, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    out = export(args.checkpoint, args.output_dir, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                 [Path(m) for m in args.metrics])
     log.info("merged model written to %s", out)
     return 0
 

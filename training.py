@@ -632,6 +632,9 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
         state.trackers.close()
     if env.rank == 0:
         write_summary(state)
+        if cfg.stage == 2:        # a finished stage-2 run describes itself (export.py writes the same card)
+            from signllava.model_card import write_model_card
+            log.info("model card: %s", write_model_card(env.out, cfg, cfg.base_model, env.out, [], adapter=True))
     barrier()
     return 0
 
