@@ -18,10 +18,11 @@ table.cmp td,table.cmp th{padding:.2em .6em;border-bottom:1px solid #e4e4e4;text
 
 
 def differing_clips(result: dict, systems: list, top: int) -> list[tuple[tuple[str, str], float]]:
-    """(clip key, largest |sentence BLEU - the baseline's| over the other outputs), largest first."""
+    """(clip key, largest |sentence BLEU - the baseline's| over the other outputs) of the clips where some output's
+    hypothesis differs from the baseline's, largest first."""
     base = systems[0]
     diffs = [(k, max((abs(s.sentence_bleu[k] - base.sentence_bleu[k]) for s in systems[1:]), default=0.0))
-             for k in base.keys]
+             for k in base.keys if any(s.hyps[k] != base.hyps[k] for s in systems[1:])]
     diffs.sort(key=lambda kd: -kd[1])
     return diffs[:top or None]
 
@@ -85,7 +86,7 @@ def render(result: dict, systems: list, top: int) -> str:
 <body><h1>{e(title)}</h1>
 {_scores(result)}
 {_seeds(result)}
-<h2>the {len(clips)} clips whose sentence BLEU differs most from {e(base.name)}'s</h2>
+<h2>the {len(clips)} clips whose sentence BLEU differs most from {e(base.name)}'s (of {sum(1 for _ in differing_clips(result, systems, 0))} whose hypotheses differ)</h2>
 <p class="meta">each cell: sentence BLEU, then the hypothesis; green better than the baseline, red worse</p>
 <table class="cmp" id="clips"><thead>{head}</thead><tbody>
 {chr(10).join(rows)}
