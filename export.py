@@ -2,9 +2,12 @@
 bitsandbytes.
 
     python export.py --checkpoint runs/stage2 --output_dir runs/stage2-merged [--dtype bf16|fp32] [--overwrite]
+                     [--metrics M.json ...]
 
 Writes OUT/model/ (a plain HF model + tokenizer), OUT/projectors.safetensors and OUT/config.json, so
-`generate.py --checkpoint OUT` and `Translator.from_checkpoint(OUT)` load it like any checkpoint.
+`generate.py --checkpoint OUT` and `Translator.from_checkpoint(OUT)` load it like any checkpoint, and
+OUT/README.md, a model card in the Hugging Face layout (signllava/model_card.py): the folder is ready for
+`huggingface-cli upload ORG/NAME OUT`. `--metrics dev.metrics.json test.metrics.json` adds generate.py's scores.
 The LoRA was trained against the nf4-quantised base and is merged into the 16-bit base: the usual
 QLoRA approximation, small for real models (compare both with generate.py if it matters to you).
 
@@ -27,12 +30,14 @@ from signllava.atomic import parent_problem, remove_tree, replace_dir, temporary
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.cli import make_parser
 from signllava.errors import CheckpointError, RunError, run_command
+from signllava.model_card import write_model_card
 from signllava.run_lock import LOCK_NAME
 from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
 
 log = logging.getLogger("signllava")
 MODEL_DIR = "model"
-EXPORT_NAMES = {CONFIG_NAME, PROJECTORS_NAME, MODEL_DIR}       # what an export holds, and all it holds
+CARD_NAME = "README.md"                                       # signllava/model_card.py
+EXPORT_NAMES = {CONFIG_NAME, PROJECTORS_NAME, MODEL_DIR, CARD_NAME}   # what an export holds, and all it holds
 
 
 def _inside(inner: Path, outer: Path) -> bool:
@@ -55,7 +60,7 @@ def output_refusal(out: Path, ckpt: Path, overwrite: bool) -> str | None:
     if not out.is_dir():
         return None
     names = {p.name for p in out.iterdir()}
-    if not names or names == EXPORT_NAMES:        # empty, or an earlier export: replaced
+    if not names or (EXPORT_NAMES - {CARD_NAME} <= names <= EXPORT_NAMES):   # empty, or an earlier export: replaced
         return None
     if checkpoint.complete_checkpoints(out) or names & {*checkpoint.POINTERS, LOCK_NAME}:
         return f"--output_dir {out}: holds a training run; export never replaces one (give another folder)"
@@ -65,7 +70,8 @@ def output_refusal(out: Path, ckpt: Path, overwrite: bool) -> str | None:
     return None
 
 
-def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite: bool = False) -> Path:
+def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite: bool = False,
+           metrics_files: list[Path] = ()) -> Path:
     ckpt = checkpoint.resolve_checkpoint(checkpoint_path)
     cfg = SignConfig.load(ckpt)
     if not cfg.lora or not (ckpt / ADAPTER_DIR).is_dir():
@@ -85,6 +91,9 @@ def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite:
         shutil.copy2(ckpt / PROJECTORS_NAME, tmp / PROJECTORS_NAME)
         replace(cfg, base_model=str((tmp / MODEL_DIR).resolve()), tokenizer=str((tmp / MODEL_DIR).resolve()),
                 bits=16, lora=None).save(tmp)
+        # The card names the base model and the recipe of the run the checkpoint came from (its args.yaml files).
+        run_dir = ckpt.parent if (ckpt.parent / "args.yaml").is_file() else None
+        write_model_card(tmp, cfg, cfg.base_model, run_dir, list(metrics_files), adapter=False)
         why = output_refusal(out, ckpt, overwrite)   # again: OUT may have changed during the merge
         if why:
             raise CheckpointError(why)
@@ -107,13 +116,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the merged weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUTPUT_DIR that is not an earlier export (never a training run)")
+    p.add_argument("--metrics", nargs="*", default=[], metavar="M.json",
+                   help="generate.py metrics JSONs (e.g. dev and test) whose scores the model card lists")
     args = p.parse_args(argv)
+    missing = [m for m in args.metrics if not Path(m).is_file()]
+    if missing:
+        p.error(f"--metrics {missing[0]}: no such file")
     return run_command(lambda: merge(args))
 
 
 def merge(args) -> int:
     out = export(args.checkpoint, args.output_dir, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-                 args.overwrite)
+                 args.overwrite, [Path(m) for m in args.metrics])
     log.info("merged model written to %s", out)
     return 0
 

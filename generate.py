@@ -4,7 +4,7 @@
                        [--report OUT.html] [--num_beams 5] [--max_new_tokens 192] [--min_new_tokens 0]
                        [--batch_size 16] [--context none|gold|predicted|FILE] [--context_window N]
                        [--prelude_window P] [--task translation|one_word_present|multi_word_present|is_reversed]
-                       [--limit N] [--no_repeat_ngram_size N]
+                       [--limit N] [--no_repeat_ngram_size N] [--bootstrap 1000] [--bleurt PATH|ID]
                        [--modalities pose]  (a subset: the others get their learned absent rows)
     python generate.py --score_only OUT.json [--metrics_out METRICS.json] [--report OUT.html]
     deepspeed --num_gpus N generate.py ...        # (or torchrun) the clips split across ranks, one output
@@ -25,9 +25,12 @@ Windows default to the checkpoint's (what it was trained with); clips with no fe
 OUT.json has the annotation layout, {video: {"clip_order": [...], clip: {"translation", "paraphrases",
 "keywords", "hypothesis"}}} holding the generated clips; translation adds each clip's "sentence_bleu" and
 "sentence_chrf" (and its "context" sentences when there were any), the yes/no tasks "reference" and "prompt".
-METRICS.json: sacreBLEU corpus BLEU (with its signature), chrF, n, the context mode and windows; accuracy /
-precision / recall / F1 of 'yes' for the yes/no tasks. --report: one self-contained HTML page (no server,
-nothing fetched) with the scores and every clip, worst first, filterable by video and text.
+METRICS.json: for translation BLEU-1..4, chrF, ROUGE-L, multi-reference BLEU / chrF (translation + paraphrases),
+each with its sacreBLEU signature or package version, a 95 % interval on BLEU and chrF (sacreBLEU's bootstrap,
+--bootstrap N), BLEU / chrF per video and per reference length, BLEURT with --bleurt; n, the context mode and
+windows; accuracy / precision / recall / F1 of 'yes' for the yes/no tasks. --report: one self-contained HTML
+page (no server, nothing fetched) with the scores and every clip, worst first, filterable by video and text.
+`python -m signllava.compare A.json B.json ...` compares outputs (differences, p-values, seeds).
 
 Under a launcher each rank translates whole videos (so predicted context stays on one rank); rank 0 gathers
 and writes one output in clip order.
@@ -61,7 +64,8 @@ from signllava.data_paths import DataPaths, data_problems
 from signllava.errors import CheckpointError, DataError, RunError, range_problems, run_command
 from signllava.layout import load_annotation
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
-from signllava.scoring import compute_metrics, format_table, sentence_scores, yes_no_metrics  # noqa: F401 (API)
+from signllava.scoring import (N_BOOTSTRAP, breakdowns, compute_metrics, format_table, sentence_scores,  # noqa: F401 (API)
+                               yes_no_metrics)
 
 log = logging.getLogger("signllava")
 # Fits real sentences: How2Sign's longest references run past 60 words (~80-100 Llama-3 tokens). Beam search
@@ -275,17 +279,6 @@ class Translator:
         return self.generate_items([item], num_beams, max_new_tokens, min_new_tokens)[0]
 
 
-# ------------------------------------------------------------------------------------------- metrics
-def bleurt_score(checkpoint: str, hyps: list[str], refs: list[str]) -> float | None:
-    try:
-        from bleurt import score as bleurt_lib
-    except Exception:
-        print("warning: --bleurt_checkpoint given but the bleurt package does not import; BLEURT skipped", file=sys.stderr)
-        return None
-    scores = bleurt_lib.BleurtScorer(checkpoint).score(references=refs, candidates=hyps)
-    return float(np.mean(scores)) if scores else 0.0
-
-
 # ------------------------------------------------------------------------------------------- the split
 def context_policy(cfg: SignConfig, mode: str | None, context_window: int | None = None,
                    prelude_window: int | None = None, task: str = "translation") -> tuple[str, int, int]:
@@ -438,15 +431,31 @@ def build_output(ds, results: dict, task: str) -> dict:
     return out
 
 
-def score_output(output: dict, task: str) -> dict:
-    """Corpus metrics of an output JSON; for translation, each clip's sentence BLEU and chrF written into it."""
+def score_output(output: dict, task: str, n_bootstrap: int = 0, bleurt: str | None = None,
+                 bleurt_batch_size: int = 16) -> dict:
+    """Corpus metrics of an output JSON (signllava/scoring.py's suite for translation: BLEU-1..4, chrF,
+    ROUGE-L, multi-reference BLEU / chrF with the paraphrases, a 95 % interval with n_bootstrap > 1, per-video
+    and per-length breakdowns; BLEURT with a checkpoint); for translation, each clip's sentence BLEU and chrF
+    written into it."""
+    videos = [v for v, vd in output.items() for _ in vd["clip_order"]]
     entries = [vd[c] for vd in output.values() for c in vd["clip_order"]]
     hyps = [e["hypothesis"] for e in entries]
-    refs = [e["reference"] if "reference" in e else e["translation"] for e in entries]
-    if task == "translation":
-        for e, h, r in zip(entries, hyps, refs):
-            e.update(sentence_scores(h, r))
-    return compute_metrics(hyps, refs, task)
+    refs = [e.get("reference", e["translation"]) for e in entries]
+    if task != "translation":
+        return compute_metrics(hyps, refs, task)
+    for e, h, r in zip(entries, hyps, refs):
+        e.update(sentence_scores(h, r))
+    metrics = compute_metrics(hyps, refs, task, paraphrases=[e.get("paraphrases") or [] for e in entries],
+                              n_bootstrap=n_bootstrap)
+    metrics.update(breakdowns(videos, hyps, refs))
+    if bleurt:
+        from signllava.bleurt import BleurtScorer
+        scorer = BleurtScorer.load(bleurt)
+        per_clip = scorer.score(hyps, refs, batch_size=bleurt_batch_size)
+        for e, b in zip(entries, per_clip):
+            e["sentence_bleurt"] = b
+        metrics["bleurt"], metrics["bleurt_signature"] = sum(per_clip) / len(per_clip), scorer.signature
+    return metrics
 
 
 def _write_json(path: str, obj):
@@ -531,6 +540,9 @@ def run(args) -> int:
         log.warning("--context %s has no effect: the context windows are 0 (the checkpoint was trained without "
                     "context; set --context_window/--prelude_window to override)", mode)
 
+    if args.bleurt:         # a wrong path or id is found before the generation, not after it
+        from signllava.bleurt import resolve
+        resolve(args.bleurt)
     tr = Translator.load(ckpt, cfg, tokenizer, device)
     tr.decode_steps = args.decode_steps or tr.decode_steps
     tr.no_repeat_ngram_size = args.no_repeat_ngram_size
@@ -547,14 +559,8 @@ def run(args) -> int:
     if not results:
         raise DataError(f"{args.data_dir}: no clip of split {args.split!r} could be generated for task {args.task}")
     output = build_output(ds, results, args.task)
-    metrics = score_output(output, args.task)
+    metrics = score_output(output, args.task, args.bootstrap, args.bleurt, args.bleurt_batch_size)
     _write_json(args.output, output)
-    if args.bleurt_checkpoint:
-        keys = [(v, c) for v, vd in output.items() for c in vd["clip_order"]]
-        b = bleurt_score(args.bleurt_checkpoint, [results[k]["hypothesis"] for k in keys],
-                         [results[k]["reference"] for k in keys])
-        if b is not None:
-            metrics["bleurt"] = b
     metrics.update({"split": args.split, "checkpoint": str(ckpt), "data_dir": str(args.data_dir),
                     "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
                     "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
@@ -614,7 +620,8 @@ def score_only(args) -> int:
         except (OSError, ValueError) as e:
             raise DataError(f"--metrics_out {args.metrics_out}: an earlier file there is not metrics JSON ({e}); move "
                             f"it away or give another path") from None
-    metrics = {**before, **score_output(output, args.task), "output": str(path)}
+    metrics = {**before, **score_output(output, args.task, args.bootstrap, args.bleurt, args.bleurt_batch_size),
+               "output": str(path)}
     _write_json(str(path), output)
     finish(args, output, metrics)
     return 0
@@ -654,7 +661,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--decode_steps", choices=DECODE_MODES, help="beam-search steps: graph (CUDA graphs; the default on "
                    "a GPU), static (the same fixed buffers, no graph), eager (the default on a CPU)")
-    p.add_argument("--bleurt_checkpoint", metavar="PATH", help="also score BLEURT with this checkpoint (needs the bleurt package)")
+    p.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP, metavar="N",
+                   help="resamples of sacreBLEU's bootstrap for the 95 %% intervals on BLEU and chrF (0: none)")
+    p.add_argument("--bleurt", metavar="PATH|ID", help="also score BLEURT with this checkpoint: a PyTorch BLEURT-20 "
+                   "(-D3/-D6/-D12) directory or hub id in bleurt-pytorch's layout, e.g. lucadiliello/BLEURT-20; run "
+                   "through transformers' RemBERT classes (signllava/bleurt.py)")
+    p.add_argument("--bleurt_batch_size", type=int, default=16)
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_config_arg(p)
     return p
@@ -667,9 +679,9 @@ def data_paths(args) -> DataPaths:
 def main(argv=None) -> int:
     p = parser()
     args = parse_args(p, argv)
-    problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"),
+    problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size", "bleurt_batch_size"),
                               non_negative=("context_window", "prelude_window", "limit", "num_workers",
-                                            "min_new_tokens", "no_repeat_ngram_size"))
+                                            "min_new_tokens", "no_repeat_ngram_size", "bootstrap"))
     if args.min_new_tokens > args.max_new_tokens:
         problems.append("--min_new_tokens must not exceed --max_new_tokens")
     if args.score_only:

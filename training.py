@@ -54,6 +54,8 @@ log = logging.getLogger("signllava")
 EVAL_GENERATE_CAP = 500                         # default dev clips translated at each evaluation
 # --metric_for_best -> the metrics.jsonl key it reads; dev loss is better lower, the scores higher.
 BEST_KEYS = {"bleu": "dev_bleu", "chrf": "dev_chrf", "dev_loss": "dev_loss"}
+# The suite's scores (signllava/scoring.py) each evaluation logs as dev_<name>, with the BLEU / chrF intervals.
+EVAL_SCALARS = ("bleu", "chrf", "bleu1", "bleu2", "bleu3", "rouge_l", "multiref_bleu", "multiref_chrf")
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -189,7 +191,12 @@ def add_run_args(g, output_required: bool, output_help: str | None):
     g.add_argument("--metric_for_best", choices=sorted(BEST_KEYS),
                    help="what picks OUTPUT_DIR/best, the checkpoint rotation never removes (default: bleu when "
                         "translation is on, else dev_loss)")
-    g.add_argument("--logging_steps", type=int, default=10, help="loss, learning rate and speed logged every N steps")
+        g.add_argument("--logging_steps", type=int, default=10, help="loss, learning rate and speed logged every N steps")
+    g.add_argument("--report_to", default="tensorboard", metavar="tensorboard,wandb,trackio|none",
+                   help="trackers of the training scalars besides OUTPUT_DIR/metrics.jsonl, any combination "
+                        "(signllava/trackers.py; W&B honours WANDB_MODE=offline, Trackio stores locally)")
+    g.add_argument("--run_name", help="the run's name in W&B / Trackio (default: the output directory's name)")
+    g.add_argument("--tracker_project", default="signllava", help="the W&B / Trackio project")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest complete checkpoint")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh in an OUTPUT_DIR that holds a run: its checkpoints, latest/best, metrics.jsonl, "
@@ -251,6 +258,11 @@ def validate_args(p: argparse.ArgumentParser, args):
         problems.append(f"--chat_template {args.chat_template}: no such file (or 'builtin')")
     if not Path(args.deepspeed_config).is_file():
         problems.append(f"--deepspeed_config {args.deepspeed_config}: no such file")
+    try:
+        from signllava.trackers import parse_report_to
+        parse_report_to(args.report_to)
+    except ValueError as e:
+        problems.append(str(e))
     for flag in ("task_weights", "eval_task_weights"):
         try:
             parse_task_weights(getattr(args, flag))
@@ -661,7 +673,7 @@ class TrainState:
     total: int
     engine: object = None
     scheduler: object = None
-    writer: object = None
+    trackers: object = None                     # signllava.trackers.Trackers on rank 0
     step: int = 0
     best_dev_loss: float | None = None
     dev_loss: float | None = None
@@ -670,6 +682,8 @@ class TrainState:
     best: Best | None = None                    # None: no dev split, nothing to pick by
     translation: EvalTranslation | None = None
     dev_postfix: dict | None = None             # the last evaluation, for the progress bar
+    eval_scores: dict | None = None             # the last evaluation's whole suite, signatures and intervals
+    best_scores: dict | None = None             # the same of the best evaluation (this process's own)
 
 
 def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
@@ -689,14 +703,16 @@ def fit(env: RunEnv, model: SignLLM, cfg: SignConfig, data: Data) -> int:
     if resume_from is not None:
         resume(state, resume_from)
     if env.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        state.writer = SummaryWriter(str(env.out / "runs"))
         write_run_args(env.args, env.out / "args.yaml")
+        state.trackers = start_trackers(env)
     train(state)
-    if state.writer:
-        state.writer.close()
+    if state.trackers:
+        state.trackers.close()
     if env.rank == 0:
         write_summary(state)
+        if cfg.stage == 2:        # a finished stage-2 run describes itself (export.py writes the same card)
+            from signllava.model_card import write_model_card
+            log.info("model card: %s", write_model_card(env.out, cfg, cfg.base_model, env.out, [], adapter=True))
     barrier()
     return 0
 
@@ -710,6 +726,10 @@ def write_summary(state: TrainState):
     if best is not None and best.step is not None:
         summary["best"] = {"metric": best.metric, "step": best.step, "score": best.score,
                            "checkpoint": str(out / f"checkpoint-{best.step}")}
+    if state.eval_scores:       # the model card's dev scores, with signatures and intervals
+        summary["dev_scores"] = {"step": state.step, **state.eval_scores}
+        if state.best_scores:
+            summary["best_dev_scores"] = state.best_scores
     write_atomic(out / "train_summary.json", json.dumps(summary, indent=1))
     log.info("done: %s", summary)
     if (out / "metrics.jsonl").is_file():
@@ -811,13 +831,22 @@ def resume(state: TrainState, directory: Path):
     log.info("resumed from %s at step %d", directory, state.step)
 
 
+def start_trackers(env: RunEnv):
+    """(rank 0) The --report_to trackers, the run's flags as their config."""
+    from signllava.config import NOT_RECORDED
+    from signllava.trackers import Trackers, parse_report_to
+    a = env.args
+    config = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+              for k, v in vars(a).items() if k not in NOT_RECORDED}
+    return Trackers(parse_report_to(a.report_to), env.out, a.run_name or env.out.resolve().name, a.tracker_project,
+                    config, resume=a.resume)
+
+
 def record(state: TrainState, row: dict):
-    """Rank 0: TensorBoard scalars plus one JSON line per record in OUTPUT_DIR/metrics.jsonl."""
-    if state.writer is None:
+    """Rank 0: one JSON line per record in OUTPUT_DIR/metrics.jsonl, and the row to each --report_to tracker."""
+    if state.trackers is None:
         return
-    for k, v in row.items():
-        if k != "step":
-            state.writer.add_scalar(("dev/" if k.startswith("dev") else "train/") + k, v, row["step"])
+    state.trackers.log(row)
     # Appended in place, not rewritten atomically: an append-only log whose earlier lines a write never touches;
     # a kill loses at most the line being written, which curves.read_series skips as the last line.
     with open(state.env.out / "metrics.jsonl", "a") as f:
@@ -893,7 +922,7 @@ def evaluate_translation(state: TrainState) -> dict | None:
     calls (padded with dummy ones) and generate() keeps finished ranks stepping. The RNG is put back afterwards,
     so evaluating never changes the training trajectory."""
     from generate import count_calls, gather_results, generate_split, share_by_video
-    from signllava.scoring import compute_metrics
+    from signllava.scoring import N_BOOTSTRAP, compute_metrics, score_rows
     t, env, a = state.translation, state.env, state.env.args
     if t is None:
         return None
@@ -916,8 +945,13 @@ def evaluate_translation(state: TrainState) -> dict | None:
     set_rng_state(saved_rng)
     results = gather_results(results, env.world)
     keys = [k for k in (tuple(t.dataset.items[i][:2]) for i in t.indices) if k in results]
-    m = compute_metrics([results[k]["hypothesis"] for k in keys], [results[k]["reference"] for k in keys])
-    return {"dev_bleu": m["bleu"], "dev_chrf": m["chrf"]}
+    m = compute_metrics([results[k]["hypothesis"] for k in keys], [results[k]["reference"] for k in keys],
+                        paraphrases=[t.dataset.annotation.clips[k].paraphrases for k in keys], n_bootstrap=N_BOOTSTRAP)
+    if state.eval_scores is None:     # once: what reproduces each logged score
+        log.info("evaluation scores: %s", "; ".join(f"{name} [{sig}]" for name, _, _, sig in score_rows(m)))
+    state.eval_scores = m
+    return {f"dev_{k}": m[k] for k in EVAL_SCALARS if k in m} | {
+        f"dev_{k}_ci95": m["ci95"][k]["pm"] for k in ("bleu", "chrf")}
 
 
 def run_evaluation(state: TrainState) -> bool:
@@ -932,11 +966,13 @@ def run_evaluation(state: TrainState) -> bool:
     row = {"step": state.step, "dev_loss": state.dev_loss, **scores}
     log.info("step %d: %s", state.step, ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items() if k != "step"))
     record(state, row)
-    state.dev_postfix = {k: f"{v:.4f}" if k == "dev_loss" else f"{v:.2f}" for k, v in row.items() if k != "step"}
+    state.dev_postfix = {k: f"{v:.4f}" if k == "dev_loss" else f"{v:.2f}" for k, v in row.items()
+                         if k in ("dev_loss", "dev_bleu", "dev_chrf")}
     score = row[BEST_KEYS[state.best.metric]]
     if not state.best.improved_by(score):
         return False
     state.best = Best(state.best.metric, state.step, score)
+    state.best_scores = state.eval_scores and {"step": state.step, **state.eval_scores}
     return True
 
 

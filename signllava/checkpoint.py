@@ -203,7 +203,7 @@ def _remove(d: Path):
 
 
 # What training writes beside the checkpoints: its records, the curves, TensorBoard's events.
-RUN_RECORDS = ("metrics.jsonl", "train_summary.json", "curves.png", "runs")
+RUN_RECORDS = ("metrics.jsonl", "train_summary.json", "curves.png", "runs", "wandb", "trackers.json")
 
 
 def clear_run(out_dir: Path) -> list[str]:

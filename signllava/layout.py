@@ -91,7 +91,7 @@ def _all_text(value) -> bool:
     return all(is_text(x) for x in items if isinstance(x, str))
 
 
-def _clean_paraphrases(items) -> list[str]:
+def clean_paraphrases(items) -> list[str]:
     """Real paraphrase lists hold '<none>', '' and NaN placeholders; they are not sentences."""
     out = []
     for p in items or []:
@@ -144,7 +144,7 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
             hyp = cd.get("hypothesis")
             ann.clips[(video, clip)] = ClipText(
                 translation=tr.strip(),
-                paraphrases=_clean_paraphrases(cd.get("paraphrases")),
+                paraphrases=clean_paraphrases(cd.get("paraphrases")),
                 keywords=list(dict.fromkeys(k.strip() for k in kws if isinstance(k, str) and k.strip())),
                 hypothesis=hyp if isinstance(hyp, str) else None)
             ok_order.append(clip)

@@ -1,7 +1,8 @@
 """generate.py --report OUT.html: one self-contained page to read a split's translations.
 
-The corpus scores with their sacreBLEU signatures and how the output was made (checkpoint, context, beams);
-then every clip -- video, clip, sentence BLEU and chrF, reference, hypothesis and the context sentences it
+The corpus scores (BLEU-1..4, chrF, ROUGE-L, multi-reference BLEU / chrF, BLEURT when scored) with their 95 %
+intervals and signatures, how the output was made (checkpoint, context, beams), BLEU / chrF by reference length
+and by video; then every clip -- video, clip, sentence BLEU and chrF, reference, hypothesis and the context sentences it
 was given -- worst first. Two filters (a video, a text matched in reference / hypothesis / context / clip
 name) hide the other rows; the filter lives in the address too (`report.html#video=V&q=TEXT`), so a filtered
 view can be bookmarked or shared. Every row is written into the HTML itself (the page is readable with
@@ -14,7 +15,8 @@ import html
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em;margin:0 0 .3em} .meta{color:#555;margin:.2em 0}
-table.scores td{padding:.1em .8em .1em 0} .sig{color:#777;font-family:monospace;font-size:12px}
+table.scores td,table.scores th{padding:.1em .8em .1em 0;text-align:left}
+.sig{color:#777;font-family:monospace;font-size:12px} details.breakdown{margin:.4em 0} summary{cursor:pointer}
 .filters{margin:1em 0;position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd}
 .filters input{width:22em} #count{margin-left:1em;color:#555}
 table.clips{border-collapse:collapse;width:100%} table.clips th{text-align:left;border-bottom:2px solid #999}
@@ -76,13 +78,40 @@ def _row(n: int, r: dict) -> str:
             f'<td class="ctx">{ctx}</td></tr>')
 
 
+def _scores_table(metrics: dict) -> str:
+    """Every corpus score with its 95 % interval (when computed) and its signature: scoring.score_rows."""
+    from signllava.scoring import score_rows
+    e = html.escape
+    if "bleu" not in metrics:
+        return ""
+    rows = "".join(f'<tr><td>{e(name)}</td><td class="num"><b>{val:.2f}</b></td><td class="num">{e(ci)}</td>'
+                   f'<td class="sig">{e(str(sig))}</td></tr>' for name, val, ci, sig in score_rows(metrics))
+    ci = metrics.get("ci95")
+    note = (f'<p class="meta">95 % intervals: sacreBLEU\'s bootstrap over the clips, {ci["n_bootstrap"]} resamples, '
+            f'seed {e(str(ci["seed"]))} (μ = bootstrap mean ± half-width)</p>' if ci else "")
+    return f'<table class="scores">{rows}</table>{note}'
+
+
+def _breakdowns(metrics: dict) -> str:
+    """BLEU / chrF per reference length, and per video (folded), as generate.py's metrics hold them."""
+    e = html.escape
+
+    def table(title: str, groups: dict, open_: bool) -> str:
+        body = "".join(f'<tr><td>{e(k)}</td><td class="num">{g["n"]}</td><td class="num">{g["bleu"]:.2f}</td>'
+                       f'<td class="num">{g["chrf"]:.2f}</td></tr>' for k, g in groups.items())
+        return (f'<details class="breakdown"{" open" if open_ else ""}><summary>{e(title)}</summary>'
+                f'<table class="scores"><tr><th></th><th>clips</th><th>BLEU</th><th>chrF</th></tr>{body}</table>'
+                f'</details>')
+    parts = []
+    if metrics.get("per_length"):
+        parts.append(table("by reference length (words)", metrics["per_length"], True))
+    if metrics.get("per_video"):
+        parts.append(table(f"by video ({len(metrics['per_video'])})", metrics["per_video"], False))
+    return "".join(parts)
+
+
 def _header(metrics: dict) -> str:
     e = html.escape
-    scores = [("BLEU", metrics.get("bleu"), metrics.get("signature", "")),
-              ("chrF", metrics.get("chrf"), metrics.get("chrf_signature", ""))]
-    scores += [(k, 100 * metrics[k], "%") for k in ("accuracy", "precision", "recall", "f1") if k in metrics]
-    table = "".join(f'<tr><td>{name}</td><td class="num"><b>{val:.2f}</b></td><td class="sig">{e(str(sig))}</td></tr>'
-                    for name, val, sig in scores if val is not None)
     context = metrics.get("context", "unknown")
     if context not in ("none", "unknown"):
         context += f" (window {metrics.get('context_window')}, prelude {metrics.get('prelude_window')})"
@@ -90,7 +119,7 @@ def _header(metrics: dict) -> str:
             f"{metrics.get('n', '?')} clips", f"context <b id=\"context\">{e(context)}</b>"]
     made += [f"{k.replace('_', ' ')} {e(str(metrics[k]))}" for k in ("num_beams", "max_new_tokens") if k in metrics]
     ckpt = f'<p class="meta">checkpoint {e(str(metrics["checkpoint"]))}</p>' if "checkpoint" in metrics else ""
-    return f'<table class="scores">{table}</table><p class="meta">{" · ".join(made)}</p>{ckpt}'
+    return f'{_scores_table(metrics)}<p class="meta">{" · ".join(made)}</p>{ckpt}{_breakdowns(metrics)}'
 
 
 def render(output: dict, metrics: dict) -> str:

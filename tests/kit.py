@@ -118,3 +118,23 @@ def train_args(data: Path, model: Path, out: Path, steps: int, *extra, zero: int
     return ["--data_dir", data, "--model", model, "--output_dir", out, "--max_steps", steps, "--batch_size", 4,
             "--deepspeed_config", REPO / f"ds_config_zero{zero}.json", "--num_workers", 0, "--logging_steps", 1,
             "--eval_steps", 1000, "--learning_rate", 3e-3, *(() if translate else ("--eval_generate", 0)), *extra]
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp: Path, url: str, *flags: str) -> str:
+    """Open `url` in headless Chromium (fresh profile) -> stdout (the DOM after scripts ran, with --dump-dom);
+    the test is skipped where Chromium is not installed."""
+    import shutil
+
+    import pytest
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the report's browser check is skipped")
+    profile = tmp / f"profile{len(list(tmp.glob('profile*')))}"
+    res = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout

@@ -107,6 +107,16 @@ def test_generate_on_best_reproduces_the_logged_scores(run, tiny, tmp_path):
     assert met["n"] == CLIPS and met["context"] == "none"
     assert met["bleu"] == pytest.approx(dev_rows(out)[best_step]["dev_bleu"], abs=1e-9)
     assert met["chrf"] == pytest.approx(dev_rows(out)[best_step]["dev_chrf"], abs=1e-9)
+    # the whole suite the evaluation logs is generate.py's: BLEU-1..3, ROUGE-L, multi-reference, the intervals
+    from training import EVAL_SCALARS
+    row = dev_rows(out)[best_step]
+    assert {f"dev_{k}" for k in EVAL_SCALARS} <= set(row)
+    for k in EVAL_SCALARS:
+        assert met[k] == pytest.approx(row[f"dev_{k}"], abs=1e-9), k
+    assert met["ci95"]["bleu"]["pm"] == pytest.approx(row["dev_bleu_ci95"], abs=1e-9)
+    best_scores = json.loads((out / "train_summary.json").read_text())["best_dev_scores"]
+    assert best_scores["step"] == best_step and best_scores["rouge_l_signature"] == met["rouge_l_signature"]
+    assert "evaluation scores: BLEU-1" in log and met["multiref_signature"] in log
 
 
 def test_resume_keeps_best_tracking_exact(run, tiny):

@@ -230,7 +230,21 @@ def test_bits16_lora_and_merged_export_match(s1):
     root, data, llm, _ = s1
     out, _ = finetune(s1, "b16", 4, "--bits", "16", "--save_steps", 4)
     assert SignConfig.load(out / "checkpoint-4").bits == 16
-    run_script("export.py", "--checkpoint", out, "--output_dir", root / "merged", "--dtype", "fp32")
+    from signllava.scoring import compute_metrics
+    metrics = root / "test.metrics.json"
+    metrics.write_text(json.dumps({**compute_metrics(["a red cat"], ["a red dog"], n_bootstrap=10), "split": "test"}))
+    run_script("export.py", "--checkpoint", out, "--output_dir", root / "merged", "--dtype", "fp32",
+               "--metrics", metrics)
+    # the folder is ready for `huggingface-cli upload`: a model card huggingface_hub reads, naming the real run
+    from huggingface_hub import ModelCard
+    for where, adapter in ((root / "merged", False), (out, True)):      # export.py's and the finished run's
+        card = ModelCard.load(where / "README.md")
+        assert "sign-language-translation" in card.data.tags and card.data.license == "other"
+        assert f"`{llm}`" in card.text and "## Training recipe" in card.text and "## Limitations" in card.text
+        assert "lora_r:" in card.text and "was not found" not in card.text      # stage 2's and stage 1's args
+        assert ("PeftModel.from_pretrained" in card.text) == adapter
+    merged_card = ModelCard.load(root / "merged" / "README.md")
+    assert [r.metric_name for r in merged_card.data.eval_results][:2] == ["BLEU-4", "BLEU-1"]
     from generate import Translator
     import numpy as np
     a = Translator.from_checkpoint(out / "checkpoint-4", device="cpu")

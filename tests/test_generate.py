@@ -19,6 +19,7 @@ import generate
 from generate import Translator, compute_metrics, yes_no_metrics
 from signllava.decode_graph import base_causal_lm
 from signllava.prompts import context_ids, translation_prompt
+from tests.kit import chromium
 
 HERE = Path(__file__).resolve().parent.parent     # the repository root
 DIMS = {"mae": 6, "pose": 4}
@@ -299,6 +300,13 @@ def test_output_json_and_metrics(env, tmp_path):
     assert met["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     assert met["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert met["signature"].startswith("nrefs:1|") and "accuracy" not in met
+    # the suite (tests/test_metrics.py checks each number against its library): BLEU-1..4, ROUGE-L, the
+    # paraphrases as extra references (none here: the same as single-reference), intervals, breakdowns
+    assert met["bleu4"] == met["bleu"] and {"bleu1", "bleu2", "bleu3", "rouge_l", "rouge_l_signature"} <= set(met)
+    assert met["multiref_bleu"] == pytest.approx(met["bleu"]) and met["multiref_refs"] == 1.0
+    assert met["ci95"]["n_bootstrap"] == 1000 and "bs:1000" in met["ci95"]["bleu"]["signature"]
+    assert sorted(met["per_video"]) == ["vA", "vB"] and met["per_video"]["vA"]["n"] == 3
+    assert sum(g["n"] for g in met["per_length"].values()) == 6
     # --limit: the first N clips in video / clip order
     out2, met2 = run_cli(env, tmp_path, "--limit", 2, "--num_beams", 1, "--max_new_tokens", 4, name="lim")
     assert met2["n"] == 2 and list(out2) == ["vA"] and out2["vA"]["clip_order"] == ["vA_0", "vA_1"]
@@ -418,21 +426,25 @@ def test_default_context_and_score_only(env, tmp_path):
     assert generate.main(["--score_only", str(bad)]) == 2                      # one line, exit status 2
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
-
-
-def chromium(tmp: Path, url: str, *flags: str) -> str:
-    """Open `url` in headless Chromium (fresh profile) -> stdout (the DOM after scripts ran, with --dump-dom)."""
-    import shutil
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium); the report's browser check is skipped")
-    profile = tmp / f"profile{len(list(tmp.glob('profile*')))}"
-    res = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
+def test_bleurt_through_the_cli(env, tmp_path, capsys):
+    """--bleurt PATH: BLEURT (signllava/bleurt.py) of every clip into the output, their mean into the metrics;
+    a wrong path is one line and exit status 2 before anything is generated."""
+    from signllava.bleurt import BleurtScorer
+    from tests.test_metrics import make_tiny_bleurt
+    texts = [tr for clips in VIDEOS.values() for _, _, tr, _ in clips]
+    bleurt = make_tiny_bleurt(tmp_path / "bleurt", texts)
+    out, met = run_cli(env, tmp_path, "--num_beams", 1, "--max_new_tokens", 4, "--bleurt", bleurt, name="bl")
+    entries = [out[v][c] for v in out for c in out[v]["clip_order"]]
+    expected = BleurtScorer.load(str(bleurt)).score([e["hypothesis"] for e in entries],
+                                                    [e["translation"] for e in entries])
+    assert [e["sentence_bleurt"] for e in entries] == pytest.approx(expected, abs=1e-6)
+    assert met["bleurt"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    assert "RemBertForSequenceClassification" in met["bleurt_signature"]
+    assert "BLEURT" in capsys.readouterr().out
+    rc = generate.main(["--checkpoint", str(env["ckpt"]), "--data_dir", str(env["data"]), "--output",
+                        str(tmp_path / "x.json"), "--device", "cpu", "--bleurt", str(tmp_path / "no-such-dir")])
+    assert rc == 2 and not (tmp_path / "x.json").exists()
+    assert "--bleurt" in capsys.readouterr().err
 
 
 def visible_rows(dom: str) -> list[str]:
@@ -454,6 +466,9 @@ def test_report_in_a_real_browser(env, tmp_path):
     scores = [out[c.split("_")[0]][c]["sentence_bleu"] for c in shown]
     assert scores == sorted(scores)                                               # worst first
     assert f"{met['bleu']:.2f}" in dom and met["signature"] in dom and ">gold (window 1, prelude 1)<" in dom
+    for shown_score in ("BLEU-1", "ROUGE-L", "BLEU multi-ref", f"μ {met['ci95']['bleu']['mean']:.2f}",
+                        "by reference length", met["rouge_l_signature"]):
+        assert shown_score in dom, shown_score
     assert "http://" not in dom.replace("http://www.w3.org", "") and "https://" not in dom   # nothing fetched
     # by video, by text (the filter state is in the address, as a person's bookmark would keep it)
     assert sorted(visible_rows(chromium(tmp_path, report.as_uri() + "#video=vB", "--dump-dom"))) == ["vB_0", "vB_1", "vB_2"]
