@@ -191,7 +191,7 @@ def add_run_args(g, output_required: bool, output_help: str | None):
     g.add_argument("--metric_for_best", choices=sorted(BEST_KEYS),
                    help="what picks OUTPUT_DIR/best, the checkpoint rotation never removes (default: bleu when "
                         "translation is on, else dev_loss)")
-        g.add_argument("--logging_steps", type=int, default=10, help="loss, learning rate and speed logged every N steps")
+    g.add_argument("--logging_steps", type=int, default=10, help="loss, learning rate and speed logged every N steps")
     g.add_argument("--report_to", default="tensorboard", metavar="tensorboard,wandb,trackio|none",
                    help="trackers of the training scalars besides OUTPUT_DIR/metrics.jsonl, any combination "
                         "(signllava/trackers.py; W&B honours WANDB_MODE=offline, Trackio stores locally)")
