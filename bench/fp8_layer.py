@@ -61,6 +61,28 @@ def matmul_ceilings(n: int = 8192) -> dict:
     return out
 
 
+def kernel_vs_emulation(tokens: int = 8192) -> dict:
+    """One 4096 -> 14336 FP8 linear, forward and input gradient: torch._scaled_mm against the fp32 emulation of the
+    same e4m3 operands (what the CPU tests pin), and both against the bf16 linear."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lin = torch.nn.Linear(4096, 14336, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x0 = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    dy = torch.randn(tokens, 14336, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run(layer):
+        x = x0.detach().requires_grad_(True)
+        y = layer(x)
+        y.backward(dy)
+        return y.float(), x.grad.float()
+    rel = lambda a, b: float((a - b).norm() / b.norm())      # noqa: E731
+    (yk, gk), (ye, ge), (yb, gb) = (run(fp8.FrozenFP8Linear(lin, emulate=False)),
+                                    run(fp8.FrozenFP8Linear(lin, emulate=True)), run(lin))
+    out = {"out_kernel_vs_emulated": rel(yk, ye), "grad_kernel_vs_emulated": rel(gk, ge),
+           "out_fp8_vs_bf16": rel(yk, yb), "grad_fp8_vs_bf16": rel(gk, gb)}
+    log("linear: " + ", ".join(f"{k} {v:.2e}" for k, v in out.items()))
+    return out
+
+
 def layer_variants(tokens: int, reps: int) -> dict:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -140,7 +162,7 @@ def main(argv=None):
     if not torch.cuda.is_available() or not fp8.fp8_matmul_available(torch.device("cuda")):
         sys.exit("error: bench/fp8_layer.py needs a GPU with FP8 tensor cores (compute capability 8.9+)")
     R = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": a.tokens,
-         "matmul": matmul_ceilings()}
+         "linear": kernel_vs_emulation(), "matmul": matmul_ceilings()}
     R["layer"] = layer_variants(a.tokens, a.reps)
     if a.out:
         Path(a.out).write_text(json.dumps(R, indent=1) + "\n")
