@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from tests.kit import REPO, script_env
+from tests.kit import REPO, script_env, write_tiny_dataset
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -153,14 +153,14 @@ def test_export_replaces_an_earlier_export_and_a_folder_only_when_told(stage2_ru
     for _ in range(2):                            # the second replaces the first without being asked
         code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", out, "--dtype", "fp32")
         assert code == 0, err
-        assert {p.name for p in out.iterdir()} == {"config.json", "projectors.safetensors", "model"}
+        assert {p.name for p in out.iterdir()} == {"config.json", "projectors.safetensors", "model", "README.md"}
     assert resolve_checkpoint(out) == out
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "old.txt").write_text("to go")
     code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", mine, "--dtype", "fp32", "--overwrite")
     assert code == 0, err
-    assert {p.name for p in mine.iterdir()} == {"config.json", "projectors.safetensors", "model"}
+    assert {p.name for p in mine.iterdir()} == {"config.json", "projectors.safetensors", "model", "README.md"}
     assert hidden_siblings(tmp_path) == []
 
 
@@ -194,7 +194,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_touches_nothing(tmp_path
         before = snapshot(out)
         with pytest.raises(RunError, match=f"another run is using this output folder \\(pid {holder.pid} on "):
             hold(out)
-        (tmp_path / "data").mkdir()
+        write_tiny_dataset(tmp_path / "data")            # a real dataset: the flags pass their checks
         res = subprocess.run([sys.executable, REPO / "pretrain.py", *map(str, train_args(tmp_path / "data",
                               tmp_path / "llm", out, 6, "--resume"))], cwd=REPO, env=script_env(),
                              capture_output=True, text=True, timeout=300)
@@ -475,7 +475,8 @@ def test_a_checkpoint_config_of_wrong_shape_is_one_line(tmp_path, capsys, case):
     raw = [raw] if change is None else {k: v for k, v in {**raw, **change}.items() if v is not None}
     (ck / "config.json").write_text(json.dumps(raw))
     (ck / "projectors.safetensors").write_bytes(b"")
-    code = generate.main(["--checkpoint", str(ck), "--data_dir", str(tmp_path), "--output", str(tmp_path / "o.json")])
+    data = write_tiny_dataset(tmp_path / "data")
+    code = generate.main(["--checkpoint", str(ck), "--data_dir", str(data), "--output", str(tmp_path / "o.json")])
     err = one_line(capsys.readouterr().err)
     assert code == 2 and f"{ck / 'config.json'}: " in err and why in err, err
 
