@@ -8,7 +8,6 @@ Writes OUT/model/ (a plain HF model + tokenizer), OUT/projectors.safetensors and
 The LoRA was trained against the nf4-quantised base and is merged into the 16-bit base: the usual
 QLoRA approximation, small for real models (compare both with generate.py if it matters to you).
 """
-import argparse
 import logging
 import shutil
 import sys
