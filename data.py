@@ -10,7 +10,6 @@ what was loaded before: that is what makes `--resume` exact without saving worke
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -112,7 +111,8 @@ def capped_len(t: int, max_frames: int) -> int:
 class SignDataset(torch.utils.data.Dataset):
     """Clips of one split that have features in every selected modality.
 
-    `data` is the dataset's folder (today's layout) or a DataPaths naming its files. `expected_dims` (from a checkpoint) makes a dim mismatch an error; otherwise dims are read from
+    `data` is the dataset's folder (today's layout) or a DataPaths naming its files. `expected_dims` (from a
+    checkpoint) makes a dim mismatch an error; otherwise dims are read from
     the data. `context_texts` overrides the gold translations used as context (generation with
     predicted context)."""
 

@@ -27,11 +27,14 @@ score() {   # score CHECKPOINT NAME: translate the dev split, metrics in $OUT/NA
     --output "$OUT/$2.generation.json" --metrics_out "$OUT/$2.metrics.json"
 }
 if [ -z "$MODEL" ]; then
-  # --weight_decay 0: the recipe the README's numbers were measured with (the default is the original's 0.1)
+  # --weight_decay 0: the recipe the README's numbers were measured with (the default is the original's 0.1).
+  # --eval_generate 0: each evaluation measures the dev loss only. Translating the whole dev split at every
+  # evaluation (the default, meant to pick the best checkpoint of a real run) would beam-search 154 clips six
+  # times here, a random LLM's runaway outputs in stage 1 included; the score step below translates it once.
   deepspeed --num_gpus 1 --master_port "$PORT" pretrain.py --data_dir "$OUT/data" --output_dir "$OUT/stage1" --max_steps 300 \
-    --learning_rate 2e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0
+    --learning_rate 2e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0 --eval_generate 0
   deepspeed --num_gpus 1 --master_port "$PORT" finetune.py --projector "$OUT/stage1" --data_dir "$OUT/data" --output_dir "$OUT/stage2" \
-    --max_steps 300 --learning_rate 3e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0
+    --max_steps 300 --learning_rate 3e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0 --eval_generate 0
   score "$OUT/stage2" dev
 else
   # A pretrained LLM frozen: stage 1 alone (projectors + markers) already translates; stage 2 adds QLoRA.

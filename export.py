@@ -16,7 +16,6 @@ An earlier export in OUT is replaced. Any other non-empty OUT is refused unless 
 a training run, the checkpoint being exported (or a folder holding it), a symbolic link or a file never are.
 Every check is made before the merge starts.
 """
-import argparse
 import logging
 import shutil
 import sys

@@ -42,7 +42,7 @@ def read_projector_source(path: str) -> tuple[SignConfig | None, dict, str]:
 
 
 def own_checkpoint_of(path: Path) -> Path | None:
-    """The checkpoint directory of ours whose DeepSpeed folder holds `path` (checkpoint-N/deepspeed/*.pt), if it is one."""
+    """Our checkpoint directory whose DeepSpeed folder holds `path` (checkpoint-N/deepspeed/*.pt), if it is one."""
     for d in path.parents[:2]:
         if (d / CONFIG_NAME).is_file() and (d / PROJECTORS_NAME).is_file():
             return d

@@ -167,7 +167,8 @@ def add_optimisation_args(g, lr: float):
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (a fraction is allowed)")
     g.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches (default groups similar lengths to cut padding)")
-    g.add_argument("--seed", type=int, default=42, help="seeds the model's init, the batch plan and every sample's draws")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seeds the model's init, the batch plan and every sample's draws")
 
 
 def add_run_args(g, output_required: bool, output_help: str | None):
@@ -178,7 +179,8 @@ def add_run_args(g, output_required: bool, output_help: str | None):
                         "too); batch geometry, precision and clipping always come from the flags")
     g.add_argument("--save_steps", type=int, default=500, help="a checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--save_total_limit", type=int, default=3, help="complete checkpoints kept (0: all)")
-    g.add_argument("--eval_steps", type=int, default=500, help="dev evaluation every N optimizer steps (and at the end)")
+    g.add_argument("--eval_steps", type=int, default=500,
+                   help="dev evaluation every N optimizer steps (and at the end)")
     g.add_argument("--eval_batch_size", type=int, default=16, help="dev batches, for the loss and for translation")
     g.add_argument("--eval_generate", type=int, default=None, metavar="N",
                    help="dev clips translated (beam search, as generate.py) and scored with BLEU and chrF at every "
@@ -484,7 +486,7 @@ class RunEnv:
     args: argparse.Namespace
     out: Path
     data_dir: Path
-    paths: DataPaths                            # the dataset's files (today's layout, or --annotation_file / --features)
+    paths: DataPaths                            # its files: today's layout, or --annotation_file / --features
     device: torch.device
     dtype: torch.dtype
     zero_stage: int

@@ -18,6 +18,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def make_parser(description: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
-                                   usage="%(prog)s [options] (-h lists them)")
+def make_parser(description: str | None, prog: str | None = None, positional: str = "") -> argparse.ArgumentParser:
+    """`positional`: what the usage line shows after the options (a command's required arguments)."""
+    usage = "%(prog)s [options] " + (f"{positional} " if positional else "") + "(-h lists them)"
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, usage=usage)

@@ -650,7 +650,7 @@ def read_original(path: Path) -> dict:
 
 def main(argv=None) -> int:
     from signllava.cli import make_parser
-    p = make_parser(__doc__, prog="python -m signllava.migrate_config")
+    p = make_parser(__doc__, prog="python -m signllava.migrate_config", positional="ORIGINAL.yaml")
     p.add_argument("config", metavar="ORIGINAL.yaml", help="a config file of the original Sign LLaVA")
     args = p.parse_args(argv)
     try:

@@ -188,7 +188,8 @@ def test_task_mix_logged_when_a_split_has_no_keywords(tmp_path, builder, caplog)
     n = len(ds)
     assert f"of {n} clips (0 with keywords, vocabulary of 0 words) these can carry one_word_present 0, " \
            f"multi_word_present 0, is_reversed {n}" in msg
-    assert "the mix becomes translation 0.900, one_word_present 0.000, multi_word_present 0.000, is_reversed 0.100" in msg
+    assert ("the mix becomes translation 0.900, one_word_present 0.000, multi_word_present 0.000, "
+            "is_reversed 0.100") in msg
     assert "one_word_present, multi_word_present: no clip can carry it" in msg
     drawn = [ds[(i, 0)]["task"] for i in range(n)]                    # what the samples really are
     assert set(drawn) <= {"translation", "is_reversed"}

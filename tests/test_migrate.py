@@ -22,6 +22,7 @@ from signllava.migrate_config import MigrationError, migrate
 from tests.kit import REPO, build_tiny_llm, run_script, script_env, write_tiny_dataset
 
 RUN = "sign2vec/finetune/sign2vec-yasl-sc-sc-64-8-d1_layer-1"
+ANNOTATIONS = {"train": "h2s.annotations.train.json", "dev": "h2s.annotations.dev.json"}
 MODS = ("sign2vec", "mae", "dino", "pose")
 
 
@@ -60,7 +61,7 @@ def stage1_config(data: Path, llm: Path, out: Path, pose: bool = False) -> dict:
         "TrainingArguments": training_arguments(out, lr_scheduler_type="linear", warmup_steps=0),
         "SignDataArguments": {"use_paraphrases": False, "context_window_size": 0, "prelude_window_size": 0,
                               "data_dir": str(data),
-                              "annotation_path": {"train": "h2s.annotations.train.json", "dev": "h2s.annotations.dev.json"},
+                              "annotation_path": ANNOTATIONS,
                               "visual_features": visual_features(enabled)},
         "SignModelArguments": {"projectors": projectors({"pose": "linear"})},
         "SignMultiTaskArguments": {"translation": {"enable": True, "sample_weight": 0.7},
@@ -86,7 +87,7 @@ def stage2_config(data: Path, out: Path, projector: Path) -> dict:
                                                 dataloader_num_workers=4, gradient_checkpointing=True),
         "SignDataArguments": {"use_paraphrases": False, "context_window_size": 0, "prelude_window_size": 0,
                               "data_dir": str(data),
-                              "annotation_path": {"train": "h2s.annotations.train.json", "dev": "h2s.annotations.dev.json"},
+                              "annotation_path": ANNOTATIONS,
                               "visual_features": visual_features({"sign2vec": RUN})},
         "SignModelArguments": {"projectors": {"pretrained_projector_ckpt": str(projector), **projectors()}},
         "SignMultiTaskArguments": {"translation": {"enable": True, "sample_weight": 1},
@@ -246,7 +247,8 @@ def test_converted_configs_train_both_stages_and_translate_in_the_original_paths
         cfg, _, _ = finetune.read_projector_source(str(s2))
     assert cfg.stage == 2 and "NEW LoRA adapter" in caplog.text and "--resume" in caplog.text
     states = s1 / "checkpoint-2" / "deepspeed" / "mp_rank_00_model_states.pt"
-    with pytest.raises(CheckpointError, match=f"give the checkpoint directory itself \\(--projector {s1 / 'checkpoint-2'}\\)"):
+    expected = f"give the checkpoint directory itself \\(--projector {s1 / 'checkpoint-2'}\\)"
+    with pytest.raises(CheckpointError, match=expected):
         finetune.read_projector_source(str(states))
 
 

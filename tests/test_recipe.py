@@ -172,7 +172,8 @@ def test_config_file_values_overrides_and_errors(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"packing": False, "seed": 7}))     # a destination, as args.yaml has
     a = parse_args(parser(), ["--config", str(tmp_path / "c.json"), "--output_dir", "o"])
     assert (a.packing, a.seed) == (False, 7)
-    for text, words in [("learning_rat: 1\nfoo: 2\n", ["unknown key(s) learning_rat (closest flag: learning_rate), foo"]),
+    for text, words in [("learning_rat: 1\nfoo: 2\n",
+                         ["unknown key(s) learning_rat (closest flag: learning_rate), foo"]),
                         ("lr_scheduler: cos\nepochs: abc\npacking: 1\n",
                          ["'cos' is not one of", "epochs: not a valid float", "packing: expected true or false"])]:
         cfg.write_text(text)
