@@ -560,6 +560,7 @@ def bench_fp8(section: str, model, synth: Synth, specs: list[Spec], args, device
         results.append({"name": f"(h) {section} FP8", "role": "fp8", "status": "skipped",
                         "error": "no bf16 token-budget row to compare with"})
         return results
+    start = len(results)                   # results may hold the section's bf16 rows: marks go to ours only
     trainer = Trainer(model, lr, device)
     rows = PackedRows(section, trainer, synth, specs, args, device, ctx, results,
                       step_override(trainer) if step_override else None)
@@ -575,16 +576,15 @@ def bench_fp8(section: str, model, synth: Synth, specs: list[Spec], args, device
             on_row()
         return r
 
-    first = len(results)
     with compiled_layers(section, model, backend, results, role="fp8") if compiled else contextlib.nullcontext():
         timed(base["max_tokens"], ", compiled layers, FP8" if compiled else ", FP8")
-    if compiled and results[first]["status"] == "error":   # the compiler failed on the FP8 layers: eager FP8 times
+    if compiled and results[start]["status"] == "error":   # the compiler failed on the FP8 layers: eager FP8 times
         timed(base["max_tokens"], ", FP8, eager layers")
     if mem_target_gb and compiled and args.memory_budget < 1:
         note = f", compiled layers, FP8, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
         with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget, "fp8"):
             fit_memory_budgeted(results, mem_target_gb, int(rows.seq_lens.max()), lambda b: timed(b, note))
-    mark_best(results, mem_target_gb, role="fp8")
+    mark_best(results[start:], mem_target_gb, role="fp8")
     del trainer, rows
     free_memory()
     return results
