@@ -16,11 +16,13 @@ gradient to each layer's input. That makes the FP8 path simple:
 Power-of-two scales keep every rescaling exact, as torchao's row-wise recipe does. torchao's own
 `Float8Linear` is built for training the weight: it keeps the bf16 weight (twice the memory), re-casts it to
 e4m3 twice every step, and its autograd function computes the weight gradient too (in eager mode a third more
-matmul work; a compiled graph can drop it). bench/fp8_layer.py times it against this module on one layer.
+matmul work; a compiled graph can drop it). On one compiled 8B layer on the H200 it ran 1.41x bf16 against this
+module's 1.52x, with 1.3 GiB more peak memory (bench/fp8_layer.py).
 
 Where no FP8 matmul exists (the CPU), the same quantised operands are multiplied in fp32 instead ("emulated");
-`torch._scaled_mm` on an FP8 GPU computes the same sums (fp32 accumulation), so the CPU tests pin the
-quantisation, the scales and the backward against the bf16/fp32 layers. A GPU without FP8 tensor cores is
+`torch._scaled_mm` on an FP8 GPU computes the same sums (fp32 accumulation; on the H200 its outputs were the
+emulation's to 2.3e-3, its input gradients to 6.6e-4), so the CPU tests pin the quantisation, the scales and
+the backward against the fp32 layers. A GPU without FP8 tensor cores is
 refused in one line naming the flag.
 """
 from __future__ import annotations
