@@ -666,7 +666,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bleurt", metavar="PATH|ID", help="also score BLEURT with this checkpoint: a PyTorch BLEURT-20 "
                    "(-D3/-D6/-D12) directory or hub id in bleurt-pytorch's layout, e.g. lucadiliello/BLEURT-20; run "
                    "through transformers' RemBERT classes (signllava/bleurt.py)")
-    p.add_argument("--bleurt_batch_size", type=int, default=16)
+    p.add_argument("--bleurt_batch_size", type=int, default=16, help="sentence pairs per BLEURT forward")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_config_arg(p)
     return p

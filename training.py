@@ -283,6 +283,8 @@ def location_problems(args) -> list[str]:
     else:
         problems = [f"--{n} needs --data_dir (its relative paths are under it)" for n in ("annotation_file", "features")
                     if getattr(args, n)]
+    if not args.output_dir:                       # argparse reports a missing required flag itself
+        return problems
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--output_dir {out}: a file, not a directory")

@@ -135,11 +135,10 @@ def test_errors_before_the_distributed_start_one_usage_line(layouts, tmp_path, c
     (tmp_path / "file").write_text("x")
     usage, err = flag_error(pretrain.main, ["--data_dir", str(default), "--output_dir", str(tmp_path / "file")], capsys)
     assert err.endswith(f"--output_dir {tmp_path / 'file'}: a file, not a directory")
-    from signllava.checkpoint import CONFIG_NAME, PROJECTORS_NAME, STATE_NAME, complete_checkpoints
+    from signllava.checkpoint import complete_checkpoints
+    from tests.test_hostile import fake_checkpoint       # a complete checkpoint: files and manifest
     held = tmp_path / "held"
-    (held / "checkpoint-3").mkdir(parents=True)
-    for name in (CONFIG_NAME, PROJECTORS_NAME, STATE_NAME):
-        (held / "checkpoint-3" / name).write_text("{}")
+    fake_checkpoint(held, 3)
     assert complete_checkpoints(held)
     _, err = flag_error(pretrain.main, ["--data_dir", str(default), "--output_dir", str(held)], capsys)
     assert err.endswith(f"--output_dir {held}: already holds checkpoints; pass --resume to continue or "
