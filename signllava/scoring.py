@@ -49,10 +49,29 @@ def yes_no_metrics(hyps: list[str], refs: list[str]) -> dict:
             "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "answers": total}
 
 
+def _float_scores_first(estimate_ci):
+    """sacreBLEU 2.6's bootstrap takes statistics.mean over resampled scores, which mix Python floats (a sample
+    with no match scores 0.0) and numpy float32s and then raise TypeError ("don't know how to coerce"): seen on
+    small dev sets. The scores are made Python floats first; sacreBLEU's own resampling and interval stay."""
+    def estimate(self, scores):
+        for score in scores:
+            score.score = float(score.score)
+        return estimate_ci(self, scores)
+    return estimate
+
+
+def _patch_sacrebleu_ci():
+    from sacrebleu.metrics.base import Score
+    if not getattr(Score.estimate_ci, "_floats_first", False):
+        Score.estimate_ci = _float_scores_first(Score.estimate_ci)
+        Score.estimate_ci._floats_first = True
+
+
 def bleu_chrf(hyps: list[str], streams: list[list], n_bootstrap: int = 0) -> tuple:
     """(BLEU-4 score, chrF score, BLEU metric, chrF metric) of sacreBLEU over reference streams; with
     n_bootstrap > 1 each score carries sacreBLEU's bootstrap mean and 95 % half-width (`_mean`, `_ci`)."""
     from sacrebleu.metrics import BLEU, CHRF
+    _patch_sacrebleu_ci()
     bleu, chrf = BLEU(), CHRF()
     return (bleu.corpus_score(hyps, streams, n_bootstrap=max(1, n_bootstrap)),
             chrf.corpus_score(hyps, streams, n_bootstrap=max(1, n_bootstrap)), bleu, chrf)
