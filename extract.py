@@ -95,7 +95,7 @@ def validate(p: argparse.ArgumentParser, args) -> None:
         problems.append(f"--modalities: unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(MODALITIES)}")
     if args.max_clip_seconds <= 0:
         problems.append("--max_clip_seconds must be > 0")
-    missing = needed_models(args.modality_list, encoder_choice(args))
+    missing = needed_models([m for m in args.modality_list if m in MODALITIES], encoder_choice(args))
     if missing:
         problems.append(f"--modalities {args.modalities} needs {' '.join(missing)}")
     if problems:
