@@ -25,11 +25,11 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from signllava.atomic import write_atomic
 from signllava.clip_sources import annotation_for, from_annotation, from_captions, from_segments, video_files
 from signllava.encoder_bundle import MODALITIES, EncoderChoice, needed_models
 from signllava.errors import DataError, range_problems, run_command
@@ -198,7 +198,7 @@ def record_settings(args, record: dict, rank: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the work
-def clip_tasks(args, videos, clips, store, mae_size):
+def clip_tasks(args, videos, clips, mae_size):
     from signllava.clip_inputs import ClipTask
     keep = not args.no_landmark_files
     for video in videos:
@@ -262,18 +262,19 @@ def extract_rank(args, clips, store: ExtractionStore, encoders, rank: int, world
 
     from signllava.clip_inputs import prepare_clips
     shards = [s for s in my_shards(store.shards, rank, world) if not store.shard_done(s)]
-    todo = [v for s in shards for v in s.videos if store.video_record(v) is None]
+    pending = {s.index: [v for v in s.videos if store.video_record(v) is None] for s in shards}
     for s in shards:
-        if all(store.video_record(v) is not None for v in s.videos):
+        if not pending[s.index]:              # every video written before a kill, the shard itself not yet
             store.assemble_shard(s)
-    shards = [s for s in shards if not store.shard_done(s)]
-    left = {s.index: sum(store.video_record(v) is None for v in s.videos) for s in shards}
+    shards = [s for s in shards if pending[s.index]]
+    todo = [v for s in shards for v in pending[s.index]]
+    left = {s.index: len(pending[s.index]) for s in shards}
     shard_of = {v: s for s in shards for v in s.videos}
     bar = tqdm(total=sum(len(clips[v]) for v in todo), unit="clip", disable=rank != 0, mininterval=2,
                desc=f"extract {args.split}")
     log.info("rank %d/%d: %d videos to extract (%d clips) in %d shards", rank, world, len(todo), bar.total, len(shards))
     batch = None
-    for result in prepare_clips(clip_tasks(args, todo, clips, store, encoders.mae_size), args.workers):
+    for result in prepare_clips(clip_tasks(args, todo, clips, encoders.mae_size), args.workers):
         if batch is None or batch.video != result.video:
             batch = VideoBatch(result.video, len(clips[result.video]))
         batch.add(result)
@@ -334,9 +335,7 @@ def copy_annotation(args) -> None:
     target = args.out / f"annotation.{args.split}.json"
     if target.exists() and target.samefile(args.annotation):
         return
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.copyfile(args.annotation, tmp)
-    os.replace(tmp, target)
+    write_atomic(target, args.annotation.read_bytes())
 
 
 def extract(args) -> int:

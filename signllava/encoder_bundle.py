@@ -11,6 +11,7 @@ which rank or which resumed run encoded it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,6 @@ class Encoders:
 
     def encode(self, clips: list[ClipInputs]) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
         """Each clip's features per modality (float16 [T, D]) and the seconds each encoder took."""
-        import time
         out: list[dict[str, np.ndarray]] = [{} for _ in clips]
         seconds: dict[str, float] = {}
         lengths = [c.frames for c in clips]

@@ -23,15 +23,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from signllava.atomic import atomic_file, write_atomic
 from signllava.errors import DataError
 from signllava.layout import natural_key, shard_path
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def read_json_or_none(path: Path):
@@ -132,12 +130,10 @@ class ExtractionStore:
         self.work.mkdir(parents=True, exist_ok=True)
         h5 = self._piece(video, ".h5")
         if features:
-            tmp = h5.with_name(f".{h5.name}.tmp{os.getpid()}")
-            with h5py.File(tmp, "w", track_order=True) as f:
+            with atomic_file(h5, "w+b") as raw, h5py.File(raw, "w", track_order=True) as f:
                 for clip, by_modality in features.items():
                     for m, arr in by_modality.items():
                         f.create_dataset(f"{m}/{clip}", data=arr, track_times=False)
-            os.replace(tmp, h5)
         atomic_write_json(self._piece(video, ".json"), {"video": video, "written": bool(features), **outcome})
 
     def assemble_shard(self, shard: Shard) -> None:
@@ -150,8 +146,7 @@ class ExtractionStore:
         for m in self.modalities:
             out = self.shard_file(m, shard.index)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-            with h5py.File(tmp, "w", track_order=True) as dst:
+            with atomic_file(out, "w+b") as raw, h5py.File(raw, "w", track_order=True) as dst:
                 for video in shard.videos:
                     if not records[video]["written"]:
                         continue
@@ -163,7 +158,6 @@ class ExtractionStore:
                             if clip in src[m]:
                                 group.create_dataset(clip, data=src[m][clip][()], track_times=False)
                                 present.add(m)
-            os.replace(tmp, out)
         atomic_write_json(self._shard_record(shard.index),
                           {"videos": list(shard.videos), "modalities": self.modalities,
                            "records": [records[v] for v in shard.videos]})

@@ -18,12 +18,12 @@ hands to the sides the same way, by matching them to the pose's left (15) and ri
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from signllava.atomic import atomic_file
 from signllava.errors import DataError
 
 # The only Holistic settings that work offline, plus MediaPipe's own defaults for the rest; recorded by
@@ -137,11 +137,8 @@ def to_pose(lm: Landmarks):
 def save_pose(lm: Landmarks, path: str | Path) -> None:
     """Write the landmarks as a `.pose` file; written beside and renamed into place, so a file that exists is
     complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         to_pose(lm).write(f)
-    os.replace(tmp, path)
 
 
 def load_pose(path: str | Path) -> Landmarks:
