@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from signllava import checkpoint
-from signllava.atomic import parent_problem, remove_tree, replace_dir, temporary_dir
+from signllava.atomic import building_dir, parent_problem, replace_dir
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.cli import make_parser
 from signllava.errors import CheckpointError, RunError, run_command
@@ -83,28 +83,24 @@ def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite:
     llm = load_llm(cfg.base_model, 16, dtype, torch.device("cpu"))
     fit_embeddings(llm, tok)
     merged = load_adapter_strict(llm, ckpt / ADAPTER_DIR).merge_and_unload()
-    tmp = temporary_dir(out)
     try:
-        merged.save_pretrained(str(tmp / MODEL_DIR))
-        tok.save_pretrained(str(tmp / MODEL_DIR))
-        shutil.copy2(ckpt / PROJECTORS_NAME, tmp / PROJECTORS_NAME)
-        replace(cfg, base_model=str((tmp / MODEL_DIR).resolve()), tokenizer=str((tmp / MODEL_DIR).resolve()),
-                bits=16, lora=None).save(tmp)
-        # The card names the base model and the recipe of the run the checkpoint came from (its args.yaml files).
-        run_dir = ckpt.parent if (ckpt.parent / "args.yaml").is_file() else None
-        write_model_card(tmp, cfg, cfg.base_model, run_dir, list(metrics_files), adapter=False)
-        why = output_refusal(out, ckpt, overwrite)   # again: OUT may have changed during the merge
-        if why:
-            raise CheckpointError(why)
-        replace_dir(tmp, out, replace_existing=True)
+        with building_dir(out) as tmp:
+            merged.save_pretrained(str(tmp / MODEL_DIR))
+            tok.save_pretrained(str(tmp / MODEL_DIR))
+            shutil.copy2(ckpt / PROJECTORS_NAME, tmp / PROJECTORS_NAME)
+            replace(cfg, base_model=str((tmp / MODEL_DIR).resolve()), tokenizer=str((tmp / MODEL_DIR).resolve()),
+                    bits=16, lora=None).save(tmp)
+            # The card names the base model and the recipe of the run the checkpoint came from (its args.yaml).
+            run_dir = ckpt.parent if (ckpt.parent / "args.yaml").is_file() else None
+            write_model_card(tmp, cfg, cfg.base_model, run_dir, list(metrics_files), adapter=False)
+            why = output_refusal(out, ckpt, overwrite)   # again: OUT may have changed during the merge
+            if why:
+                raise CheckpointError(why)
+            replace_dir(tmp, out, replace_existing=True)
     except OSError as e:
-        remove_tree(tmp)
         from signllava.faults import write_failure
-        raise RunError(f"{out}: the export could not be written ({write_failure(e, tmp.parent) or e}); "
+        raise RunError(f"{out}: the export could not be written ({write_failure(e, out.parent) or e}); "
                        f"{out} is as it was") from None
-    except BaseException:
-        remove_tree(tmp)
-        raise
     return out
 
 

@@ -97,6 +97,18 @@ def temporary_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
 
 
+@contextlib.contextmanager
+def building_dir(final: Path) -> Iterator[Path]:
+    """A temporary sibling of `final` (temporary_dir) to build a whole folder in, removed if the block fails;
+    the block ends with replace_dir(tmp, final, ...) to put it in place."""
+    tmp = temporary_dir(final)
+    try:
+        yield tmp
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
 def replace_dir(tmp: Path, final: Path, replace_existing: bool = False):
     """Put the finished folder `tmp` (from temporary_dir) in place of `final`: absent or an empty folder, or,
     with `replace_existing`, a folder the caller has decided may go (otherwise that is an OSError and nothing

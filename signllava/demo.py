@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 import torch
 
-from signllava.atomic import remove_tree, replace_dir, temporary_dir
+from signllava.atomic import building_dir, replace_dir
 from signllava.prompts import IS_REVERSED, MARKER_TOKENS, MULTI_WORD, ONE_WORD, SYSTEM_PROMPT, TRANSLATE, TRANSLATE_WITH_CONTEXT
 
 # --- lexicon ---------------------------------------------------------------------------
@@ -332,17 +332,13 @@ def write_demo(out_dir, **kwargs) -> Path:
     if not names <= DEMO_NAMES:
         raise RunError(f"{out}: not empty and not an earlier demo ({len(names - DEMO_NAMES)} other entries); the demo "
                        f"never overwrites what it did not write: give an empty or new folder")
-    tmp = temporary_dir(out)
     try:
-        make_demo(str(tmp), **kwargs)
-        replace_dir(tmp, out, replace_existing=bool(names))
+        with building_dir(out) as tmp:
+            make_demo(str(tmp), **kwargs)
+            replace_dir(tmp, out, replace_existing=bool(names))
     except OSError as e:
-        remove_tree(tmp)
-        raise RunError(f"{out}: the demo data could not be written ({write_failure(e, tmp.parent) or e}); "
+        raise RunError(f"{out}: the demo data could not be written ({write_failure(e, out.parent) or e}); "
                        f"{out} is as it was") from None
-    except BaseException:
-        remove_tree(tmp)
-        raise
     return out
 
 
@@ -391,12 +387,8 @@ def build_default_llm(out_dir: Path, texts: list[str], seed: int = 0, **shape) -
     llm = LlamaForCausalLM(cfg)
     llm.generation_config.eos_token_id = tok.eos_token_id
     out_dir = Path(out_dir)
-    tmp = temporary_dir(out_dir)     # complete or absent: a crash or a full disk never leaves half a base model
-    try:
+    with building_dir(out_dir) as tmp:   # complete or absent: a crash or a full disk never leaves half a base model
         tok.save_pretrained(tmp)
         llm.save_pretrained(tmp)
         replace_dir(tmp, out_dir)
-    except BaseException:
-        remove_tree(tmp)
-        raise
     return out_dir
