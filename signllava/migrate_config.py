@@ -86,6 +86,7 @@ RENAMES = {
     ("TrainingArguments", "eval_steps"): "eval_steps",
     ("TrainingArguments", "save_steps"): "save_steps",
     ("TrainingArguments", "logging_steps"): "logging_steps",
+    ("TrainingArguments", "run_name"): "run_name",
     ("SignDataArguments", "data_dir"): "data_dir",
     ("SignDataArguments", "context_window_size"): "context_window",
     ("SignDataArguments", "prelude_window_size"): "prelude_window",
@@ -132,8 +133,6 @@ DROPS = {
     ("TrainingArguments", "adam_beta1"): "AdamW's betas are 0.9, 0.999 and eps 1e-8",
     ("TrainingArguments", "adam_beta2"): "AdamW's betas are 0.9, 0.999 and eps 1e-8",
     ("TrainingArguments", "adam_epsilon"): "AdamW's betas are 0.9, 0.999 and eps 1e-8",
-    ("TrainingArguments", "report_to"): "metrics go to OUTPUT_DIR/metrics.jsonl and TensorBoard (OUTPUT_DIR/runs)",
-    ("TrainingArguments", "run_name"): "a run is named by its output folder",
     ("TrainingArguments", "logging_dir"): "TensorBoard events go to OUTPUT_DIR/runs",
     ("TrainingArguments", "deepspeed"): "the original's JSONs hold Trainer 'auto' values DeepSpeed cannot read; "
                                         "--deepspeed_config ds_config_zero2.json (the default) or ds_config_zero3.json",
@@ -164,7 +163,7 @@ def known_keys() -> dict[str, list[str]]:
         out[section].append(key)
     out["TrainingArguments"] += [*STRATEGIES, "model_max_length", "auto_find_batch_size", "resume_from_checkpoint",
                                  "metric_for_best_model", "label_smoothing_factor", "lr_scheduler_type", "bits",
-                                 "max_steps", "warmup_steps"]
+                                 "max_steps", "warmup_steps", "report_to"]
     out["SignDataArguments"] += ["annotation_path", "visual_features", "prepared_predicted_context",
                                  "on_the_fly_predicted_context"]
     out["SignModelArguments"] += ["projectors"]
@@ -311,6 +310,7 @@ def _training_arguments(ta: dict, m: Migration, stage2: bool):
     _best_metric(ta, m)
     _smoothing(ta, m)
     _scheduler(ta, m)
+    _trackers(ta, m)
     _sequence_length(ta, m)
     _batch_search(ta, m)
     _resume(ta, m)
@@ -359,6 +359,22 @@ def _scheduler(ta: dict, m: Migration):
     else:
         m.drop(f"TrainingArguments.lr_scheduler_type: {value!r}", "only cosine, linear and constant here")
         m.note(f"lr_scheduler_type {value!r} has no equivalent; cosine is used")
+
+
+def _trackers(ta: dict, m: Migration):
+    """The Trainer's report_to (a name, a list, "none" or "all") -> --report_to, keeping the trackers this
+    trainer has (signllava/trackers.py); the others are dropped and said."""
+    from signllava.trackers import TRACKERS
+    if "report_to" not in ta:
+        return
+    value = ta["report_to"]
+    names = [str(n).strip().lower() for n in (value if isinstance(value, list) else str(value).split(","))]
+    names = list(TRACKERS) if names == ["all"] else [n for n in names if n]
+    kept = [n for n in names if n in TRACKERS]
+    others = [n for n in names if n not in TRACKERS and n != "none"]
+    if others:
+        m.drop(f"TrainingArguments.report_to: {', '.join(others)}", f"the trackers here are {', '.join(TRACKERS)}")
+    m.set("report_to", ",".join(kept) or "none", "TrainingArguments.report_to")
 
 
 def _sequence_length(ta: dict, m: Migration):

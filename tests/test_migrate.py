@@ -281,3 +281,14 @@ def test_s2v_recipes_are_the_converted_originals(tmp_path):
     run_specific = {"model", "output_dir", "data_dir", "projector", "num_workers"}
     assert {k: v for k, v in m.values.items() if k not in run_specific} == \
         {k: v for k, v in ours.items() if k not in run_specific}
+
+
+def test_report_to_keeps_the_trackers_this_trainer_has(original, tmp_path):
+    _, data, llm = original
+    cfg = stage1_config(data, llm, tmp_path / "s1", pose=True)
+    cfg["TrainingArguments"].update(report_to=["wandb", "mlflow"], run_name="try1")
+    m = migrate(cfg, "s1.yaml")
+    assert (m.values["report_to"], m.values["run_name"]) == ("wandb", "try1") and accounted(m, cfg) == []
+    assert ("TrainingArguments.report_to: mlflow", "the trackers here are tensorboard, wandb, trackio") in m.dropped
+    cfg["TrainingArguments"]["report_to"] = "none"
+    assert migrate(cfg, "s1.yaml").values["report_to"] == "none"
