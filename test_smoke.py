@@ -262,6 +262,9 @@ def test_resume_refuses_code_in_deepspeed_state(tiny, tmp_path):
     optim = ck / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     marker = tmp_path / "pwned"
     torch.save({**safe_load.load(optim, allow=safe_load.deepspeed_types()), "extra": Payload(marker)}, optim)
+    # Whoever can plant the file can rewrite the size manifest too: what must stop it is the unpickler.
+    from signllava.checkpoint import write_manifest
+    write_manifest(ck)
     res = run_script("pretrain.py", *train_args(data, llm, out, 99, "--resume"), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     err = res.stderr.strip().splitlines()[-1]
