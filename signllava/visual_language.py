@@ -1,0 +1,241 @@
+"""A small visual sign language filmed from a real photo, to prove that the whole chain learns from video.
+
+Every sign is a MOTION of skimage's astronaut photo over a few frames: a tilt, a stretch, a lean, a wobble,
+or two of them one after the other. The person always moves during a sign and stands still between sentences,
+because automatic segmentation reads stillness as rest. A sign stands for one English word; a sentence is
+2-4 signs from a small grammar, signed in English word order:
+
+    SUBJECT INTRANSITIVE            "dogs run"
+    SUBJECT VERB OBJECT [ADVERB]    "cats chase balls today"
+
+The motions were chosen for what the pose stream can see. Its 208 numbers put each frame's body around the
+shoulders' midpoint in units of the shoulder distance, and the face and hands in their own boxes
+(signllava/pose_features.py), so a shift or an even zoom of the whole photo is normalised away; a rotation,
+an uneven stretch and a shear change the body's shape and survive. Each video adds a random shift and zoom of
+its own to every frame and each rendition of a sign a random strength, so nothing is learnt from where the
+person stands or from one exact frame. `python -m signllava.visual_language --probe` measures how well the
+streams tell the signs apart before anything is trained (nearest-neighbour accuracy).
+
+`write_corpus(out, ...)` writes, deterministically from a seed:
+
+    OUT/<split>/videos/<video>.mp4      sentences separated by still rest (>= REST_MIN frames)
+    OUT/<split>/captions/<video>.vtt    one cue per sentence: its time and its English (what extract.py
+                                         --captions reads, YouTube-ASL's shape)
+    OUT/language.json                   the signs, the grammar and every video's sentences with their times
+
+The held-out split ("test" by default) draws its sentences from the same grammar with its own random
+renditions, and sentences never seen in training are kept in it on purpose.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from signllava.atomic import building_dir, write_atomic
+from signllava.video_io import write_video
+
+FPS = 25
+REST_MIN = 15                  # frames of stillness between sentences: 0.6 s at 25 fps, past segmentation's 0.4 s
+                               # (a shorter pause is a hold inside a sentence there)
+BACKDROP = 90                  # grey around the photo, as tests/video_kit.py films it
+
+
+# ---------------------------------------------------------------------------------------------- the signs
+# What a motion moves. angle: degrees counter-clockwise; stretch_x / stretch_y: log of the scale on that axis;
+# shear: x moves by shear * (y - centre). shift_x / shift_y (pixels) and zoom (log scale) move the person
+# without changing its shape: each video's placement uses them, and the pose stream does not see them.
+PARAMETERS = ("angle", "stretch_x", "stretch_y", "shear", "shift_x", "shift_y", "zoom")
+TILT, STRETCH, SHEAR = 25.0, 0.40, 0.50
+
+
+@dataclass(frozen=True)
+class Sign:
+    """A word and its motion: each parameter goes out to its amplitude and back over the sign's frames.
+
+    The pose stream sees three directions of the photo's shape (the tilt, the aspect ratio, the shear; an even
+    zoom and a shift it normalises away), so the signs are 13 distinct points of that space, one axis or two at
+    a time. Each sign goes out and back rather than one way then the other: a sign is then also told apart by
+    the frames it holds, not only by their order, which a two-layer LLM learns far faster from 150 sentences."""
+    gloss: str
+    word: str
+    motion: tuple[tuple[str, float], ...]       # (parameter, amplitude)
+
+    def offsets(self, frames: int, strength: float = 1.0) -> dict[str, np.ndarray]:
+        """Each parameter's value at each of the sign's frames: sin(pi u) at the frames' centres u, so every
+        frame of a sign is off the rest pose and the person never stands still inside a sentence."""
+        u = (np.arange(frames) + 0.5) / frames
+        out = {p: np.zeros(frames) for p in PARAMETERS}
+        for parameter, amplitude in self.motion:
+            out[parameter] = out[parameter] + strength * amplitude * np.sin(np.pi * u)
+        return out
+
+
+CW, CCW, TALL, WIDE, LEAN_R, LEAN_L = (("angle", -TILT),), (("angle", TILT),), (("stretch_y", STRETCH),), \
+    (("stretch_x", STRETCH),), (("shear", SHEAR),), (("shear", -SHEAR),)
+# Chosen by measurement (`python -m signllava.visual_language probe`): of the 18 one- and two-axis motions,
+# the 5 whose pose sequences lay nearest another's were left out (wide + lean left, ccw + wide, tall + lean
+# right, tall + lean left, cw + lean left).
+SIGNS = (
+    Sign("CAT", "cats", CCW), Sign("DOG", "dogs", CW), Sign("BIRD", "birds", TALL),          # subjects
+    Sign("RUN", "run", WIDE), Sign("SLEEP", "sleep", LEAN_R),                                  # intransitive
+    Sign("SEE", "see", LEAN_L), Sign("CHASE", "chase", CCW + TALL), Sign("LIKE", "like", CW + TALL),   # verbs
+    Sign("FISH", "fish", CCW + LEAN_R), Sign("BALL", "balls", CW + LEAN_R), Sign("TREE", "trees", CCW + LEAN_L),
+    Sign("TODAY", "today", CW + WIDE), Sign("OFTEN", "often", WIDE + LEAN_R),                  # adverbs
+)
+BY_GLOSS = {s.gloss: s for s in SIGNS}
+GRAMMAR = {
+    "subject": ("CAT", "DOG", "BIRD"),
+    "intransitive": ("RUN", "SLEEP"),
+    "verb": ("SEE", "CHASE", "LIKE"),
+    "object": ("FISH", "BALL", "TREE"),
+    "adverb": ("TODAY", "OFTEN"),
+}
+RULES = (("subject", "intransitive"), ("subject", "verb", "object"), ("subject", "verb", "object", "adverb"))
+
+
+def sentence_glosses(rng: np.random.Generator) -> tuple[str, ...]:
+    rule = RULES[rng.integers(len(RULES))]
+    return tuple(GRAMMAR[slot][rng.integers(len(GRAMMAR[slot]))] for slot in rule)
+
+
+def english(glosses: tuple[str, ...]) -> str:
+    return " ".join(BY_GLOSS[g].word for g in glosses)
+
+
+def all_sentences() -> list[tuple[str, ...]]:
+    """Every sentence the grammar makes (for the report of how many held-out sentences were never seen)."""
+    out = [()]
+    for rule in RULES:
+        prefix = [()]
+        for slot in rule:
+            prefix = [p + (g,) for p in prefix for g in GRAMMAR[slot]]
+        out += prefix
+    return out[1:]
+
+
+# ---------------------------------------------------------------------------------------------- filming
+@dataclass(frozen=True)
+class Filming:
+    """How the videos are made; `write_corpus` records it in language.json."""
+    size: int = 192                 # square frames
+    photo: float = 0.8              # the photo's side in the frame, before the video's own zoom
+    sign_frames: int = 8            # frames per sign (0.32 s at 25 fps: two signs last 0.64 s, over auto
+                                    # segmentation's 0.6 s shortest sentence)
+    rest_frames: tuple[int, int] = (REST_MIN, REST_MIN + 5)     # still frames between sentences, drawn in range
+    lead_frames: int = 8            # still frames before the first and after the last sentence
+    strength: tuple[float, float] = (0.85, 1.15)                 # a rendition's amplitudes, drawn in range
+    place_shift: float = 10.0       # a video's own shift (pixels, each axis) and zoom (log) of the whole photo
+    place_zoom: float = 0.06
+
+
+def _photo_canvas(f: Filming) -> np.ndarray:
+    from skimage import data
+    side = int(round(f.size * f.photo))
+    photo = cv2.resize(data.astronaut(), (side, side), interpolation=cv2.INTER_AREA)
+    canvas = np.full((f.size, f.size, 3), BACKDROP, np.uint8)
+    o = (f.size - side) // 2
+    canvas[o:o + side, o:o + side] = photo
+    return canvas
+
+
+def _warp(canvas: np.ndarray, p: dict[str, float]) -> np.ndarray:
+    """The canvas moved about its centre: stretch, shear, rotation, zoom, then shift."""
+    n = canvas.shape[0]
+    c = n / 2
+    zoom = np.exp(p["zoom"])
+    scale = np.diag([np.exp(p["stretch_x"]) * zoom, np.exp(p["stretch_y"]) * zoom])
+    shear = np.array([[1.0, p["shear"]], [0.0, 1.0]])
+    a = np.deg2rad(p["angle"])
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])    # counter-clockwise on screen (y down)
+    m = rot @ shear @ scale
+    t = np.array([c + p["shift_x"], c + p["shift_y"]]) - m @ np.array([c, c])
+    return cv2.warpAffine(canvas, np.hstack([m, t[:, None]]), (n, n), flags=cv2.INTER_LINEAR,
+                          borderValue=(BACKDROP,) * 3)
+
+
+@dataclass
+class Sentence:
+    glosses: tuple[str, ...]
+    text: str
+    start_frame: int               # first frame of its first sign
+    end_frame: int                 # one past its last sign's last frame
+    sign_starts: list[int] = field(default_factory=list)
+
+    def times(self) -> tuple[float, float]:
+        return self.start_frame / FPS, self.end_frame / FPS
+
+
+def film_video(sentences: list[tuple[str, ...]], rng: np.random.Generator, f: Filming,
+               canvas: np.ndarray | None = None) -> tuple[np.ndarray, list[Sentence]]:
+    """uint8 [T, size, size, 3] RGB frames of the sentences, rest between them, and where each one lies."""
+    canvas = _photo_canvas(f) if canvas is None else canvas
+    place = {"shift_x": rng.uniform(-f.place_shift, f.place_shift), "shift_y": rng.uniform(-f.place_shift, f.place_shift),
+             "zoom": rng.uniform(-f.place_zoom, f.place_zoom)}
+    rest = {p: place.get(p, 0.0) for p in PARAMETERS}
+    track: list[dict[str, float]] = [rest] * f.lead_frames
+    placed = []
+    for k, glosses in enumerate(sentences):
+        if k:
+            track += [rest] * int(rng.integers(f.rest_frames[0], f.rest_frames[1] + 1))
+        s = Sentence(glosses, english(glosses), len(track), 0)
+        for g in glosses:
+            s.sign_starts.append(len(track))
+            moves = BY_GLOSS[g].offsets(f.sign_frames, rng.uniform(*f.strength))
+            track += [{p: rest[p] + moves[p][t] for p in PARAMETERS} for t in range(f.sign_frames)]
+        s.end_frame = len(track)
+        placed.append(s)
+    track += [rest] * f.lead_frames
+    # Rest frames are one image, warped once: stillness is exact, as in a real video's pauses.
+    still = _warp(canvas, rest)
+    frames = np.stack([still if p is rest else _warp(canvas, p) for p in track])
+    return frames, placed
+
+
+# ---------------------------------------------------------------------------------------------- the corpus
+def _timestamp(seconds: float) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+
+def webvtt(sentences: list[Sentence]) -> str:
+    cues = [f"{_timestamp(s.times()[0])} --> {_timestamp(s.times()[1])}\n{s.text}\n" for s in sentences]
+    return "WEBVTT\n\n" + "\n".join(cues)
+
+
+def write_corpus(out: Path, videos: dict[str, int], sentences_per_video: tuple[int, int] = (3, 5), seed: int = 0,
+                 filming: Filming = Filming()) -> dict:
+    """Videos, captions and language.json for each split ({split: number of videos}); returns the record.
+    The same seed gives the same files, byte for byte (h264 in one thread is deterministic)."""
+    out = Path(out)
+    canvas = _photo_canvas(filming)
+    record = {"seed": seed, "fps": FPS, "filming": asdict(filming),
+              "signs": [{"gloss": s.gloss, "word": s.word, "motion": [list(m) for m in s.motion]} for s in SIGNS],
+              "grammar": {k: list(v) for k, v in GRAMMAR.items()}, "rules": [list(r) for r in RULES], "videos": {}}
+    for split_no, (split, count) in enumerate(videos.items()):
+        for v in range(count):
+            rng = np.random.default_rng([seed, split_no, v])
+            n = int(rng.integers(sentences_per_video[0], sentences_per_video[1] + 1))
+            frames, placed = film_video([sentence_glosses(rng) for _ in range(n)], rng, filming, canvas)
+            name = f"{split}{v:03d}"
+            write_video(out / split / "videos" / f"{name}.mp4", frames, fps=FPS)
+            write_atomic(out / split / "captions" / f"{name}.vtt", webvtt(placed))
+            record["videos"][name] = {
+                "split": split, "frames": len(frames), "seconds": len(frames) / FPS,
+                "sentences": [{"glosses": list(s.glosses), "text": s.text, "start": s.times()[0], "end": s.times()[1],
+                               "sign_starts": [t / FPS for t in s.sign_starts]} for s in placed]}
+    seen = {tuple(s["glosses"]) for r in record["videos"].values() if r["split"] == "train" for s in r["sentences"]}
+    for split in videos:
+        held = [tuple(s["glosses"]) for r in record["videos"].values() if r["split"] == split for s in r["sentences"]]
+        record.setdefault("unseen_sentences", {})[split] = sum(g not in seen for g in held)
+    write_atomic(out / "language.json", json.dumps(record, indent=1))
+    return record
+
+
+def load_record(root: Path) -> dict:
+    return json.loads((Path(root) / "language.json").read_text())
