@@ -1,7 +1,7 @@
 """A small visual sign language filmed from a real photo, to prove that the whole chain learns from video.
 
-Every sign is a MOTION of skimage's astronaut photo over a few frames: a tilt, a stretch, a lean, a wobble,
-or two of them one after the other. The person always moves during a sign and stands still between sentences,
+Every sign is a MOTION of skimage's astronaut photo over a few frames: a tilt, a stretch or a lean, or two
+of them at once, out and back. The person always moves during a sign and stands still between sentences,
 because automatic segmentation reads stillness as rest. A sign stands for one English word; a sentence is
 2-4 signs from a small grammar, signed in English word order:
 
@@ -13,18 +13,19 @@ shoulders' midpoint in units of the shoulder distance, and the face and hands in
 (signllava/pose_features.py), so a shift or an even zoom of the whole photo is normalised away; a rotation,
 an uneven stretch and a shear change the body's shape and survive. Each video adds a random shift and zoom of
 its own to every frame and each rendition of a sign a random strength, so nothing is learnt from where the
-person stands or from one exact frame. `python -m signllava.visual_language --probe` measures how well the
-streams tell the signs apart before anything is trained (nearest-neighbour accuracy).
+person stands or from one exact frame. `python -m signllava.visual_language probe` measures how well the
+pose stream tells the signs apart before anything is trained (nearest-neighbour accuracy), and how little
+it sees of a shift or a zoom.
 
-`write_corpus(out, ...)` writes, deterministically from a seed:
+`write_corpus(out, ...)` writes, from a seed (the same seed films the same frames):
 
     OUT/<split>/videos/<video>.mp4      sentences separated by still rest (>= REST_MIN frames)
     OUT/<split>/captions/<video>.vtt    one cue per sentence: its time and its English (what extract.py
                                          --captions reads, YouTube-ASL's shape)
     OUT/language.json                   the signs, the grammar and every video's sentences with their times
 
-The held-out split ("test" by default) draws its sentences from the same grammar with its own random
-renditions, and sentences never seen in training are kept in it on purpose.
+The held-out split ("test") draws its sentences from the same grammar with renditions of its own; the grammar
+makes 87 sentences, so some held-out ones were never seen in training (language.json counts them).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from signllava.atomic import building_dir, write_atomic
+from signllava.atomic import write_atomic
 from signllava.video_io import write_video
 
 FPS = 25
@@ -78,7 +79,7 @@ class Sign:
 
 CW, CCW, TALL, WIDE, LEAN_R, LEAN_L = (("angle", -TILT),), (("angle", TILT),), (("stretch_y", STRETCH),), \
     (("stretch_x", STRETCH),), (("shear", SHEAR),), (("shear", -SHEAR),)
-# Chosen by measurement (`python -m signllava.visual_language probe`): of the 18 one- and two-axis motions,
+# Chosen by measurement (nearest-neighbour accuracy of pose sequences, as `probe` measures it): of the 18 one- and two-axis motions,
 # the 5 whose pose sequences lay nearest another's were left out (wide + lean left, ccw + wide, tall + lean
 # right, tall + lean left, cw + lean left).
 SIGNS = (
@@ -211,7 +212,8 @@ def webvtt(sentences: list[Sentence]) -> str:
 def write_corpus(out: Path, videos: dict[str, int], sentences_per_video: tuple[int, int] = (3, 5), seed: int = 0,
                  filming: Filming = Filming()) -> dict:
     """Videos, captions and language.json for each split ({split: number of videos}); returns the record.
-    The same seed gives the same files, byte for byte (h264 in one thread is deterministic)."""
+    The same seed films the same frames and writes the same captions and language.json; the .mp4 bytes may
+    differ (x264 here gave slightly other bytes for the same frames from run to run, even in one thread)."""
     out = Path(out)
     canvas = _photo_canvas(filming)
     record = {"seed": seed, "fps": FPS, "filming": asdict(filming),
@@ -239,3 +241,94 @@ def write_corpus(out: Path, videos: dict[str, int], sentences_per_video: tuple[i
 
 def load_record(root: Path) -> dict:
     return json.loads((Path(root) / "language.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+# Motions outside the vocabulary, measured beside the signs: the whole photo moved without changing its shape.
+CONTROLS = (Sign("SHIFT", "-", (("shift_x", 15.0), ("shift_y", -10.0))), Sign("ZOOM", "-", (("zoom", 0.25),)))
+STILL_LEAD = 4           # still frames before each probe clip's sign: MediaPipe's tracking settles, and they are
+                         # the reference the sign's frames are measured from
+
+
+def probe(renditions: int = 3, seed: int = 0, filming: Filming = Filming()) -> dict:
+    """What the pose stream sees of each sign before anything is trained: every sign (and the CONTROLS) filmed
+    `renditions` times, each in a placement and strength of its own, as a clip of STILL_LEAD still frames and the
+    sign; MediaPipe and the 208 pose numbers exactly as extract.py makes them (signer_inputs). Returns
+    - nn_accuracy: how often a sign's pose sequence is nearest (Euclidean, each number standardised) to a
+      rendition of the same sign in another placement; chance is 1/13;
+    - displacement: per motion, the mean |pose - still pose| over its frames, over MediaPipe's jitter (the
+      same measure between the still frames): far above 1 for the signs, near 1 for a shift or an even zoom."""
+    from signllava import landmarks, pose_features
+
+    rng = np.random.default_rng(seed)
+    canvas = _photo_canvas(filming)
+    motions = SIGNS + CONTROLS
+    seqs, labels, groups, moved, jitter = [], [], [], {m.gloss: [] for m in motions}, []
+    for r in range(renditions):
+        for m in motions:
+            place = {p: 0.0 for p in PARAMETERS}
+            place.update(shift_x=rng.uniform(-filming.place_shift, filming.place_shift),
+                         shift_y=rng.uniform(-filming.place_shift, filming.place_shift),
+                         zoom=rng.uniform(-filming.place_zoom, filming.place_zoom))
+            moves = m.offsets(filming.sign_frames, rng.uniform(*filming.strength))
+            track = [place] * STILL_LEAD + [{p: place[p] + moves[p][t] for p in PARAMETERS}
+                                            for t in range(filming.sign_frames)]
+            frames = np.stack([_warp(canvas, p) for p in track])
+            lm = landmarks.detect(frames, FPS, f"probe {m.gloss}")
+            pose = pose_features.signer_inputs(frames, lm, f"probe {m.gloss}").pose.astype(np.float64)
+            still = pose[STILL_LEAD - 1]
+            jitter.append(np.abs(pose[1:STILL_LEAD - 1] - still).mean())
+            moved[m.gloss].append(np.abs(pose[STILL_LEAD:] - still).mean())
+            if m in SIGNS:
+                seqs.append(pose[STILL_LEAD:].reshape(-1))
+                labels.append(m.gloss)
+                groups.append(r)
+    x = np.stack(seqs)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    d[np.equal.outer(groups, groups)] = np.inf          # neighbours from other renditions only
+    labels = np.array(labels)
+    hit = labels[d.argmin(1)] == labels
+    noise = float(np.mean(jitter))
+    return {"renditions": renditions, "nn_accuracy": float(hit.mean()),
+            "nn_accuracy_per_sign": {g: float(hit[labels == g].mean()) for g in BY_GLOSS},
+            "mediapipe_jitter": noise,
+            "displacement": {g: float(np.mean(v)) / noise for g, v in moved.items()}}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m signllava.visual_language", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write the corpus: videos, captions, language.json")
+    w.add_argument("out", type=Path)
+    for split, default in (("train", 40), ("dev", 0), ("test", 4)):
+        w.add_argument(f"--{split}", type=int, default=default, help=f"videos in the {split} split (default {default})")
+    w.add_argument("--sentences", default="3:5", help="sentences per video, MIN:MAX (default 3:5)")
+    w.add_argument("--seed", type=int, default=0)
+    pr = sub.add_parser("probe", help="nearest-neighbour accuracy of the signs' pose sequences (MediaPipe, no training)")
+    pr.add_argument("--renditions", type=int, default=3)
+    pr.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.command == "probe":
+        if args.renditions < 2:
+            p.error("--renditions must be at least 2 (a neighbour comes from another rendition)")
+        print(json.dumps(probe(args.renditions, args.seed), indent=1))
+        return 0
+    try:
+        low, high = (int(v) for v in args.sentences.split(":"))
+    except ValueError:
+        p.error(f"--sentences {args.sentences!r}: expected MIN:MAX, e.g. 3:5")
+    splits = {s: getattr(args, s) for s in ("train", "dev", "test") if getattr(args, s) > 0}
+    if not 1 <= low <= high or any(n < 0 for n in (args.train, args.dev, args.test)) or not splits:
+        p.error("--sentences needs 1 <= MIN <= MAX, and some split needs videos")
+    record = write_corpus(args.out, splits, (low, high), args.seed)
+    counts = {s: sum(r["split"] == s for r in record["videos"].values()) for s in splits}
+    print(f"{args.out}: {counts} videos, {sum(len(r['sentences']) for r in record['videos'].values())} sentences; "
+          f"held-out sentences never in train: {record['unseen_sentences']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
