@@ -1,0 +1,150 @@
+"""translate.py: videos of a real person (the astronaut photo, the real MediaPipe, tiny random encoders of the
+real architectures) extracted by extract.py, a stage-1 run trained with a context window on them, then
+translate.py on the same videos: the checkpoint carries the extraction record, a segment's features are the
+dataset's features of the clip with those times, the texts are the Translator's with the model's own
+earlier outputs as context, the subtitle files are well formed, and every bad input is one line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webvtt
+
+from signllava.subtitles import srt_text, timestamp, vtt_text
+from signllava.video_translate import SubtitleSegment
+from tests.kit import build_tiny_llm, run_script, script_env, train_args
+from tests.test_extract import extract, features
+from tests.video_kit import tiny_encoders, youtube_asl
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(root, videos, captions, dataset, run) with run = stage 1 trained 2 steps, context window 2."""
+    root = tmp_path_factory.mktemp("translate")
+    videos, captions = youtube_asl(root / "yt", videos=2, captions=3)
+    enc = tiny_encoders(root / "enc")
+    data = root / "D"
+    extract("--videos", videos, "--captions", captions, "--out", data, "--split", "train", *enc)
+    build_tiny_llm(root / "llm", data)
+    run = root / "run"
+    run_script("pretrain.py", *train_args(data, root / "llm", run, 2, "--context_window", 2))
+    return {"root": root, "videos": videos, "captions": captions, "data": data, "run": run, "encoders": enc}
+
+
+def translate(*args, check=True):
+    return run_script("translate.py", "--num_beams", 2, "--max_new_tokens", 6, *args, check=check,
+                      env=script_env(OMP_NUM_THREADS=1))
+
+
+def test_subtitle_files_are_well_formed():
+    segs = [SubtitleSegment(0.0, 1.25, "hello  there", []), SubtitleSegment(61.5, 3723.004, "a --> b\n\nc", []),
+            SubtitleSegment(4000, 4001, "   ", [])]
+    assert timestamp(3723.0045) == "01:02:03.004" and timestamp(-1) == "00:00:00.000"
+    vtt = vtt_text(segs)
+    cues = webvtt.from_string(vtt)
+    assert [(c.start, c.end, c.text) for c in cues] == [("00:00:00.000", "00:00:01.250", "hello there"),
+                                                         ("00:01:01.500", "01:02:03.004", "a -> b c")]
+    srt = srt_text(segs)
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:01,250\nhello there\n") and "\n2\n00:01:01,500 --> " in srt
+    assert "3\n" not in srt                    # a segment with no words gets no cue
+
+
+def test_checkpoint_carries_the_datasets_extraction_record(trained):
+    cfg = json.loads((trained["run"] / (trained["run"] / "latest").read_text().strip() / "config.json").read_text())
+    record = json.loads((trained["data"] / "extraction.json").read_text())
+    assert cfg["extraction"] == {k: record[k] for k in ("settings", "models", "software")}
+
+
+def test_caption_segments_translate_with_the_models_own_context(trained, tmp_path):
+    """Segments from the caption file: each one's features equal the dataset's for that clip, and the text of
+    each is what the Translator gives those features with the earlier outputs as context."""
+    from generate import Translator
+    from signllava.video_translate import VideoTranslator
+    out = tmp_path / "subs"
+    translate(trained["videos"] / "yt0.mp4", "--checkpoint", trained["run"], "--segments", "captions",
+              "--captions", trained["captions"], "--out", out)
+    result = json.loads((out / "yt0.json").read_text())
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.3, 0.9), (1.1, 1.7), (1.9, 2.5)]
+    assert result["skipped"] == [] and result["real_time_factor"] > 0
+    assert set(result["stage_seconds"]) >= {"decode", "landmarks", "crops", "mae", "dino", "sign2vec"}
+    cues = webvtt.read(str(out / "yt0.vtt"))
+    assert [c.text for c in cues] == [s["text"] for s in result["segments"] if s["text"]]
+    assert (out / "yt0.srt").read_text().startswith("1\n00:00:00,300 --> 00:00:00,900\n")
+
+    # The same features as extract.py wrote for those clips ...
+    vt = VideoTranslator(trained["run"], device="cpu", segments="captions", num_beams=2)
+    ranges = [(s["start"], s["end"]) for s in result["segments"]]
+    made, skipped, _ = vt.segment_features(trained["videos"] / "yt0.mp4", ranges)
+    stored = features(trained["data"])
+    assert not skipped
+    for k, (_, feats) in enumerate(made):
+        for m, a in feats.items():
+            np.testing.assert_allclose(a.astype(np.float32), stored[(m, "yt0", f"yt0_{k}")].astype(np.float32),
+                                       atol=2e-3, err_msg=f"{m} of segment {k}")
+    # ... and each text is the Translator's with the outputs before it as the context (window 2).
+    tr = Translator.from_checkpoint(trained["run"], "cpu")
+    earlier = []
+    for seg, (_, feats) in zip(result["segments"], made, strict=True):
+        assert seg["context"] == [c for c in earlier[-2:] if c.strip()]
+        assert seg["text"] == tr.translate(feats, context=earlier, num_beams=2, max_new_tokens=6)
+        earlier.append(seg["text"])
+
+
+def test_fixed_windows_cover_the_video(trained, tmp_path):
+    res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", trained["run"], "--segments", "fixed:1",
+                    "--out", tmp_path)
+    result = json.loads((tmp_path / "yt1.json").read_text())
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)], res.stderr
+    assert result["duration"] == 3.0
+
+
+def test_bad_inputs_are_one_line(trained, tmp_path):
+    run = trained["run"]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 50)
+    res = translate(broken, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{broken}: unreadable video" in res.stderr and "1 of 1 videos could not be translated" in res.stderr
+
+    # An encoder moved away: the error names the checkpoint and the flag; --mae at its new place works, warned.
+    mae = Path(trained["encoders"][trained["encoders"].index("--mae") + 1])
+    moved = tmp_path / "mae_moved"
+    shutil.move(mae, moved)
+    try:
+        res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", run, "--segments", "fixed:1", "--out",
+                        tmp_path, check=False)
+        err = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and err.startswith("error: ") and "cannot be loaded" in err and "--mae" in err, err
+        res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", run, "--segments", "fixed:1", "--out",
+                        tmp_path, "--mae", moved)
+        assert "extracting otherwise than the training data was (models.mae.source), as asked" in res.stderr
+    finally:
+        shutil.move(moved, mae)
+
+    for flags, want in ((["--segments", "sometimes"], "--segments"), (["--segments", "fixed:0"], "--segments"),
+                        (["--segments", "captions"], "--segments captions and --captions go together"),
+                        (["--num_beams", "0"], "--num_beams must be >= 1")):
+        res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", run, *flags, check=False)
+        assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_checkpoint_without_a_record_says_what_to_pass(trained, tmp_path):
+    """A checkpoint trained on features made elsewhere carries no record: one line asking for --extraction;
+    given the dataset's extraction.json, it translates."""
+    from signllava.checkpoint import write_manifest
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    ckpt = run / (run / "latest").read_text().strip()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "extraction": None}))
+    write_manifest(ckpt)
+    video = trained["videos"] / "yt1.mp4"
+    res = translate(video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path, check=False)
+    err = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "records no extraction" in err and "--extraction" in err, err
+    translate(video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path,
+              "--extraction", trained["data"] / "extraction.json")
+    assert len(json.loads((tmp_path / "yt1.json").read_text())["segments"]) == 3
