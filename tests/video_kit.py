@@ -33,6 +33,19 @@ def film_astronaut(n=8, width=320, height=240, seed=0):
     return np.stack(frames)
 
 
+
+def film_astronaut_still_move_still(still: int, moving: int, after: int, width=320, height=240):
+    """The photo standing still for `still` frames, then turning, sliding and zooming (as the demo language's
+    signs do) over `moving` frames back to where it began, then still again for `after` frames."""
+    photo = cv2.resize(data.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    frames = []
+    for t in range(still + moving + after):
+        k = min(max(t - still, 0), moving) / moving      # 0 .. 1 across the moving stretch, constant outside it
+        turn = cv2.getRotationMatrix2D((100, 100), 12 * np.sin(2 * np.pi * k), 1 + 0.1 * np.sin(np.pi * k))
+        turn[:, 2] += (60 + 30 * np.sin(np.pi * k), 20)
+        frames.append(cv2.warpAffine(photo, turn, (width, height), borderValue=(90, 90, 90)))
+    return np.stack(frames)
+
 def how2sign_clips(root: Path, videos: int = 2, clips: int = 2, frames: int = 6) -> tuple[Path, Path]:
     """A folder of sentence clips (one file a clip, named after the clip) and their annotation."""
     folder, ann = root / "clips", {}
