@@ -39,6 +39,18 @@ def translate(*args, check=True):
                       env=script_env(OMP_NUM_THREADS=1))
 
 
+def translate_here(capsys, *args) -> tuple[int, str]:
+    """translate.py's main in this process (no interpreter start, models loaded once per call): (status,
+    the last line it printed to stderr)."""
+    import translate as script
+    try:
+        status = script.main([str(a) for a in ("--num_beams", 2, "--max_new_tokens", 6, *args)])
+    except SystemExit as e:                   # argparse's usage errors
+        status = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return status, err[-1] if err else ""
+
+
 def test_subtitle_files_are_well_formed():
     segs = [SubtitleSegment(0.0, 1.25, "hello  there", []), SubtitleSegment(61.5, 3723.004, "a --> b\n\nc", []),
             SubtitleSegment(4000, 4001, "   ", [])]
@@ -93,45 +105,46 @@ def test_caption_segments_translate_with_the_models_own_context(trained, tmp_pat
         earlier.append(seg["text"])
 
 
-def test_fixed_windows_cover_the_video(trained, tmp_path):
-    res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", trained["run"], "--segments", "fixed:1",
-                    "--out", tmp_path)
+def test_fixed_windows_cover_the_video(trained, tmp_path, capsys):
+    status, err = translate_here(capsys, trained["videos"] / "yt1.mp4", "--checkpoint", trained["run"],
+                                 "--segments", "fixed:1", "--out", tmp_path)
     result = json.loads((tmp_path / "yt1.json").read_text())
-    assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)], res.stderr
+    assert status == 0 and [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
     assert result["duration"] == 3.0
 
 
-def test_bad_inputs_are_one_line(trained, tmp_path):
-    run = trained["run"]
+def test_bad_inputs_are_one_line(trained, tmp_path, capsys, caplog):
+    run, video = trained["run"], trained["videos"] / "yt1.mp4"
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00not a video" * 50)
-    res = translate(broken, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path, check=False)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert f"{broken}: unreadable video" in res.stderr and "1 of 1 videos could not be translated" in res.stderr
+    status, err = translate_here(capsys, broken, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path)
+    assert status == 2 and err == "error: 1 of 1 videos could not be translated (see above)"
+    assert f"{broken}: unreadable video" in caplog.text
 
     # An encoder moved away: the error names the checkpoint and the flag; --mae at its new place works, warned.
     mae = Path(trained["encoders"][trained["encoders"].index("--mae") + 1])
     moved = tmp_path / "mae_moved"
     shutil.move(mae, moved)
     try:
-        res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", run, "--segments", "fixed:1", "--out",
-                        tmp_path, check=False)
-        err = res.stderr.strip().splitlines()[-1]
-        assert res.returncode == 2 and err.startswith("error: ") and "cannot be loaded" in err and "--mae" in err, err
-        res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", run, "--segments", "fixed:1", "--out",
-                        tmp_path, "--mae", moved)
-        assert "extracting otherwise than the training data was (models.mae.source), as asked" in res.stderr
+        status, err = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path)
+        assert status == 2 and err.startswith(f"error: {trained['run']}") and "cannot be loaded" in err, err
+        assert "--mae" in err
+        caplog.clear()
+        status, _ = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path,
+                                   "--mae", moved)
+        assert status == 0 and "otherwise than the training data was (models.mae.source), as asked" in caplog.text
     finally:
         shutil.move(moved, mae)
 
-    for flags, want in ((["--segments", "sometimes"], "--segments"), (["--segments", "fixed:0"], "--segments"),
+    for flags, want in ((["--segments", "sometimes"], "--segments must be auto, captions or fixed:S"),
+                        (["--segments", "fixed:0"], "--segments must be"),
                         (["--segments", "captions"], "--segments captions and --captions go together"),
                         (["--num_beams", "0"], "--num_beams must be >= 1")):
-        res = translate(trained["videos"] / "yt1.mp4", "--checkpoint", run, *flags, check=False)
-        assert res.returncode == 2 and want in res.stderr and "Traceback" not in res.stderr, res.stderr
+        status, err = translate_here(capsys, video, "--checkpoint", run, *flags)
+        assert status == 2 and want in err, (flags, err)
 
 
-def test_checkpoint_without_a_record_says_what_to_pass(trained, tmp_path):
+def test_checkpoint_without_a_record_says_what_to_pass(trained, tmp_path, capsys):
     """A checkpoint trained on features made elsewhere carries no record: one line asking for --extraction;
     given the dataset's extraction.json, it translates."""
     from signllava.checkpoint import write_manifest
@@ -142,9 +155,8 @@ def test_checkpoint_without_a_record_says_what_to_pass(trained, tmp_path):
     (ckpt / "config.json").write_text(json.dumps({**cfg, "extraction": None}))
     write_manifest(ckpt)
     video = trained["videos"] / "yt1.mp4"
-    res = translate(video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path, check=False)
-    err = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 2 and "records no extraction" in err and "--extraction" in err, err
-    translate(video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path,
-              "--extraction", trained["data"] / "extraction.json")
-    assert len(json.loads((tmp_path / "yt1.json").read_text())["segments"]) == 3
+    status, err = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path)
+    assert status == 2 and "records no extraction" in err and "--extraction" in err, err
+    status, _ = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path,
+                               "--extraction", trained["data"] / "extraction.json")
+    assert status == 0 and len(json.loads((tmp_path / "yt1.json").read_text())["segments"]) == 3
