@@ -85,6 +85,7 @@ class VideoTranslator:
         self.checkpoint = self.translator.checkpoint
         self.num_beams, self.workers = num_beams, workers
         self.max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
+        self.min_new_tokens = 0             # > 0: benchmarks with random weights, whose outputs would stop at random
         self.record = self._record(extraction)
         settings = self.record["settings"]
         cfg = self.translator.cfg
@@ -230,13 +231,13 @@ class VideoTranslator:
         uses_context = tr.context_window > 0 or tr.prelude_window > 0
         if not uses_context:
             items = [tr.make_item(f, tr.context_prompt([])) for _, f in features]
-            texts = tr.generate_items(items, self.num_beams, self.max_new_tokens) if items else []
+            texts = tr.generate_items(items, self.num_beams, self.max_new_tokens, self.min_new_tokens) if items else []
             return [SubtitleSegment(s, e, t, []) for ((s, e), _), t in zip(features, texts, strict=True)]
         out, earlier = [], []
         for (start, end), feats in features:
             context = tr.pick_context(earlier)
             text = tr.generate_items([tr.make_item(feats, translation_prompt(context))], self.num_beams,
-                                     self.max_new_tokens)[0]
+                                     self.max_new_tokens, self.min_new_tokens)[0]
             out.append(SubtitleSegment(start, end, text, context))
             earlier.append(text)
         return out
