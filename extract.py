@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     enc.add_argument("--face_box", choices=("selected", "all"), default="selected",
                      help="face normalisation box over the 37 selected points (PoseEstimation's recipe) or all 478 "
                           "(sign2vec's run_pose_inference.py)")
+    enc.add_argument("--resize", choices=("pil", "torch"), default="pil",
+                     help="image encoders' resize to their input: PIL bilinear on the host, as the original (default), "
+                          "or antialiased bilinear on the encoders' device: DINOv2's input ~7x faster on an H200, within "
+                          "a few uint8 levels of PIL (bench/extract_speed.py); recorded, so translation resizes alike")
     enc.add_argument("--released_channel_order", action="store_true",
                      help="feed MAE and DINOv2 BGR frames, as the original's scripts did by mistake, to match the "
                           "released features (off: RGB)")
@@ -103,7 +107,7 @@ def encoder_choice(args) -> EncoderChoice:
     return EncoderChoice(mae=args.mae, dino_face=args.dino_face, dino_hand=args.dino_hand, sign2vec=args.sign2vec,
                          sign2vec_layer=args.sign2vec_layer, device=args.device or "cpu",
                          dtype=args.dtype or "float32", batch_size=args.batch_size,
-                         channel_order="bgr" if args.released_channel_order else "rgb")
+                         channel_order="bgr" if args.released_channel_order else "rgb", resize=args.resize)
 
 
 def rank_and_world() -> tuple[int, int, int]:

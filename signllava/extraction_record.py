@@ -110,4 +110,11 @@ def encoder_choice(record: dict, device: str, batch_size: int, models: dict[str,
     return EncoderChoice(mae=source["mae"], dino_face=source["dino_face"], dino_hand=source["dino_hand"],
                          sign2vec=source["sign2vec"], sign2vec_layer=rec_models.get("sign2vec", {}).get("layer"),
                          device=device, dtype=dtype or settings.get("dtype") or "float32", batch_size=batch_size,
-                         channel_order="bgr" if settings.get("channel_order") == BGR else "rgb")
+                         channel_order="bgr" if settings.get("channel_order") == BGR else "rgb",
+                         resize=recorded_resize(rec_models))
+
+
+def recorded_resize(models: dict) -> str:
+    """How the recorded image encoders resized ("pil" or "torch"), from their preprocessing record."""
+    said = [m.get("preprocessing", {}).get("resize", "") for k, m in models.items() if k != "sign2vec"]
+    return "torch" if any(r.startswith("torch") for r in said) else "pil"

@@ -160,3 +160,17 @@ def test_checkpoint_without_a_record_says_what_to_pass(trained, tmp_path, capsys
     status, _ = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path,
                                "--extraction", trained["data"] / "extraction.json")
     assert status == 0 and len(json.loads((tmp_path / "yt1.json").read_text())["segments"]) == 3
+
+
+def test_recorded_encoder_settings_come_back():
+    """The record gives back the encoders, colour order, dtype and resize that made the features."""
+    from signllava.extraction_record import BGR, encoder_choice
+    record = {"settings": {"modalities": ["mae", "dino"], "channel_order": BGR, "dtype": "bfloat16"},
+              "models": {"mae": {"source": "m", "preprocessing": {"resize": "torch bilinear, antialiased to 224x224"}},
+                         "dino_face": {"source": "f", "preprocessing": {"resize": "PIL bilinear to 224x224"}},
+                         "dino_hand": {"source": "h"}, "sign2vec": {"source": "s", "layer": 3}}}
+    c = encoder_choice(record, "cpu", 8, models={"dino_hand": "moved"})
+    assert (c.mae, c.dino_face, c.dino_hand, c.sign2vec, c.sign2vec_layer) == ("m", "f", "moved", "s", 3)
+    assert (c.channel_order, c.dtype, c.resize, c.batch_size) == ("bgr", "bfloat16", "torch", 8)
+    record["models"]["mae"]["preprocessing"]["resize"] = "PIL bilinear to 224x224"
+    assert encoder_choice(record, "cpu", 8, dtype="float32").resize == "pil"
