@@ -6,6 +6,7 @@ webvtt-py writes both formats. A cue's text is kept to one line: a blank line wo
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -26,14 +27,14 @@ def cue_text(text: str) -> str:
     return re.sub(r"\s+", " ", text.replace("-->", "->")).strip()
 
 
-def _captions(segments) -> webvtt.WebVTT:
-    return webvtt.WebVTT(captions=[webvtt.Caption(timestamp(s.start), timestamp(s.end), cue_text(s.text))
-                                   for s in segments if cue_text(s.text)])
-
-
 def _render(segments, fmt: str) -> str:
+    # WebVTT cue text is markup: a model's "<" or "&" would start a tag or an entity, so they are escaped
+    # there (a browser shows them as written); SRT players take text as it is.
+    escape = (lambda t: html.escape(t, quote=False)) if fmt == "vtt" else (lambda t: t)
+    captions = webvtt.WebVTT(captions=[webvtt.Caption(timestamp(s.start), timestamp(s.end), escape(cue_text(s.text)))
+                                       for s in segments if cue_text(s.text)])
     buf = io.StringIO()
-    _captions(segments).write(buf, format=fmt)
+    captions.write(buf, format=fmt)
     return buf.getvalue()
 
 

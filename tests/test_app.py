@@ -20,8 +20,8 @@ import pytest
 
 from tests.app_kit import (app_server, chrome, missing_browser, resource_hosts, save_screenshot, subtitle_track,
                            table_rows, translate_in_page, wait_for)
-from tests.kit import REPO, build_tiny_llm, run_script, script_env, train_args
-from tests.video_kit import film_astronaut, youtube_asl
+from tests.kit import REPO
+from tests.video_kit import film_astronaut, trained_video_run
 
 SEGMENTS = "fixed:0.6"        # a 1.2 s video -> two segments, so the second one has context
 GENERATION = {"num_beams": 2, "max_new_tokens": 8}
@@ -29,15 +29,8 @@ GENERATION = {"num_beams": 2, "max_new_tokens": 8}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """Stage 1 for three steps on the pose stream (no model weights needed) of two filmed videos."""
-    root = tmp_path_factory.mktemp("app")
-    vids, caps = youtube_asl(root / "yt", videos=2)
-    data, llm, run = root / "D", root / "llm", root / "run"
-    run_script("extract.py", "--videos", vids, "--captions", caps, "--out", data, "--split", "train",
-               "--modalities", "pose", "--workers", 0, env=script_env(OMP_NUM_THREADS=1))
-    build_tiny_llm(llm, data)
-    run_script("pretrain.py", *train_args(data, llm, run, 3, "--modalities", "pose", "--context_window", 2))
-    return run
+    """Stage 1 with a context window on two extracted films (the run test_translate.py translates too)."""
+    return trained_video_run(tmp_path_factory)["run"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,23 +14,15 @@ import webvtt
 
 from signllava.subtitles import srt_text, timestamp, vtt_text
 from signllava.video_translate import SubtitleSegment
-from tests.kit import build_tiny_llm, run_script, script_env, train_args
-from tests.test_extract import extract, features
-from tests.video_kit import tiny_encoders, youtube_asl
+from tests.kit import run_script, script_env
+from tests.test_extract import features
+from tests.video_kit import trained_video_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(root, videos, captions, dataset, run) with run = stage 1 trained 2 steps, context window 2."""
-    root = tmp_path_factory.mktemp("translate")
-    videos, captions = youtube_asl(root / "yt", videos=2, captions=3)
-    enc = tiny_encoders(root / "enc")
-    data = root / "D"
-    extract("--videos", videos, "--captions", captions, "--out", data, "--split", "train", *enc)
-    build_tiny_llm(root / "llm", data)
-    run = root / "run"
-    run_script("pretrain.py", *train_args(data, root / "llm", run, 2, "--context_window", 2))
-    return {"root": root, "videos": videos, "captions": captions, "data": data, "run": run, "encoders": enc}
+    """Two filmed videos extracted (all four streams) and stage 1 trained on them with context window 2."""
+    return trained_video_run(tmp_path_factory)
 
 
 def translate(*args, check=True):
@@ -53,15 +44,16 @@ def translate_here(capsys, *args) -> tuple[int, str]:
 
 def test_subtitle_files_are_well_formed():
     segs = [SubtitleSegment(0.0, 1.25, "hello  there", []), SubtitleSegment(61.5, 3723.004, "a --> b\n\nc", []),
-            SubtitleSegment(4000, 4001, "   ", [])]
+            SubtitleSegment(4000, 4001, "   ", []), SubtitleSegment(4002, 4003, "R&D <b>", [])]
     assert timestamp(3723.0045) == "01:02:03.004" and timestamp(-1) == "00:00:00.000"
     vtt = vtt_text(segs)
     cues = webvtt.from_string(vtt)
-    assert [(c.start, c.end, c.text) for c in cues] == [("00:00:00.000", "00:00:01.250", "hello there"),
-                                                         ("00:01:01.500", "01:02:03.004", "a -> b c")]
+    assert [(c.start, c.end, c.raw_text) for c in cues] == [("00:00:00.000", "00:00:01.250", "hello there"),
+                                                             ("00:01:01.500", "01:02:03.004", "a -&gt; b c"),
+                                                             ("01:06:42.000", "01:06:43.000", "R&amp;D &lt;b&gt;")]
     srt = srt_text(segs)
     assert srt.startswith("1\n00:00:00,000 --> 00:00:01,250\nhello there\n") and "\n2\n00:01:01,500 --> " in srt
-    assert "3\n" not in srt                    # a segment with no words gets no cue
+    assert "\n3\n01:06:42,000 --> 01:06:43,000\nR&D" in srt and "\n4\n" not in srt   # no words, no cue
 
 
 def test_checkpoint_carries_the_datasets_extraction_record(trained):
@@ -121,20 +113,23 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys, caplog):
     assert status == 2 and err == "error: 1 of 1 videos could not be translated (see above)"
     assert f"{broken}: unreadable video" in caplog.text
 
-    # An encoder moved away: the error names the checkpoint and the flag; --mae at its new place works, warned.
-    mae = Path(trained["encoders"][trained["encoders"].index("--mae") + 1])
-    moved = tmp_path / "mae_moved"
-    shutil.move(mae, moved)
-    try:
-        status, err = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path)
-        assert status == 2 and err.startswith(f"error: {trained['run']}") and "cannot be loaded" in err, err
-        assert "--mae" in err
-        caplog.clear()
-        status, _ = translate_here(capsys, video, "--checkpoint", run, "--segments", "fixed:1", "--out", tmp_path,
-                                   "--mae", moved)
-        assert status == 0 and "otherwise than the training data was (models.mae.source), as asked" in caplog.text
-    finally:
-        shutil.move(moved, mae)
+    # An encoder moved away (the recorded place is gone): the error names the checkpoint and the flag; --mae at
+    # its new place works, with a warning. The shared run is only read: a copy's record says where MAE was.
+    from signllava.checkpoint import write_manifest
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    ckpt = moved / (moved / "latest").read_text().strip()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    mae = cfg["extraction"]["models"]["mae"]["source"]
+    cfg["extraction"]["models"]["mae"]["source"] = str(tmp_path / "gone")
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    write_manifest(ckpt)
+    status, err = translate_here(capsys, video, "--checkpoint", moved, "--segments", "fixed:1", "--out", tmp_path)
+    assert status == 2 and err.startswith(f"error: {ckpt}") and "cannot be loaded" in err and "--mae" in err, err
+    caplog.clear()
+    status, _ = translate_here(capsys, video, "--checkpoint", moved, "--segments", "fixed:1", "--out", tmp_path,
+                               "--mae", mae)
+    assert status == 0 and "otherwise than the training data was (models.mae.source), as asked" in caplog.text
 
     for flags, want in ((["--segments", "sometimes"], "--segments must be auto, captions or fixed:S"),
                         (["--segments", "fixed:0"], "--segments must be"),
