@@ -27,6 +27,7 @@ log = logging.getLogger("signllava.translate")
 
 
 def parser() -> argparse.ArgumentParser:
+    from signllava.video_translate import add_translator_args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("videos", nargs="+", type=Path, help="video files (or folders of them)")
     p.add_argument("--checkpoint", required=True, help="a run's output dir or one checkpoint (stage 1 or 2, or export.py's)")
@@ -38,18 +39,7 @@ def parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generation")
     gen.add_argument("--num_beams", type=int, default=5)
     gen.add_argument("--max_new_tokens", type=int, help="default: generate.py's")
-    ext = p.add_argument_group("extraction (default: what the checkpoint records)")
-    for flag in ("mae", "dino_face", "dino_hand", "sign2vec"):
-        ext.add_argument(f"--{flag}", help=f"where the recorded {flag} model is now (HF id, folder or checkpoint file)")
-    ext.add_argument("--extraction", type=Path,
-                     help="an extraction.json to use (a checkpoint trained on features made elsewhere records none)")
-    ext.add_argument("--allow_different_settings", action="store_true",
-                     help="extract although the encoders here differ from the recorded ones (a warning)")
-    run = p.add_argument_group("run")
-    run.add_argument("--device", help="default: the GPU if there is one, else cpu")
-    run.add_argument("--dtype", choices=("bfloat16", "float32"), help="encoders' dtype (default: the recorded one)")
-    run.add_argument("--batch_size", type=int, default=64, help="frames per encoder batch")
-    run.add_argument("--workers", type=int, default=0, help="processes for decoding and MediaPipe (0: this one)")
+    add_translator_args(p)
     return p
 
 
@@ -85,13 +75,10 @@ def video_paths(given: list[Path]) -> list[Path]:
 
 def translate(args) -> int:
     from signllava.subtitles import write_subtitles
-    from signllava.video_translate import VideoTranslator
+    from signllava.video_translate import VideoTranslator, translator_kwargs
     videos = video_paths(args.videos)
-    models = {f: getattr(args, f) for f in ("mae", "dino_face", "dino_hand", "sign2vec") if getattr(args, f)}
-    vt = VideoTranslator(args.checkpoint, device=args.device, segments=args.segments, num_beams=args.num_beams,
-                         allow_different_settings=args.allow_different_settings, models=models,
-                         extraction=args.extraction, workers=args.workers, batch_size=args.batch_size,
-                         dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    vt = VideoTranslator(args.checkpoint, segments=args.segments, num_beams=args.num_beams,
+                         max_new_tokens=args.max_new_tokens, **translator_kwargs(args))
     failed = 0
     for path in videos:
         try:

@@ -1,7 +1,7 @@
 """A browser demo: upload a signing video (or record one with the webcam) and get it back with English subtitles.
 
     python -m signllava.app --checkpoint C [--host 127.0.0.1] [--port 7860] [--segments auto|fixed:S]
-                            [--num_beams 5] [--max_new_tokens N] [--device D] [--allow_different_settings]
+                            [--num_beams 5] [--max_new_tokens N] [--device D] [translate.py's extraction flags]
 
 C is what translate.py takes: a stage-1 or stage-2 output dir, a checkpoint dir or an export.py folder. The
 checkpoint is loaded once, at start; each click runs `VideoTranslator.translate_video` on the video (the
@@ -32,7 +32,8 @@ from signllava.cli import make_parser  # noqa: E402
 from signllava.errors import DataError, RunError, range_problems, run_command  # noqa: E402
 from signllava.segmentation import parse_policy  # noqa: E402
 from signllava.subtitles import write_subtitles  # noqa: E402
-from signllava.video_translate import VideoTranslation, VideoTranslator  # noqa: E402
+from signllava.video_translate import (VideoTranslation, VideoTranslator, add_translator_args,  # noqa: E402
+                                        translator_kwargs)
 
 SEGMENT_MODES = ["auto", "fixed", "captions"]
 SEGMENT_HEADERS = ["start (s)", "end (s)", "text", "context"]
@@ -176,12 +177,10 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--segments", type=segments_flag, default="auto", help="the page's first choice: auto | fixed:S")
     p.add_argument("--num_beams", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, help="tokens per segment at most (default: generate.py's)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
-    p.add_argument("--allow_different_settings", action="store_true",
-                   help="extract with settings other than the checkpoint's training data (a warning, not an error)")
+    add_translator_args(p)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off: nothing leaves)")
     args = p.parse_args(argv)
-    problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens"))
+    problems = range_problems(args, at_least_one=("num_beams", "max_new_tokens", "batch_size"), non_negative=("workers",))
     if not 1 <= args.port <= 65535:
         problems.append("--port must be between 1 and 65535")
     if problems:
@@ -194,9 +193,8 @@ def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
 
     def serve() -> int:
-        translator = VideoTranslator(args.checkpoint, device=args.device, segments=args.segments,
-                                     num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                     allow_different_settings=args.allow_different_settings)
+        translator = VideoTranslator(args.checkpoint, segments=args.segments, num_beams=args.num_beams,
+                                     max_new_tokens=args.max_new_tokens, **translator_kwargs(args))
         demo = Demo(translator, args.segments)
         # The name only: the page may be seen from other machines (--host), the server's folders are not theirs.
         title = f"Checkpoint `{Path(args.checkpoint).name}`, beam search with {args.num_beams} beams."

@@ -246,3 +246,30 @@ class VideoTranslator:
 def _add(total: dict, more: dict) -> None:
     for k, v in more.items():
         total[k] = total.get(k, 0.0) + v
+
+
+# ------------------------------------------------------------------------------------------- the flags
+MODEL_FLAGS = ("mae", "dino_face", "dino_hand", "sign2vec")
+
+
+def add_translator_args(p) -> None:
+    """The flags translate.py and the browser demo share: where the recorded encoders are, the device."""
+    ext = p.add_argument_group("extraction (default: what the checkpoint records)")
+    for flag in MODEL_FLAGS:
+        ext.add_argument(f"--{flag}", help=f"where the recorded {flag} model is now (HF id, folder or checkpoint file)")
+    ext.add_argument("--extraction", type=Path,
+                     help="an extraction.json to use (a checkpoint trained on features made elsewhere records none)")
+    ext.add_argument("--allow_different_settings", action="store_true",
+                     help="extract although the encoders here differ from the recorded ones (a warning)")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", help="default: the GPU if there is one, else cpu")
+    run.add_argument("--dtype", choices=("bfloat16", "float32"), help="encoders' dtype (default: the recorded one)")
+    run.add_argument("--batch_size", type=int, default=64, help="frames per encoder batch")
+    run.add_argument("--workers", type=int, default=0, help="processes for decoding and MediaPipe (0: this one)")
+
+
+def translator_kwargs(args) -> dict:
+    """VideoTranslator's keyword arguments from the flags of add_translator_args."""
+    return {"device": args.device, "allow_different_settings": args.allow_different_settings,
+            "models": {f: getattr(args, f) for f in MODEL_FLAGS if getattr(args, f)}, "extraction": args.extraction,
+            "workers": args.workers, "batch_size": args.batch_size, "dtype": args.dtype}
