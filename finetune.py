@@ -89,7 +89,8 @@ def train(args) -> int:
                      expected_dims=prev_cfg.dims if prev_cfg else None, base_model=base)
     cfg = model_config(env, data, stage=2, base_model=base, tokenizer_path=tok_path, added_tokens=added,
                        projector_types=prev_cfg.projector_types if prev_cfg else None, bits=args.bits,
-                       lora=lora_config(args), chat_template=tokenizer.chat_template)
+                       lora=lora_config(args), chat_template=tokenizer.chat_template,
+                       inherited_extraction=prev_cfg.extraction if prev_cfg else None)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3, adapter="new",
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
                      compile_layers=args.compile_layers,

@@ -256,6 +256,10 @@ class Translator:
                 "absent": absent, "video": None, "clip": None, "task": "translation", "prompt": prompt, "answer": None}
 
     def context_prompt(self, context: str | list[str] | None) -> str:
+        """The translation prompt with the sentences `pick_context` keeps."""
+        return translation_prompt(self.pick_context(context))
+
+    def pick_context(self, context: str | list[str] | None) -> list[str]:
         """Training's policy: `context` is the video's preceding sentences in time order (a string is one
         sentence, as the original's prepare_translation_prompt took it); the checkpoint's windows pick the first
         `prelude_window` and the last `context_window` of them. A checkpoint trained without a window gets no
@@ -269,9 +273,9 @@ class Translator:
         if any(c.strip() for c in context) and self.context_window == 0 and self.prelude_window == 0:
             warnings.warn(f"context ignored: {self.checkpoint or 'this checkpoint'} was trained without a context "
                           "window (set Translator.context_window / prelude_window to give it context anyway)",
-                          stacklevel=3)
+                          stacklevel=4)
         pick = context_ids(len(context), self.context_window, self.prelude_window)
-        return translation_prompt([context[i] for i in pick if context[i].strip()])
+        return [context[i] for i in pick if context[i].strip()]
 
     def translate(self, features: dict[str, np.ndarray], context: str | list[str] | None = None,
                   num_beams: int = 5, max_new_tokens: int = MAX_NEW_TOKENS, min_new_tokens: int = 0) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 from signllava import kernels, safe_load
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.errors import CheckpointError, brief
+from signllava.extraction_record import record_problem
 from signllava.prompts import MARKER_TOKENS, SYSTEM_PROMPT
 
 log = logging.getLogger("signllava")
@@ -51,6 +52,9 @@ class SignConfig:
     # existed load with False: their segments are told apart by position only, and every trained
     # modality must be given to them.
     modality_embeddings: bool = False
+    # How the training data's features were made (D/extraction.json's settings, models and software; see
+    # signllava/extraction_record.py): translate.py extracts a new video the same way. None: features made elsewhere.
+    extraction: dict | None = None
     format: str = "signllava-1"
 
     def save(self, directory: Path):
@@ -131,6 +135,8 @@ def config_problems(raw: dict) -> list[str]:
         ("frame_cap", raw.get("frame_cap", "stride") in ("stride", "truncate", "pool"), "stride, truncate or pool"),
         ("max_seq_len", is_int(raw.get("max_seq_len", 0)), "a whole number >= 0"),
         ("modality_embeddings", isinstance(raw.get("modality_embeddings", False), bool), "true or false"),
+        ("extraction", raw.get("extraction") is None or record_problem(raw["extraction"]) is None,
+         "null or an extraction record"),
     ]
     return [f"{name} {brief(raw.get(name), 40)}: expected {what}" for name, ok, what in checks if not ok]
 

@@ -48,6 +48,7 @@ from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.data_paths import DataPaths, data_problems
 from signllava.errors import CheckpointError, DataError, RunError, range_problems
+from signllava.extraction_record import SETTINGS_FILE, dataset_record, differences
 from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
 log = logging.getLogger("signllava")
@@ -626,9 +627,17 @@ def load_data(env: RunEnv, tokenizer, modalities: list[str] | None = None,
 
 
 def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer_path: str, added_tokens: bool,
-                 projector_types: dict[str, str] | None = None, **extra) -> SignConfig:
-    """The SignConfig saved with every checkpoint: enough to rebuild the model without any flag."""
+                 projector_types: dict[str, str] | None = None, inherited_extraction: dict | None = None,
+                 **extra) -> SignConfig:
+    """The SignConfig saved with every checkpoint: enough to rebuild the model without any flag, and to
+    extract new videos as its training data was (the dataset's extraction record, else stage 1's)."""
     a = env.args
+    extraction = dataset_record(env.paths.data_dir) or inherited_extraction
+    if inherited_extraction and extraction is not inherited_extraction:
+        diffs = differences(inherited_extraction, extraction)
+        if diffs:
+            log.warning("%s: extracted otherwise than stage 1's data (%s); the checkpoint records this dataset's way",
+                        env.paths.data_dir / SETTINGS_FILE, ", ".join(diffs[:6]))
     mods = data.train.modalities
     try:
         ptypes = projector_types or parse_projector_types(a.projector_type, mods)
@@ -638,7 +647,7 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
                       projector_types={m: ptypes[m] for m in mods}, stage=stage, added_tokens=added_tokens,
                       context_window=a.context_window, prelude_window=a.prelude_window,
                       max_frames=data.train.limits, frame_cap=a.frame_cap, max_seq_len=data.train.opts.max_seq_len,
-                      modality_embeddings=True, **extra)
+                      modality_embeddings=True, extraction=extraction, **extra)
 
 
 @dataclass

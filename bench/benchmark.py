@@ -39,9 +39,9 @@ What is timed (every ratio is against a baseline measured in the same run):
                    QLoRA also reports "ours <= 24 GiB" (--qlora_mem_gb): the fastest of those whose peak memory
                    stays within 24 GiB (a 24 GB card). (e) are the configurations timed for it (cuda only):
                    compiled layers under an activation memory budget (--memory_budget, training's
-                   --activation_memory_budget) with LoRA dropout 0, no checkpointing: at the longest sample's
-                   packed budget, then at the budget its peak predicts fills 90 % of the target; if neither
-                   fits, up to two eager checkpointed ones: a token budget (packed unless --no_packing) sized
+                   --activation_memory_budget) with LoRA dropout 0, no checkpointing: at the packed budget
+                   predicted to fill 90 % of the target from (g)'s memory a token times the memory budget,
+                   re-aimed once from its own peak if that missed; if none fits, up to two eager checkpointed ones: a token budget (packed unless --no_packing) sized
                    by a linear fit of peak memory to batch tokens, then the largest grouped fixed batch
                    estimated to fit.
                    Every row's wall_s (probe, warmup, compilation, timed steps) is in the JSON, and the
@@ -238,9 +238,13 @@ class Trainer:
 def timed_steps(step, batches: list[dict], warmup: int, device: torch.device, budget_s: float = math.inf,
                 min_steps: int = 3) -> dict:
     """Warmup steps, then the rest timed; past budget_s (and at least min_steps) the rest is dropped --
-    the batches are in random order, so the timed prefix is still a fair sample."""
+    the batches are in random order, so the timed prefix is still a fair sample. warmup_s: the warmup's wall
+    time (where a compiled row pays its compilation)."""
+    t_warm = time.perf_counter()
     for b in batches[:warmup]:
         step(b)
+    sync(device)
+    warmup_s = time.perf_counter() - t_warm
     timed = []
     losses = []
     sync(device)
@@ -254,6 +258,7 @@ def timed_steps(step, batches: list[dict], warmup: int, device: torch.device, bu
     dt = time.perf_counter() - t0
     tot = {k: sum(batch_stats(b)[k] for b in timed) for k in ("samples", "real", "padded", "targets")}
     return {"steps": len(timed), "time_s": dt, **tot, "loss_per_token": sum(losses) / max(tot["targets"], 1),
+            "warmup_steps": min(warmup, len(batches)), "warmup_s": warmup_s,
             **({"stopped_by_budget": True} if len(timed) < len(batches) - warmup else {})}
 
 
@@ -275,10 +280,13 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
     res["max_batch_tokens"] = max(batch_stats(b)[cost] for b in batches + ([probe] if probe is not None else []))
     failed = None
     try:
+        t_probe = time.perf_counter()
         if probe is not None:
             p = batch_stats(probe)
             res["probe_tokens"] = p[cost]
             step(probe)
+            sync(device)
+        res["probe_s"] = time.perf_counter() - t_probe
         res.update(timed_steps(step, batches, warmup, device, budget_s))
     except Exception as e:         # noqa: BLE001 -- OOM and compile failures are data; the rest re-raised
         status, failed = failure_message(e)
@@ -296,6 +304,10 @@ def run_config(trainer: Trainer, name: str, *, role: str, batch_size: int, gc_on
             res["padded"] = res["real"]                  # a packed row computes real tokens only
         res["pad_fraction"] = 1 - res["real"] / res["padded"]
         res["mfu"] = mfu(ctx["matmul_params"], res["real_tokens_per_s"], ctx["peak_flops"])
+        # The untimed steps' wall time over what as many timed steps take: a compiled row's compilation (a
+        # little high: the probe is the epoch's longest batch)
+        untimed = res["warmup_steps"] + (probe is not None)
+        res["untimed_over_steady_s"] = res["probe_s"] + res["warmup_s"] - untimed * dt / max(res["steps"], 1)
     mem = peak_mem_gb(device)
     if mem is not None:
         res["peak_mem_gb"] = mem
@@ -459,15 +471,17 @@ def bench_training(section: str, model, synth: Synth, specs: list[Spec], args, d
     fast_f = max((r for r in results if r["name"].startswith("(f)") and r["status"] == "ok"),
                  key=lambda r: r["pop_samples_per_s"], default=None)
     backend = resolved_compile_backend(args, device)
+    compiled_row = None                 # (g): what sizes the memory target's compiled rows
     if fast_f and backend != "none" and not out_of_time(args, f"{section} (g) packed, compiled layers", results):
         with compiled_layers(section, model, backend, results):
-            token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers")
+            compiled_row = token_budget(fast_f["max_tokens"], False, "(g)", packed=True, note=", compiled layers")
     # The memory target's likeliest best, so not subject to --time_limit_s (it compiled in ~30 s on the H200)
     if fast_f and backend != "none" and mem_target_gb and args.memory_budget < 1:
         with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget):
             note = f", compiled layers, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
             fit_memory_budgeted(results, mem_target_gb, int(seq_lens.max()),
-                                lambda b: token_budget(b, False, "(e)", packed=True, note=note))
+                                lambda b: token_budget(b, False, "(e)", packed=True, note=note), compiled_row,
+                                args.memory_budget)
 
     def fixed_gc(bs: int) -> dict:
         plan = plan_batches(lengths, bs, args.seed, True)
@@ -553,8 +567,8 @@ def bench_fp8(section: str, model, synth: Synth, specs: list[Spec], args, device
     """(h): `model` with its frozen linears already in FP8, packed, compiled as (g) is, at the token budget of
     `base`, the bf16 row it is compared with (stage 1's (g); for LoRA on an FP8 base, QLoRA's (g)): vs_base =
     its samples/s over base's, measured in this run. Then, for mem_target_gb, compiled rows under the
-    activation memory budget with LoRA dropout 0, sized as QLoRA's (e) are (fit_memory_budgeted). Role "fp8":
-    the bf16 picks ("ours", the loader's comparison) stay as they were. Rows go into `results` one by one
+    activation memory budget with LoRA dropout 0, sized from (h) as QLoRA's (e) are from its (g)
+    (fit_memory_budgeted). Role "fp8": the bf16 picks ("ours", the loader's comparison) stay as they were. Rows go into `results` one by one
     (`on_row` after each, e.g. saving the JSON); `step_override` as bench_training's."""
     if base is None or base.get("status") != "ok" or not base.get("max_tokens"):
         results.append({"name": f"(h) {section} FP8", "role": "fp8", "status": "skipped",
@@ -583,7 +597,8 @@ def bench_fp8(section: str, model, synth: Synth, specs: list[Spec], args, device
     if mem_target_gb and compiled and args.memory_budget < 1:
         note = f", compiled layers, FP8, activation memory budget {args.memory_budget:g}, LoRA dropout 0"
         with lora_dropout_off(model), compiled_layers(section, model, backend, results, args.memory_budget, "fp8"):
-            fit_memory_budgeted(results, mem_target_gb, int(rows.seq_lens.max()), lambda b: timed(b, note))
+            fit_memory_budgeted(results, mem_target_gb, int(rows.seq_lens.max()), lambda b: timed(b, note),
+                                results[start], args.memory_budget)
     mark_best(results[start:], mem_target_gb, role="fp8")
     del trainer, rows
     free_memory()
@@ -614,6 +629,7 @@ def compiled_layers(section: str, model, backend: str, results: list[dict], acti
     llm = base_llm(model)
     kernels.compile_decoder_layers(llm, backend, activation_memory_budget)
     counters.clear()
+    before = compile_seconds()
     first = len(results)
     try:
         yield
@@ -623,11 +639,20 @@ def compiled_layers(section: str, model, backend: str, results: list[dict], acti
         log(f"  compiled layers failed: {results[-1]['error']}")
     finally:
         dynamo = {"unique_graphs": int(counters["stats"]["unique_graphs"]),
-                  "graph_breaks": int(sum(counters["graph_break"].values()))}
+                  "graph_breaks": int(sum(counters["graph_break"].values())),
+                  "compile_s": {k: round(v - before.get(k, 0.0), 2) for k, v in compile_seconds().items()
+                                if v - before.get(k, 0.0) >= 0.5}}
         for r in results[first:]:
             r["dynamo"] = dynamo           # cumulative over the compiled rows, in their order
         kernels.uncompile_decoder_layers(llm)
         torch._dynamo.reset()
+
+
+def compile_seconds() -> dict[str, float]:
+    """The compiler's own timers so far, seconds by phase (dynamo's compilation_time_metrics: the whole dynamo
+    compile, bytecode tracing, AOT autograd, inductor's forward and backward graphs, a restarted trace)."""
+    from torch._dynamo.utils import compilation_time_metrics
+    return {k: float(sum(v)) for k, v in compilation_time_metrics.items()}
 
 
 def fits(r: dict, limit_gb: float) -> bool:
@@ -690,21 +715,36 @@ def lora_dropout_off(model):
 
 
 def fit_memory_budgeted(results: list[dict], limit_gb: float, longest_tokens: int, run_budget,
-                        margin: float = 0.9):
-    """(e) under an activation memory budget, no checkpointing, compiled anew: first at the smallest packed
-    budget (the longest sample's), whose peak measures the memory a token costs at this budget (over the memory
-    held between steps), then at the budget that cost predicts fills margin x limit_gb. The first row's fixed
-    transients count as per-token cost there, so the prediction errs low."""
+                        basis: dict | None = None, memory_budget: float = 1.0, margin: float = 0.9,
+                        band: float = 0.8):
+    """(e) under an activation memory budget, no checkpointing, compiled anew, sized directly: the memory a
+    token costs in `basis` (the section's compiled row without a budget: (g), or FP8's (h); its peak over the
+    memory held between steps, per token of its largest batch) times memory_budget predicts the packed budget
+    that fills margin x limit_gb (on the H200: QLoRA 1.6 MB a token at 0.25 against 6.8 unbudgeted, LoRA on FP8
+    1.65 against 6.85). If that row's own peak lands outside [band, 1] x limit_gb, its per-token cost re-aims
+    one more row (the compiled graph is dynamic: no recompilation). Without a usable basis the first row is
+    the longest sample's packed budget, the smallest there is, and its cost aims the second. Never below the
+    longest sample, which must fit in a batch."""
     held = held_mem_gb(results)
     if held is None:
         return
-    first = run_budget(longest_tokens)
-    if first["status"] != "ok" or not first.get("peak_mem_gb") or first["peak_mem_gb"] <= held:
+
+    def per_token(r: dict) -> float | None:
+        ok = r is not None and r["status"] == "ok" and r.get("peak_mem_gb") and r.get("max_batch_tokens")
+        return (r["peak_mem_gb"] - held) / r["max_batch_tokens"] if ok and r["peak_mem_gb"] > held else None
+
+    def aimed(cost: float) -> int:
+        return max(longest_tokens, tokens_within(held, cost, margin * limit_gb))
+
+    cost = per_token(basis)
+    budget = aimed(cost * memory_budget) if cost else longest_tokens
+    first = run_budget(budget)
+    cost = per_token(first)
+    if cost is None or band * limit_gb <= first["peak_mem_gb"] <= limit_gb:
         return
-    slope = (first["peak_mem_gb"] - held) / first["max_batch_tokens"]
-    budget = tokens_within(held, slope, margin * limit_gb)
-    if budget > 1.2 * longest_tokens:
-        run_budget(budget)
+    again = aimed(cost)
+    if abs(again - budget) > 0.05 * budget:
+        run_budget(again)
 
 
 def fit_memory(section: str, results: list[dict], limit_gb: float, args, sizes: list[int], run_budget_gc,
@@ -1103,6 +1143,11 @@ def environment(device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ main
+def mem_target(group, flag: str, what: str, default_gb: float = 24):
+    """A section's memory-target flag: GiB (a 24 GB card by default), 0 for none; peaks are counted on cuda only."""
+    group.add_argument(flag, type=float, default=default_gb, help=f"{what} (0: off; cuda only)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]      # noqa: E731
@@ -1131,10 +1176,9 @@ def parse_args(argv=None):
                         "none on a CPU, where compiling takes minutes; none: skip (g); aot_eager only traces)")
     g.add_argument("--no_token_budget", dest="token_budget", action="store_false",
                    help="skip (d), token-budget batches (--max_tokens_per_batch, data.plan_epoch(max_tokens=))")
-    g.add_argument("--qlora_mem_gb", type=float, default=24,
-                   help="QLoRA: also report the fastest ours config peaking within this many GiB, timing (e) configs "
-                        "for it: compiled under --memory_budget, then up to two eager checkpointed ones if none fitted "
-                        "(0: off; cuda only)")
+    mem_target(g, "--qlora_mem_gb", "QLoRA: also report the fastest ours config peaking within this many GiB, timing "
+               "(e) configs for it: compiled under --memory_budget, then up to two eager checkpointed ones if none "
+               "fitted")
     g.add_argument("--memory_budget", type=float, default=0.25,
                    help="QLoRA's memory target: the activation memory budget of its compiled (e) rows without "
                         "checkpointing and with LoRA dropout 0 (training's --activation_memory_budget); 1: none")
@@ -1166,9 +1210,8 @@ def parse_args(argv=None):
                    help="(h) rows: stage 1 with the frozen LLM's linears in FP8, and LoRA on an FP8 base beside QLoRA, "
                         "each against its bf16 row of this run; auto: where the device has FP8 matmuls (compute "
                         "capability 8.9+), on: also emulated (CPU), off: none")
-    g.add_argument("--fp8_mem_gb", type=float, default=24,
-                   help="LoRA on an FP8 base: also the fastest (h) peaking within this many GiB, timing compiled rows "
-                        "under --memory_budget for it (0: off; cuda only)")
+    mem_target(g, "--fp8_mem_gb", "LoRA on an FP8 base: also the fastest (h) peaking within this many GiB, timing "
+               "compiled rows under --memory_budget for it")
     p.add_argument("--time_limit_s", type=float, default=450,
                    help="past this many seconds, optional pieces ((c), (d), (e), the plain-HF generation ablation) "
                         "are skipped")

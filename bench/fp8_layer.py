@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.synthetic import llama_config, log  # noqa: E402
+from bench.synthetic import llama_config, log, packed_layer_inputs  # noqa: E402
 from signllava import fp8, kernels  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def kernel_vs_emulation(tokens: int = 8192) -> dict:
 
 
 def layer_variants(tokens: int, reps: int) -> dict:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     device, dtype = torch.device("cuda"), torch.bfloat16
     cfg = llama_config("8b")
     kernels.register()
@@ -92,13 +92,7 @@ def layer_variants(tokens: int, reps: int) -> dict:
     torch.manual_seed(0)
     base = LlamaDecoderLayer(cfg, 0).to(device, dtype).requires_grad_(False)
     kernels.fuse_rms_norm(base)
-    rope = LlamaRotaryEmbedding(cfg).to(device)
-    lens = [tokens // 10] * 9 + [tokens - 9 * (tokens // 10)]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
-    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
-    x0 = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype)
-    pe = rope(x0, pos)
-    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    x0, pos, pe, kw = packed_layer_inputs(cfg, tokens, device, dtype)
     dy = torch.randn_like(x0)
 
     def ours(layer):

@@ -81,22 +81,15 @@ def layer(a, device, dtype, reps: int = 10):
     time and activation memory, stock transformers vs fused_ops."""
     import copy
 
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from signllava import kernels
+    from bench.synthetic import packed_layer_inputs
     from signllava import kernels
     cfg = bench.llama_config(a.shape)
     kernels.register()
     cfg._attn_implementation = kernels.ATTENTION
     base = LlamaDecoderLayer(cfg, 0).to(device, dtype).requires_grad_(False)
-    rope = LlamaRotaryEmbedding(cfg).to(device)
-    N = a.tokens
-    lens = [N // 10] * 9 + [N - 9 * (N // 10)]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
-    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
-    x0 = torch.randn(1, N, cfg.hidden_size, device=device, dtype=dtype)
-    pe = rope(x0, pos)
-    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    x0, pos, pe, kw = packed_layer_inputs(cfg, a.tokens, device, dtype)
     out = {}
     for name, fused in (("stock", False), ("fused norms", True), ("fused norms + compile", "compile"),
                         ("compile, stock norms", "compile-stock")):

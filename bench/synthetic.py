@@ -150,6 +150,19 @@ def llama_config(shape: str):
     return LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None)
 
 
+def packed_layer_inputs(cfg, tokens: int, device: torch.device, dtype: torch.dtype, samples: int = 10):
+    """What one bare decoder layer of `cfg` is called with on a packed row of `tokens` positions, `samples`
+    equal samples (the last takes the rest): (hidden states [1, tokens, H], position ids, RoPE's (cos, sin),
+    the packed attention's keyword arguments). For the layer diagnostics (bench/fp8_layer.py, profile_step.py)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    lens = [tokens // samples] * (samples - 1) + [tokens - (samples - 1) * (tokens // samples)]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
+    x = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype)
+    pe = LlamaRotaryEmbedding(cfg).to(device)(x, pos)
+    return x, pos, pe, dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+
+
 def build_llm(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A random-init LlamaForCausalLM of the shape, created directly on `device` in `dtype` (no download,
     no 16 GB of host memory)."""

@@ -156,7 +156,7 @@ def from_captions(folder: Path, files: dict[str, Path]) -> tuple[dict[str, list[
             continue
         if video in clips:
             raise DataError(f"{path}: a second caption file for video {video!r}")
-        cues = _read_captions(path)
+        cues = read_captions(path)
         kept = [(s, e, t) for s, e, t in cues if t and e > s]
         faults += [f"{where(path, video)}: caption at {s:.3f} s ends at {e:.3f} s, not after its start"
                    for s, e, t in cues if t and e <= s]
@@ -167,7 +167,7 @@ def from_captions(folder: Path, files: dict[str, Path]) -> tuple[dict[str, list[
     return clips, faults
 
 
-def _read_captions(path: Path) -> list[tuple[float, float, str]]:
+def read_captions(path: Path) -> list[tuple[float, float, str]]:
     try:
         with open(path, encoding="utf-8-sig") as f:
             cues = webvtt.from_buffer(f, format="srt" if path.suffix.lower() == ".srt" else "vtt")

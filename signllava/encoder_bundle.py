@@ -36,6 +36,7 @@ class EncoderChoice:
     dtype: str = "float32"
     batch_size: int = 64
     channel_order: str = "rgb"            # "bgr": the released features' swapped colours (see extract.py)
+    resize: str = "pil"                   # "torch": image encoders resize on their device (see encoders.py)
 
 
 def needed_models(modalities: list[str], choice: EncoderChoice) -> list[str]:
@@ -52,7 +53,7 @@ class Encoders:
         self.modalities = list(modalities)
         dtype = getattr(torch, choice.dtype)
         image = dict(device=choice.device, dtype=dtype, batch_size=choice.batch_size,
-                     channel_order=choice.channel_order)
+                     channel_order=choice.channel_order, resize=choice.resize)
         self.mae = load_mae(choice.mae, **image) if "mae" in modalities else None
         self.dino_face = load_dino(choice.dino_face, **image) if "dino" in modalities else None
         self.dino_hand = load_dino(choice.dino_hand, **image) if "dino" in modalities else None

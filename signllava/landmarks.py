@@ -75,12 +75,19 @@ def detect(frames: np.ndarray, fps: float, loc: str) -> Landmarks:
             and frames.shape[-1] == 3 and len(frames) > 0):
         raise DataError(f"{loc}: frames must be a non-empty uint8 array [T, H, W, 3], got "
                         f"{getattr(frames, 'dtype', type(frames).__name__)} {getattr(frames, 'shape', '')}")
+    return detect_stream(iter(frames), fps, loc)
+
+
+def detect_stream(frames, fps: float, loc: str) -> Landmarks:
+    """Holistic over RGB frames (uint8 [H, W, 3]) as they come, one graph for all of them, without holding
+    them: a whole video's landmarks for segmenting it (translate.py), in the memory of its landmarks alone."""
     import mediapipe as mp   # heavy (protobuf graphs); only the landmark workers need it
 
-    t, height, width = frames.shape[:3]
     parts = {name: [] for name in ("body", "vis", "world", "face", "left", "right")}
+    height = width = None
     with mp.solutions.holistic.Holistic(**HOLISTIC_SETTINGS) as holistic:
         for frame in frames:
+            height, width = frame.shape[:2]
             r = holistic.process(np.ascontiguousarray(frame))
             parts["body"].append(_points(r.pose_landmarks, 33, width, height))
             parts["vis"].append(np.zeros(33, np.float32) if r.pose_landmarks is None else
@@ -91,6 +98,8 @@ def detect(frames: np.ndarray, fps: float, loc: str) -> Landmarks:
             parts["face"].append(_points(r.face_landmarks, 478, width, height))
             parts["left"].append(_points(r.left_hand_landmarks, 21, width, height))
             parts["right"].append(_points(r.right_hand_landmarks, 21, width, height))
+    if width is None:
+        raise DataError(f"{loc}: zero frames")
     return _from_arrays(np.stack(parts["body"]), np.stack(parts["vis"]), np.stack(parts["world"]),
                         np.stack(parts["face"]), np.stack(parts["left"]), np.stack(parts["right"]),
                         width, height, fps)

@@ -11,7 +11,7 @@ silently: a clip longer than `max_seconds` is refused, not truncated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -69,8 +69,7 @@ def read_clip(path: Path, start: float | None, end: float | None, loc: str, max_
 def _decode_range(container, stream, start: float, end: float | None, loc: str, fps: float, max_seconds: float):
     frames, times = [], []
     limit = int(max_seconds * fps) + 1
-    for frame in container.decode(stream):
-        t = frame.time if frame.time is not None else (frame.pts or 0) * float(stream.time_base)
+    for t, frame in _timed_frames(container, stream):
         if t < start - 1e-6:
             continue
         if end is not None and t >= end - 1e-6:
@@ -80,6 +79,45 @@ def _decode_range(container, stream, start: float, end: float | None, loc: str, 
         if len(frames) > limit:
             raise DataError(f"{loc}: clip longer than {max_seconds:g} s (--max_clip_seconds); refused, not cut")
     return frames, times
+
+
+def _timed_frames(container, stream):
+    for frame in container.decode(stream):
+        yield (frame.time if frame.time is not None else (frame.pts or 0) * float(stream.time_base)), frame
+
+
+@dataclass
+class VideoStream:
+    """A whole video's frames one at a time (RGB uint8 [H, W, 3]), for a pass that must not hold them all.
+    `times` fills as frames are read; iterate once."""
+    path: Path
+    loc: str
+    fps: float = 25.0
+    times: list = field(default_factory=list)
+
+    def __post_init__(self):
+        container = _open(self.path, self.loc)
+        stream = container.streams.video[0]
+        self.fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        container.close()
+
+    def __iter__(self):
+        container = _open(self.path, self.loc)
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for t, frame in _timed_frames(container, stream):
+                self.times.append(t)
+                yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise DataError(f"{self.loc}: video decoding failed ({e})") from None
+        finally:
+            container.close()
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the start to the end of the last frame read."""
+        return self.times[-1] + 1.0 / self.fps if self.times else 0.0
 
 
 def video_duration(path: Path, loc: str) -> float | None:

@@ -36,7 +36,8 @@ def test_api_and_commands_from_another_folder(venv, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == [str(REPO / "generate.py"), "True"]            # the repository's own files
     for command in ("signllava-pretrain", "signllava-finetune", "signllava-generate", "signllava-export",
-                    "signllava-data", "signllava-migrate-config"):
+                    "signllava-data", "signllava-migrate-config", "signllava-extract", "signllava-translate",
+                    "signllava-app"):
         assert os.access(bin_dir / command, os.X_OK), command
     res = subprocess.run([str(bin_dir / "signllava-pretrain"), "-h"], cwd=tmp_path, env=script_env(),
                          capture_output=True, text=True)

@@ -33,6 +33,19 @@ def film_astronaut(n=8, width=320, height=240, seed=0):
     return np.stack(frames)
 
 
+
+def film_astronaut_still_move_still(still: int, moving: int, after: int, width=320, height=240):
+    """The photo standing still for `still` frames, then turning, sliding and zooming (as the demo language's
+    signs do) over `moving` frames back to where it began, then still again for `after` frames."""
+    photo = cv2.resize(data.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    frames = []
+    for t in range(still + moving + after):
+        k = min(max(t - still, 0), moving) / moving      # 0 .. 1 across the moving stretch, constant outside it
+        turn = cv2.getRotationMatrix2D((100, 100), 12 * np.sin(2 * np.pi * k), 1 + 0.1 * np.sin(np.pi * k))
+        turn[:, 2] += (60 + 30 * np.sin(np.pi * k), 20)
+        frames.append(cv2.warpAffine(photo, turn, (width, height), borderValue=(90, 90, 90)))
+    return np.stack(frames)
+
 def how2sign_clips(root: Path, videos: int = 2, clips: int = 2, frames: int = 6) -> tuple[Path, Path]:
     """A folder of sentence clips (one file a clip, named after the clip) and their annotation."""
     folder, ann = root / "clips", {}
@@ -83,3 +96,32 @@ def tiny_encoders(root: Path) -> list[str]:
     from tests.encoder_kit import make_tiny_dino, make_tiny_mae, make_tiny_sign2vec
     return ["--mae", make_tiny_mae(root / "mae"), "--dino_face", make_tiny_dino(root / "dino_face", seed=5),
             "--dino_hand", make_tiny_dino(root / "dino_hand", seed=6), "--sign2vec", make_tiny_sign2vec(root / "s2v")]
+
+
+def trained_video_run(tmp_path_factory) -> dict:
+    """extract.py on two filmed videos with three captions each (all four streams, tiny random encoders) and
+    stage 1 trained two steps on them with a context window of 2: the checkpoint test_translate.py and
+    test_app.py both translate with. Built once per test session, also across pytest-xdist workers (a lock in
+    the session's shared temp folder: a second worker waits, then reuses it). Its users only read it.
+    -> {root, videos, captions, data, run, encoders (extract.py's model flags)}"""
+    import fcntl
+    import os
+
+    from tests.kit import build_tiny_llm, run_script, script_env, train_args
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "trained_video_run"
+    out = {"root": root, "videos": root / "yt" / "videos", "captions": root / "yt" / "captions", "data": root / "D",
+           "run": root / "run"}
+    with open(shared / "trained_video_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "built.json"
+        if not done.exists():
+            youtube_asl(root / "yt", videos=2, captions=3)
+            flags = [str(f) for f in tiny_encoders(root / "enc")]
+            run_script("extract.py", "--videos", out["videos"], "--captions", out["captions"], "--out", out["data"],
+                       "--split", "train", "--workers", 1, *flags, env=script_env(OMP_NUM_THREADS=1))
+            build_tiny_llm(root / "llm", out["data"])
+            run_script("pretrain.py", *train_args(out["data"], root / "llm", out["run"], 2, "--context_window", 2))
+            done.write_text(json.dumps({"encoders": flags}))
+    return {**out, "encoders": json.loads(done.read_text())["encoders"]}
