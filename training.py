@@ -632,12 +632,12 @@ def model_config(env: RunEnv, data: Data, stage: int, base_model: str, tokenizer
     """The SignConfig saved with every checkpoint: enough to rebuild the model without any flag, and to
     extract new videos as its training data was (the dataset's extraction record, else stage 1's)."""
     a = env.args
-    extraction = dataset_record(env.paths.data_dir) or inherited_extraction
-    if inherited_extraction and extraction is not inherited_extraction:
-        diffs = differences(inherited_extraction, extraction)
-        if diffs:
-            log.warning("%s: extracted otherwise than stage 1's data (%s); the checkpoint records this dataset's way",
-                        env.paths.data_dir / SETTINGS_FILE, ", ".join(diffs[:6]))
+    own = dataset_record(env.paths.data_dir)
+    diffs = differences(inherited_extraction, own) if own and inherited_extraction else []
+    if diffs:
+        log.warning("%s: extracted otherwise than stage 1's data (%s); the checkpoint records this dataset's way",
+                    env.paths.data_dir / SETTINGS_FILE, ", ".join(diffs[:6]))
+    extraction = own or inherited_extraction
     mods = data.train.modalities
     try:
         ptypes = projector_types or parse_projector_types(a.projector_type, mods)

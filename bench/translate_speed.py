@@ -65,7 +65,7 @@ def encoder_paths(kind: str, root: Path) -> dict[str, str]:
 
 def make_checkpoint(root: Path, args, llm, tokenizer) -> Path:
     """A stage-1 checkpoint directory whose config records the extraction the encoders make."""
-    from model import SignConfig, save_projectors
+    from model import SignConfig, compute_dtype, save_projectors
     from signllava.encoder_bundle import EncoderChoice, Encoders
     from signllava.extraction_record import settings_record
     from bench.synthetic import assemble_with
@@ -80,26 +80,23 @@ def make_checkpoint(root: Path, args, llm, tokenizer) -> Path:
     cfg = SignConfig(base_model=str(ckpt / "tokenizer"), tokenizer=str(ckpt / "tokenizer"), modalities=MODALITIES,
                      dims=dims, projector_types={m: "mlp2x_gelu" for m in MODALITIES}, context_window=2,
                      modality_embeddings=True, extraction=record)
-    model = assemble_with(llm, cfg, tokenizer, torch.device(args.device), compute_dtype(args.device))
+    model = assemble_with(llm, cfg, tokenizer, torch.device(args.device), compute_dtype(torch.device(args.device)))
     save_projectors(model.projector_state(), ckpt)
     cfg.save(ckpt)
     return ckpt
 
 
-def compute_dtype(device: str):
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
 def measure(args) -> dict:
     from bench.synthetic import build_llm, make_tokenizer, patched_load_llm
+    from model import compute_dtype
     from signllava.video_translate import VideoTranslator
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         videos = film(root, args.sentences, args.size)
         tokenizer = make_tokenizer()
-        ckpt = make_checkpoint(root, args, build_llm(args.shape, torch.device(args.device), compute_dtype(args.device)),
+        ckpt = make_checkpoint(root, args, build_llm(args.shape, torch.device(args.device), compute_dtype(torch.device(args.device))),
                                tokenizer)
-        llm = build_llm(args.shape, torch.device(args.device), compute_dtype(args.device), seed=1)
+        llm = build_llm(args.shape, torch.device(args.device), compute_dtype(torch.device(args.device)), seed=1)
         with patched_load_llm(llm):
             vt = VideoTranslator(ckpt, device=args.device, segments="auto", num_beams=args.num_beams,
                                  workers=args.workers, max_new_tokens=args.new_tokens)

@@ -40,13 +40,18 @@ def _open(path: Path, loc: str):
     return container
 
 
+def stream_fps(stream) -> float:
+    """The stream's average rate (frames / second); 25 where the container states none."""
+    return float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+
+
 def read_clip(path: Path, start: float | None, end: float | None, loc: str, max_seconds: float) -> ClipFrames:
     """The frames with start <= time < end (the whole file when both are None)."""
     container = _open(path, loc)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"           # frame- and slice-threaded decoding inside FFmpeg
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        fps = stream_fps(stream)
         stated_end = float(stream.duration * stream.time_base) if stream.duration else None
         if start and start > 0:
             # The keyframe at or before `start`; frames before it are decoded and dropped below.
@@ -98,7 +103,7 @@ class VideoStream:
     def __post_init__(self):
         container = _open(self.path, self.loc)
         stream = container.streams.video[0]
-        self.fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        self.fps = stream_fps(stream)
         container.close()
 
     def __iter__(self):
