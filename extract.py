@@ -21,6 +21,7 @@ counted, never written as zeros (--on_error stop ends the run at the first one).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -114,6 +115,20 @@ def rank_and_world() -> tuple[int, int, int]:
     """This process's place under deepspeed / torchrun / a hostfile (their RANK, WORLD_SIZE, LOCAL_RANK)."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def wait_for_all_ranks(world: int) -> None:
+    """A barrier over the launcher's rendezvous (MASTER_ADDR/MASTER_PORT, gloo on the CPU: the encoders' device
+    plays no part). Alone, nothing to wait for."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise DataError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: launch with deepspeed or torchrun")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+    dist.barrier()
 
 
 def resolve_device(args, local_rank: int) -> None:
@@ -319,7 +334,13 @@ def extract(args) -> int:
     record = settings_record(args.modality_list, args.face_box, args.released_channel_order, args.dtype, encoders)
     record_settings(args, record, rank)
     store = ExtractionStore(args.out, args.split, args.modality_list, plan_shards(clips, args.videos_per_shard))
-    if not store.start(args.resume, rank):
+    # Rank 0 judges a fresh start before any other rank makes the work folder (a faster rank once made it
+    # first, and rank 0 took it for an interrupted extraction).
+    ready = store.start(args.resume, rank) if rank == 0 else None
+    wait_for_all_ranks(world)
+    if ready is None:
+        ready = store.start(args.resume, rank)
+    if not ready:
         log.info("%s: split %r is already extracted; nothing to resume", args.out, args.split)
         return 0
     extract_rank(args, clips, store, encoders, rank, world)
@@ -339,7 +360,12 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     validate(p, args)
-    return run_command(lambda: extract(args))
+    try:
+        return run_command(lambda: extract(args))
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
