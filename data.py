@@ -272,6 +272,26 @@ class SignDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def feature_statistics(self, max_clips: int = 2000) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each read modality's per-dimension mean and standard deviation (float64 [D] each) over the frames of
+        up to `max_clips` clips spread evenly over the split (all of a smaller one): what
+        pretrain.py --standardize_features sets the projectors' FeatureScale from. The same clips on every rank."""
+        picks = np.unique(np.linspace(0, len(self.items) - 1, min(len(self.items), max_clips)).round().astype(int))
+        out = {}
+        for m, store in self.stores.items():
+            total, square, n = 0.0, 0.0, 0
+            for i in picks.tolist():
+                v, c, _ = self.items[i]
+                if self.frames[i, self.modalities.index(m)] == ABSENT:
+                    continue
+                x = store.read(v, c, self.dims[m]).astype(np.float64)
+                total, square, n = total + x.sum(0), square + (x * x).sum(0), n + len(x)
+            if n == 0:
+                raise DataError(f"{self.data_dir}/{self.split}: no {m} frames to standardise from")
+            mean = total / n
+            out[m] = mean, np.sqrt(np.maximum(square / n - mean * mean, 0.0))
+        return out
+
     def frame_tokens(self, i: int) -> int:
         """Positions of the clip's modality segments: frames after --max_frames (one for an absent segment)
         plus two markers each."""

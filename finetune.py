@@ -90,7 +90,10 @@ def train(args) -> int:
     cfg = model_config(env, data, stage=2, base_model=base, tokenizer_path=tok_path, added_tokens=added,
                        projector_types=prev_cfg.projector_types if prev_cfg else None, bits=args.bits,
                        lora=lora_config(args), chat_template=tokenizer.chat_template,
-                       inherited_extraction=prev_cfg.extraction if prev_cfg else None)
+                       inherited_extraction=prev_cfg.extraction if prev_cfg else None,
+                       # Stage 1's FeatureScale comes with its projectors (a bare weights file says so by its keys).
+                       standardize_features=(prev_cfg.standardize_features if prev_cfg else
+                                             any(".standardize." in k for k in state)))
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3, adapter="new",
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
                      compile_layers=args.compile_layers,

@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from model import assemble, load_tokenizer
 from signllava.cli import make_parser
 from signllava.config import parse_args
@@ -62,17 +64,26 @@ def train(args) -> int:
     tokenizer, added = load_tokenizer(base, resolve_template(args.chat_template))
     data = load_data(env, tokenizer, base_model=base)
     cfg = model_config(env, data, stage=1, base_model=base, tokenizer_path=base, added_tokens=added,
-                       chat_template=tokenizer.chat_template)
+                       chat_template=tokenizer.chat_template, standardize_features=args.standardize_features)
     model = assemble(cfg, tokenizer, env.device, env.dtype, zero3=env.zero3,
                      gradient_checkpointing=args.gradient_checkpointing, label_smoothing=args.label_smoothing,
                      compile_layers=args.compile_layers,
                      activation_memory_budget=args.activation_memory_budget, fp8=args.fp8)
+    if args.standardize_features:
+        stats = data.train.feature_statistics()
+        model.standardize_from(stats)
+        log.info("features standardised from the training split: %s", ", ".join(
+            f"{m} (std {np.median(std):.3g} median over {len(std)} dims)" for m, (_, std) in stats.items()))
     return fit(env, model, cfg, data)
 
 
 def parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
     add_common_args(p, lr=1e-3)
+    p.add_argument("--standardize_features", action="store_true",
+                   help="put a per-dimension scale and shift in front of each projector, set from the training "
+                        "split's mean and std so every feature dimension enters standardised, then trained with "
+                        "the projector; stage 2 and generation inherit it (see model.FeatureScale)")
     return p
 
 

@@ -137,14 +137,20 @@ def video_duration(path: Path, loc: str) -> float | None:
         container.close()
 
 
-def write_video(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264") -> Path:
-    """RGB frames to a video file (tests and demos); h264 at near-lossless quality."""
+def write_video(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", lossless: bool = False) -> Path:
+    """RGB frames to a video file (tests and demos); h264 at near-lossless quality. `lossless`: h264 in RGB at
+    quantiser 0, so decoding gives back exactly these frames; x264's lossy output was seen to vary slightly from
+    run to run for the same frames, which a test of what MediaPipe finds in them cannot have."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if lossless:
+        codec = "libx264rgb"
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
+        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
+        if lossless:
+            stream.options = {"qp": "0", "g": "12"}
+        elif codec == "libx264":
             stream.options = {"crf": "12", "g": "12"}
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):

@@ -152,6 +152,40 @@ def test_checkpoint_of_before_modality_rows(tiny):
         again.embed(batch["input_ids"], batch["features"], batch["frame_index"], batch["absent_index"])
 
 
+def test_standardized_features_enter_the_projector_standardised(tiny):
+    """--standardize_features: the split's statistics over every clip, a FeatureScale that makes them mean 0 /
+    std 1 (a dimension constant in training only centred), saved and reloaded with the projectors."""
+    from model import FeatureScale, SignConfig, assemble
+    ds = dataset(tiny)
+    stats = ds.feature_statistics()
+    mae = np.concatenate([ds.stores["mae"].read(v, c) for v, c, _ in ds.items]).astype(np.float64)
+    np.testing.assert_allclose(stats["mae"][0], mae.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats["mae"][1], mae.std(0), rtol=1e-6)
+    cfg = SignConfig(str(tiny["llm"]), str(tiny["llm"]), ds.modalities, ds.dims, {m: "linear" for m in ds.modalities},
+                     modality_embeddings=True, standardize_features=True)
+    model = assemble(cfg, tiny["tok"], torch.device("cpu"), torch.float32)
+    model.standardize_from(stats)
+    scaled = model.projectors["mae"].standardize(torch.as_tensor(mae, dtype=torch.float32)).double()
+    torch.testing.assert_close(scaled.mean(0), torch.zeros(mae.shape[1], dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scaled.std(0, unbiased=False), torch.ones(mae.shape[1], dtype=torch.float64), atol=1e-4, rtol=0)
+    keys = set(model.projector_state())
+    assert {"projectors.mae.standardize.scale", "projectors.mae.standardize.shift", "projectors.mae.project.weight"} <= keys
+    again = assemble(cfg, tiny["tok"], torch.device("cpu"), torch.float32)
+    again.load_projector_state(model.projector_state(), "stage 1")
+    torch.testing.assert_close(again.projectors["pose"].standardize.scale, model.projectors["pose"].standardize.scale)
+    # A dimension that never varies is centred only; one that varies is scaled by 1 / std.
+    fs = FeatureScale(3)
+    fs.set_from(np.array([-1.0, 2.0, 0.5]), np.array([0.0, 0.5, 1e-4]))
+    torch.testing.assert_close(fs.scale, torch.tensor([1.0, 2.0, 1.0]))
+    torch.testing.assert_close(fs.shift, torch.tensor([1.0, -4.0, -0.5]))
+    # Without the flag nothing is in front of the projector, and asking to standardise is refused.
+    plain = assemble(SignConfig(str(tiny["llm"]), str(tiny["llm"]), ds.modalities, ds.dims,
+                                {m: "linear" for m in ds.modalities}), tiny["tok"], torch.device("cpu"), torch.float32)
+    assert not any(".standardize." in k for k in plain.projector_state())
+    with pytest.raises(Exception, match="no FeatureScale"):
+        plain.standardize_from(stats)
+
+
 # ------------------------------------------------------------------------------------ --max_seq_len
 def test_max_seq_len_caps_frames_or_skips(tiny, caplog):
     plain = dataset(tiny)
