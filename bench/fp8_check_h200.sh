@@ -12,8 +12,9 @@ OUT=$1
 TOTAL=${2:-540}
 mkdir -p "$OUT"
 demo() {   # name, stage-1 flags, stage-2 flags
-  STAGE1_FLAGS="$2" STAGE2_FLAGS="$3" timeout 200 bash demo.sh "/tmp/demo-$1" > "$OUT/demo-$1.log" 2>&1 \
+  STAGE1_FLAGS="$2" STAGE2_FLAGS="$3" timeout "${DEMO_S:-200}" bash demo.sh "/tmp/demo-$1" > "$OUT/demo-$1.log" 2>&1 \
     || echo "demo-$1: exit $?" >> "$OUT/summary.txt"
+  grep -h '"bleu"' "/tmp/demo-$1/dev.metrics.json" >> "$OUT/summary.txt" 2>/dev/null || true
   cp "/tmp/demo-$1/dev.metrics.json" "$OUT/demo-$1.dev.metrics.json" 2>/dev/null || true
   cp "/tmp/demo-$1/stage2/metrics.jsonl" "$OUT/demo-$1.stage2.metrics.jsonl" 2>/dev/null || true
   cp "/tmp/demo-$1/stage1/metrics.jsonl" "$OUT/demo-$1.stage1.metrics.jsonl" 2>/dev/null || true
@@ -21,6 +22,7 @@ demo() {   # name, stage-1 flags, stage-2 flags
 demo bf16 "" "--bits 16" &
 demo fp8 "--fp8" "--bits 16 --fp8" &
 wait
+[ "${BENCH:-1}" = 1 ] || exit 0           # BENCH=0: the demos alone
 BENCH_S=$((TOTAL - SECONDS - 5))
 echo "demos done at ${SECONDS} s; the benchmark gets ${BENCH_S} s" | tee -a "$OUT/summary.txt"
 timeout "$BENCH_S" python3 bench/benchmark.py --only qlora --no_ablation --no_plain_hf --qlora_mem_gb 0 \
