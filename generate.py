@@ -64,8 +64,8 @@ from signllava.data_paths import DataPaths, data_problems
 from signllava.errors import CheckpointError, DataError, RunError, range_problems, run_command
 from signllava.layout import load_annotation
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
-from signllava.scoring import (N_BOOTSTRAP, breakdowns, compute_metrics, format_table, sentence_scores,  # noqa: F401 (API)
-                               yes_no_metrics)
+from signllava.scoring import (N_BOOTSTRAP, breakdowns, check_metric_packages, compute_metrics,  # noqa: F401 (API)
+                               format_table, sentence_scores, yes_no_metrics)
 
 log = logging.getLogger("signllava")
 # Fits real sentences: How2Sign's longest references run past 60 words (~80-100 Llama-3 tokens). Beam search
@@ -544,6 +544,7 @@ def run(args) -> int:
         log.warning("--context %s has no effect: the context windows are 0 (the checkpoint was trained without "
                     "context; set --context_window/--prelude_window to override)", mode)
 
+    check_metric_packages()
     if args.bleurt:         # a wrong path or id is found before the generation, not after it
         from signllava.bleurt import resolve
         resolve(args.bleurt)

@@ -15,6 +15,7 @@ Sentence BLEU / chrF per clip, and the yes/no tasks' accuracy / precision / reca
 """
 from __future__ import annotations
 
+import importlib.util
 from importlib.metadata import version
 
 from signllava.layout import clean_paraphrases
@@ -83,6 +84,18 @@ def reference_streams(refs: list[str], paraphrases: list[list[str]]) -> list[lis
     per_clip = [[r, *clean_paraphrases(p)] for r, p in zip(refs, paraphrases)]
     width = max(map(len, per_clip), default=1)
     return [[c[k] if k < len(c) else None for c in per_clip] for k in range(width)]
+
+
+METRIC_PACKAGES = ("sacrebleu", "rouge_score")
+
+
+def check_metric_packages() -> None:
+    """Found before a generation, not after its beam search: a missing metrics package is one line at start."""
+    from signllava.errors import RunError
+    missing = [m for m in METRIC_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RunError(f"{' and '.join(missing)} not installed, and the metrics need them: "
+                       "pip install -r requirements.txt")
 
 
 def rouge_l(hyps: list[str], refs: list[str]) -> tuple[float, list[float]]:

@@ -190,3 +190,17 @@ def test_bleurt_refuses_what_is_not_a_bleurt_checkpoint(tiny_bleurt, tmp_path):
     (broken / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
     with pytest.raises(CheckpointError, match="model_type 'bert'"):
         BleurtScorer.load(str(broken))
+
+
+def test_a_missing_metrics_package_is_found_before_generation(monkeypatch):
+    """generate.py checks the metrics' packages before its beam search (on the H200 a demo once translated the whole
+    dev split, then stopped at ROUGE-L's missing package)."""
+    import importlib.util
+
+    from signllava import scoring
+    from signllava.errors import RunError
+    scoring.check_metric_packages()                       # installed here: nothing to say
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(RunError, match=r"^rouge_score not installed, .*pip install -r requirements.txt"):
+        scoring.check_metric_packages()
