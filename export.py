@@ -29,7 +29,7 @@ from signllava.atomic import building_dir, parent_problem, replace_dir
 from signllava.checkpoint import ADAPTER_DIR, CONFIG_NAME, PROJECTORS_NAME
 from signllava.cli import make_parser
 from signllava.errors import CheckpointError, RunError, run_command
-from signllava.model_card import write_model_card
+from signllava.model_card import read_metrics_file, write_model_card
 from signllava.run_lock import LOCK_NAME
 from model import SignConfig, fit_embeddings, load_adapter_strict, load_llm, load_tokenizer
 
@@ -79,6 +79,8 @@ def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite:
     why = output_refusal(out, ckpt, overwrite)       # before the (long) merge
     if why:
         raise CheckpointError(why)
+    for m in metrics_files:                          # the card's scores, also before the merge
+        read_metrics_file(m, ckpt)
     tok, _ = load_tokenizer(cfg.tokenizer, cfg.chat_template)
     llm = load_llm(cfg.base_model, 16, dtype, torch.device("cpu"))
     fit_embeddings(llm, tok)
@@ -92,7 +94,8 @@ def export(checkpoint_path: str, output_dir: str, dtype: torch.dtype, overwrite:
                     bits=16, lora=None).save(tmp)
             # The card names the base model and the recipe of the run the checkpoint came from (its args.yaml).
             run_dir = ckpt.parent if (ckpt.parent / "args.yaml").is_file() else None
-            write_model_card(tmp, cfg, cfg.base_model, run_dir, list(metrics_files), adapter=False)
+            write_model_card(tmp, cfg, cfg.base_model, run_dir, list(metrics_files), adapter=False,
+                             checkpoint_dir=ckpt)
             why = output_refusal(out, ckpt, overwrite)   # again: OUT may have changed during the merge
             if why:
                 raise CheckpointError(why)

@@ -56,13 +56,14 @@ import numpy as np
 import torch
 
 from model import SignConfig, compute_dtype
-from signllava.atomic import output_problem, write_atomic
+from signllava.atomic import outputs_problems, write_atomic
 from signllava.checkpoint import ADAPTER_DIR, PROJECTORS_NAME
 from signllava.cli import make_parser
 from signllava.config import add_config_arg, parse_args
 from signllava.data_paths import DataPaths, data_problems
-from signllava.errors import CheckpointError, DataError, RunError, range_problems, run_command
+from signllava.errors import CheckpointError, DataError, RunError, brief, range_problems, run_command
 from signllava.layout import load_annotation
+from signllava.output_json import check_output_json, reference_field
 from signllava.prompts import TASKS, PromptBuilder, context_ids, special_ids, translation_prompt
 from signllava.scoring import (N_BOOTSTRAP, breakdowns, check_metric_packages, compute_metrics,  # noqa: F401 (API)
                                format_table, sentence_scores, yes_no_metrics)
@@ -444,7 +445,7 @@ def score_output(output: dict, task: str, n_bootstrap: int = 0, bleurt: str | No
     videos = [v for v, vd in output.items() for _ in vd["clip_order"]]
     entries = [vd[c] for vd in output.values() for c in vd["clip_order"]]
     hyps = [e["hypothesis"] for e in entries]
-    refs = [e.get("reference", e["translation"]) for e in entries]
+    refs = [e[reference_field(e)] for e in entries]
     if task != "translation":
         return compute_metrics(hyps, refs, task)
     for e, h, r in zip(entries, hyps, refs):
@@ -486,13 +487,7 @@ def output_problems(args) -> list[str]:
     paths = [(f"--{n}", getattr(args, n)) for n in OUTPUT_FLAGS if getattr(args, n)]
     if args.score_only:
         paths.append(("--score_only", args.score_only))       # rewritten with the sentence scores
-    problems = [why for why in (output_problem(value, flag) for flag, value in paths) if why]
-    first: dict[str, str] = {}
-    for flag, value in paths:
-        same = first.setdefault(os.path.realpath(value), flag)
-        if same != flag:
-            problems.append(f"{same} and {flag} name the same file ({value})")
-    return problems
+    return outputs_problems(paths)
 
 
 def init_ranks(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -566,14 +561,27 @@ def run(args) -> int:
     output = build_output(ds, results, args.task)
     metrics = score_output(output, args.task, args.bootstrap, args.bleurt, args.bleurt_batch_size)
     _write_json(args.output, output)
-    metrics.update({"split": args.split, "checkpoint": str(ckpt), "data_dir": str(args.data_dir),
-                    "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
-                    "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
-                    "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-                    "no_repeat_ngram_size": args.no_repeat_ngram_size, "limit": args.limit, "ranks": world,
-                    "decode_steps": tr.decode_steps})
+    metrics.update(generation_record(args, ckpt, mode, cw, pw, world, tr.decode_steps))
     finish(args, output, metrics)
     return 0
+
+
+# How an output was generated, as its metrics JSON records it: what --score_only keeps from an earlier metrics
+# file of the same output (the scores it recomputes; anything else there -- an interval, BLEURT -- may be stale).
+GENERATION_KEYS = ("output", "split", "checkpoint", "data_dir", "annotation_file", "features", "context",
+                   "context_window", "prelude_window", "num_beams", "max_new_tokens", "min_new_tokens",
+                   "no_repeat_ngram_size", "limit", "ranks", "decode_steps")
+
+
+def generation_record(args, ckpt, mode: str, cw: int, pw: int, world: int, decode_steps: str) -> dict:
+    """GENERATION_KEYS of one generation run."""
+    return {"output": str(Path(args.output).resolve()), "split": args.split, "checkpoint": str(ckpt),
+            "data_dir": str(args.data_dir), "annotation_file": args.annotation_file, "features": args.features,
+            "context": mode if mode in ("none", "gold", "predicted") else f"file:{mode}",
+            "context_window": cw, "prelude_window": pw, "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+            "no_repeat_ngram_size": args.no_repeat_ngram_size, "limit": args.limit, "ranks": world,
+            "decode_steps": decode_steps}
 
 
 def finish(args, output: dict, metrics: dict):
@@ -586,26 +594,25 @@ def finish(args, output: dict, metrics: dict):
     print(format_table(metrics))
 
 
-def check_output_json(output) -> dict:
-    """An output JSON of this script, as --score_only reads it: every clip of every clip_order with a hypothesis
-    and a reference (its "reference" when it has one, as the yes/no tasks' outputs do, else its translation) that
-    are text. A ValueError names the first that is not."""
-    from signllava.errors import brief
-    from signllava.layout import is_text
-    if not isinstance(output, dict) or not output:
-        raise ValueError(f"not an output of generate.py (video -> {{clip_order, clips}}), got {brief(output, 40)}")
-    for v, vd in output.items():
-        if not isinstance(vd, dict) or not isinstance(vd.get("clip_order"), list):
-            raise ValueError(f"video {brief(v, 60)}: no clip_order list")
-        for c in vd["clip_order"]:
-            entry = vd.get(c) if isinstance(c, str) else None
-            if not isinstance(entry, dict):
-                raise ValueError(f"video {brief(v, 60)} clip {brief(c, 60)}: named in clip_order but has no entry")
-            for field in ("hypothesis", "reference" if "reference" in entry else "translation"):
-                if not isinstance(entry.get(field), str) or not is_text(entry[field]):
-                    raise ValueError(f"video {brief(v, 60)} clip {brief(c, 60)}: {field} is "
-                                     f"{brief(entry.get(field), 40)}, not text")
-    return output
+def earlier_generation(metrics_out: str | None, output: Path) -> dict:
+    """How `output` was generated, from an earlier metrics file at --metrics_out that says it describes that very
+    output: its GENERATION_KEYS only. Another output's metrics (or one that names none) give nothing, said in the
+    log, so that a re-scored file never carries another run's checkpoint or beams."""
+    if not metrics_out or not Path(metrics_out).is_file():
+        return {}
+    try:
+        before = json.loads(Path(metrics_out).read_text(encoding="utf-8"))
+        if not isinstance(before, dict):
+            raise ValueError(f"holds a {type(before).__name__}, not a metrics object")
+    except (OSError, ValueError) as e:
+        raise DataError(f"--metrics_out {metrics_out}: an earlier file there is not metrics JSON ({e}); move "
+                        f"it away or give another path") from None
+    described = before.get("output")
+    if not isinstance(described, str) or os.path.realpath(described) != os.path.realpath(output):
+        log.warning("--metrics_out %s: the earlier file there describes %s, not %s: it is replaced, and how the "
+                    "output was generated is not recorded", metrics_out, brief(described, 80), output)
+        return {}
+    return {k: before[k] for k in GENERATION_KEYS if k in before}
 
 
 def score_only(args) -> int:
@@ -616,17 +623,9 @@ def score_only(args) -> int:
         output = check_output_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         raise DataError(f"--score_only {path}: {e}") from None
-    before = {}
-    if args.metrics_out and Path(args.metrics_out).is_file():
-        try:
-            before = json.loads(Path(args.metrics_out).read_text(encoding="utf-8"))
-            if not isinstance(before, dict):
-                raise ValueError(f"holds a {type(before).__name__}, not a metrics object")
-        except (OSError, ValueError) as e:
-            raise DataError(f"--metrics_out {args.metrics_out}: an earlier file there is not metrics JSON ({e}); move "
-                            f"it away or give another path") from None
-    metrics = {**before, **score_output(output, args.task, args.bootstrap, args.bleurt, args.bleurt_batch_size),
-               "output": str(path)}
+    metrics = {**earlier_generation(args.metrics_out, path),
+               **score_output(output, args.task, args.bootstrap, args.bleurt, args.bleurt_batch_size),
+               "output": str(path.resolve())}
     _write_json(str(path), output)
     finish(args, output, metrics)
     return 0

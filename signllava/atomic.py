@@ -144,6 +144,23 @@ def output_problem(path: str | Path, flag: str) -> str | None:
     return f"{flag} {p}: {why}" if why else None
 
 
+def outputs_problems(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]] = ()) -> list[str]:
+    """output_problem of every (flag, path) a command will write, checked before its work, plus two flags that
+    name one file, and an output that names one of the command's inputs, given as (what it is, path): writing it
+    would destroy what is read."""
+    problems = [why for why in (output_problem(value, flag) for flag, value in outputs) if why]
+    read = {os.path.realpath(value): what for what, value in inputs}
+    first: dict[str, str] = {}
+    for flag, value in outputs:
+        where = os.path.realpath(value)
+        if where in read:
+            problems.append(f"{flag} {value}: is {read[where]}, which this would overwrite")
+        same = first.setdefault(where, flag)
+        if same != flag:
+            problems.append(f"{same} and {flag} name the same file ({value})")
+    return problems
+
+
 def parent_problem(p: Path) -> str | None:
     """Why nothing can be created at `p` (a file or a folder): the nearest existing folder on its way is a
     file, a broken link, or not writable. Missing folders in between are fine (they are created)."""

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from signllava.atomic import outputs_problems, write_atomic
 from signllava.errors import DataError, run_command
+from signllava.output_json import check_output_json, reference_field
 from signllava.scoring import N_BOOTSTRAP, compute_metrics, sentence_scores
 
 AR_TRIALS = 10000                 # sacreBLEU's default number of approximate-randomisation trials
@@ -58,21 +61,14 @@ class System:
 def read_output(path: Path, name: str) -> System:
     """A generate.py output JSON (translation task) as a System; a malformed one is one line naming it."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        keys, hyps, refs, paras = [], {}, {}, {}
-        for video, vd in raw.items():
-            for clip in vd["clip_order"]:
-                e = vd[clip]
-                if not isinstance(e.get("hypothesis"), str) or not isinstance(e.get("translation"), str):
-                    raise ValueError(f"video {video} clip {clip}: no 'hypothesis' / 'translation'")
-                keys.append((video, clip))
-                hyps[(video, clip)], refs[(video, clip)] = e["hypothesis"], e.get("reference", e["translation"])
-                paras[(video, clip)] = e.get("paraphrases") or []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raw = check_output_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
         raise DataError(f"{path}: not an output JSON of generate.py ({e})") from None
-    if not keys:
-        raise DataError(f"{path}: holds no clip")
-    return System(name, path, keys, hyps, refs, paras)
+    keys = [(video, clip) for video, vd in raw.items() for clip in vd["clip_order"]]
+    entries = {k: raw[k[0]][k[1]] for k in keys}
+    return System(name, path, keys, hyps={k: e["hypothesis"] for k, e in entries.items()},
+                  refs={k: e[reference_field(e)] for k, e in entries.items()},
+                  paraphrases={k: e.get("paraphrases") or [] for k, e in entries.items()})
 
 
 def check_same_clips(base: System, other: System):
@@ -91,20 +87,28 @@ def check_same_clips(base: System, other: System):
 
 
 def seed_groups(systems: list[System], explicit: dict[str, list[str]]) -> dict[str, list[System]]:
-    """name -> its outputs: --group first, then the naming rule for the others; only groups of two or more."""
-    by_path = {str(s.path): s for s in systems}
+    """name -> its outputs: --group first, then the naming rule for the others; only groups of two or more.
+    Paths are matched as files (`./a.json` and its absolute path are one output)."""
+    by_path = {os.path.realpath(s.path): s for s in systems}
     groups: dict[str, list[System]] = {}
     taken = set()
     for name, paths in explicit.items():
-        unknown = [p for p in paths if p not in by_path]
+        unknown = [p for p in paths if os.path.realpath(p) not in by_path]
         if unknown:
             raise DataError(f"--group {name}: {unknown[0]} is not one of the outputs compared")
-        groups[name] = [by_path[p] for p in paths]
-        taken.update(paths)
+        groups[name] = [by_path[os.path.realpath(p)] for p in paths]
+        taken.update(os.path.realpath(p) for p in paths)
     for s in systems:
-        if str(s.path) not in taken and SEED_PART.search(s.path.stem):
-            groups.setdefault(SEED_PART.sub("", s.path.stem) or s.path.stem, []).append(s)
+        if os.path.realpath(s.path) not in taken and SEED_PART.search(s.path.stem):
+            groups.setdefault(seed_group_name(s.path), []).append(s)
     return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def seed_group_name(path: Path) -> str:
+    """The naming rule's group of an output: its file name without the seed part (`run.seed2.json` -> `run`);
+    a name that is only the seed part (`seed2.json`) takes its folder's name, so `seed1.json`, `seed2.json` beside
+    each other are one group."""
+    return SEED_PART.sub("", path.stem) or path.resolve().parent.name or "seeds"
 
 
 def paired_tests(systems: list[System], n_bootstrap: int, n_trials: int) -> dict:
@@ -155,7 +159,11 @@ def compare(systems: list[System], explicit_groups: dict[str, list[str]], n_boot
         for key in ("bleu", "chrf"):
             row[f"delta_{key}"] = s.metrics[key] - base.metrics[key]
             if i:
-                row[f"p_{key}_bs"], row[f"p_{key}_ar"] = tests[key]["bs"][i], tests[key]["ar"][i]
+                # sacreBLEU's tests give their minimum p, (0 + 1) / (n + 1), to an output identical to the
+                # baseline: no trial can differ less than no difference. Identical outputs are not different: p 1.
+                same = row["differing_clips"] == 0
+                row[f"p_{key}_bs"], row[f"p_{key}_ar"] = (1.0, 1.0) if same else (tests[key]["bs"][i],
+                                                                                  tests[key]["ar"][i])
         rows.append(row)
     return {"baseline": base.name, "clips": len(base.keys), "systems": rows, "tests": tests,
             "seeds": {name: aggregate(m) for name, m in seed_groups(systems, explicit_groups).items()}}
@@ -194,9 +202,12 @@ def markdown(result: dict) -> str:
 
 def few_differences(result: dict) -> list[str]:
     """A warning for each output whose approximate-randomisation p is unreliable (FEW_DIFFERING_CLIPS)."""
-    return [f"{r['name']} differs from {result['baseline']} in {r['differing_clips']} clips only: its approximate "
-            "randomisation p ties at the minimum (sacreBLEU counts strictly larger trial differences); read the "
-            "bootstrap p" for r in result["systems"][1:] if 0 < r["differing_clips"] < FEW_DIFFERING_CLIPS]
+    notes = [f"{r['name']} is identical to {result['baseline']} (every hypothesis the same): p 1, no test run"
+             for r in result["systems"][1:] if r["differing_clips"] == 0]
+    return notes + [f"{r['name']} differs from {result['baseline']} in {r['differing_clips']} clips only: its "
+                    "approximate randomisation p ties at the minimum (sacreBLEU counts strictly larger trial "
+                    "differences); read the bootstrap p"
+                    for r in result["systems"][1:] if 0 < r["differing_clips"] < FEW_DIFFERING_CLIPS]
 
 
 def parse_groups(items: list[str]) -> dict[str, list[str]]:
@@ -235,6 +246,9 @@ def main(argv=None) -> int:
     problems += [f"--{n} must be >= 2" for n in ("bootstrap", "trials") if getattr(args, n) < 2]
     if args.top < 0:
         problems.append("--top must be >= 0")
+    # checked before the tests run, and never onto an output compared (--report a.json would overwrite it)
+    problems += outputs_problems([(f"--{n}", getattr(args, n)) for n in ("json", "report") if getattr(args, n)],
+                                 [("one of the outputs compared", o) for o in args.outputs])
     if problems:
         p.error("; ".join(problems))
     return run_command(lambda: run(args, names))
@@ -245,7 +259,7 @@ def run(args, names: list[str]) -> int:
     result = compare(systems, parse_groups(args.group), args.bootstrap, args.trials)
     print(markdown(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_atomic(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     if args.report:
         from signllava.compare_report import write_compare_report
         print(f"report: {write_compare_report(args.report, result, systems, args.top)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from signllava.atomic import write_atomic
 from signllava.report import STYLE
 
 EXTRA_STYLE = """
@@ -97,5 +98,5 @@ def render(result: dict, systems: list, top: int) -> str:
 def write_compare_report(path: str | Path, result: dict, systems: list, top: int) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render(result, systems, top), encoding="utf-8")
+    write_atomic(p, render(result, systems, top))
     return p

@@ -10,12 +10,14 @@ one), the recipe (both stages' arguments, from their args.yaml), the scores with
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import yaml
 
-from signllava.scoring import score_rows
+from signllava.errors import DataError
+from signllava.scoring import bleu_n_signature, score_rows
 
 TAGS = ["sign-language-translation", "sign-language", "video-to-text", "sign-llava", "llava"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -54,11 +56,31 @@ def training_scores(run_dir: Path) -> list[tuple[str, str, dict]]:
     return [("dev", f"training's evaluation at step {m['step']} ({which}; {m['n']} clips)", m)]
 
 
-def file_scores(paths: list[Path]) -> list[tuple[str, str, dict]]:
+def read_metrics_file(path: Path, checkpoint_dir: Path | None = None) -> dict:
+    """A generate.py metrics JSON whose scores a card may list as this model's: a JSON object with a BLEU,
+    made from `checkpoint_dir` when both it and the file name their checkpoint. Else a one-line DataError --
+    checked before an export's merge, so that a wrong file costs seconds, not the merge."""
+    try:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(m, dict) or not isinstance(m.get("bleu"), (int, float)):
+            raise ValueError("no corpus BLEU in it: give the --metrics_out file of generate.py, not its --output")
+    except (OSError, ValueError) as e:
+        raise DataError(f"--metrics {path}: not a metrics JSON of generate.py ({e})") from None
+    made_by = m.get("checkpoint")
+    if checkpoint_dir and isinstance(made_by, str) and os.path.realpath(made_by) != os.path.realpath(checkpoint_dir):
+        raise DataError(f"--metrics {path}: scores {made_by}, not the checkpoint exported ({checkpoint_dir}); "
+                        "a model card lists only the model's own scores")
+    return m
+
+
+def file_scores(paths: list[Path], checkpoint_dir: Path | None = None) -> list[tuple[str, str, dict]]:
+    """(split, how they were made, metrics) of each metrics file: beams, context, clips and any --limit."""
     out = []
     for p in paths:
-        m = json.loads(Path(p).read_text(encoding="utf-8"))
-        how = f"generate.py, {m.get('num_beams', '?')} beams, context {m.get('context', '?')}"
+        m = read_metrics_file(p, checkpoint_dir)
+        limit = f" (--limit {m['limit']})" if m.get("limit") else ""
+        how = (f"generate.py, {m.get('n', '?')} clips{limit}, {m.get('num_beams', '?')} beams, "
+               f"context {m.get('context', '?')}")
         out.append((str(m.get("split", "?")), f"{how} ({Path(p).name})", m))
     return out
 
@@ -67,7 +89,7 @@ def front_matter(cfg, base_model: str, scores: list, dataset: str, adapter: bool
     from huggingface_hub import EvalResult, ModelCardData
     results = [EvalResult(task_type="translation", task_name="sign language translation", dataset_type=dataset,
                           dataset_name=dataset, dataset_split=split, metric_type=kind, metric_name=name,
-                          metric_value=round(float(m[key]), 2), metric_config=m.get(sig_key(key), ""))
+                          metric_value=round(float(m[key]), 2), metric_config=signature(m, key))
                for split, _, m in scores for key, kind, name in INDEX_METRICS if key in m]
     present = {kind for _, _, m in scores for key, kind, _ in INDEX_METRICS if key in m}
     return ModelCardData(base_model=base_model if HUB_ID.match(base_model) and not Path(base_model).exists() else None,
@@ -77,9 +99,12 @@ def front_matter(cfg, base_model: str, scores: list, dataset: str, adapter: bool
                          eval_results=results or None)
 
 
-def sig_key(key: str) -> str:
-    return {"bleu": "signature", "chrf": "chrf_signature", "multiref_bleu": "multiref_signature"}.get(
-        key, "bleu_n_signature" if key.startswith("bleu") else f"{key}_signature")
+def signature(m: dict, key: str) -> str:
+    """The signature recorded beside metrics key `key` (BLEU-1..3 each with its own n-gram order)."""
+    if key in ("bleu1", "bleu2", "bleu3"):
+        return bleu_n_signature(m, int(key[-1]))
+    return m.get({"bleu": "signature", "chrf": "chrf_signature", "multiref_bleu": "multiref_signature"}.get(
+        key, f"{key}_signature"), "")
 
 
 def model_section(cfg, base_model: str) -> str:
@@ -153,12 +178,13 @@ LIMITATIONS = """## Limitations
 
 
 def write_model_card(directory: Path, cfg, base_model: str, run_dir: Path | None, metrics_files: list[Path],
-                     adapter: bool) -> Path:
-    """README.md in `directory`; the run directory gives the recipe and training's dev scores."""
+                     adapter: bool, checkpoint_dir: Path | None = None) -> Path:
+    """README.md in `directory`; the run directory gives the recipe and training's dev scores; metrics files
+    must score `checkpoint_dir` when given (read_metrics_file)."""
     from huggingface_hub import ModelCard
     s2 = read_yaml(run_dir / "args.yaml") if run_dir else None
     s1 = stage1_args(s2)
-    scores = (training_scores(run_dir) if run_dir else []) + file_scores(metrics_files)
+    scores = (training_scores(run_dir) if run_dir else []) + file_scores(metrics_files, checkpoint_dir)
     data_dir = (s2 or s1 or {}).get("data_dir")
     dataset = Path(data_dir).name if data_dir else "unknown"
     body = "\n\n".join([f"# Sign LLaVA: {', '.join(cfg.modalities)} → English on {dataset}",

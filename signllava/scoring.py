@@ -181,6 +181,11 @@ def sentence_scores(hyp: str, ref: str) -> dict:
             "sentence_chrf": CHRF().sentence_score(hyp, [ref]).score}
 
 
+def bleu_n_signature(m: dict, n: int) -> str:
+    """BLEU-n's own signature: BLEU-1..3 share one recorded signature with the order left as `ngram:n`."""
+    return m["bleu_n_signature"].replace("ngram:n", f"ngram:{n}")
+
+
 def score_rows(m: dict) -> list[tuple[str, float, str, str]]:
     """(name, score, 95 % interval text or '', signature) of every corpus score present in a metrics dict,
     in the order tables show them: what format_table prints and the HTML report's header lists."""
@@ -189,8 +194,7 @@ def score_rows(m: dict) -> list[tuple[str, float, str, str]]:
     def interval(key):
         return f"μ {ci[key]['mean']:.2f} ± {ci[key]['pm']:.2f}" if key in ci else ""
 
-    rows = [(f"BLEU-{n}", m[f"bleu{n}"], "", m["bleu_n_signature"].replace("ngram:n", f"ngram:{n}"))
-            for n in (1, 2, 3) if f"bleu{n}" in m]
+    rows = [(f"BLEU-{n}", m[f"bleu{n}"], "", bleu_n_signature(m, n)) for n in (1, 2, 3) if f"bleu{n}" in m]
     rows += [("BLEU-4" if "bleu1" in m else "BLEU", m["bleu"], interval("bleu"), m["signature"]),
              ("chrF", m["chrf"], interval("chrf"), m["chrf_signature"])]
     if "rouge_l" in m:

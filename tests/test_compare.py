@@ -116,6 +116,52 @@ def test_explicit_group_and_refusals(tmp_path, capsys):
     assert "junk.json: not an output JSON of generate.py" in capsys.readouterr().err
 
 
+def test_identical_outputs_seed_only_names_and_paths_spelled_two_ways(tmp_path, capsys, monkeypatch):
+    """An output identical to the baseline is not "significantly different" (sacreBLEU's tests give it their
+    minimum p): p 1 and a note. seed1.json / seed2.json in one folder are one group named after the folder, and
+    --group finds an output however its path is spelled."""
+    a = system(tmp_path, "a", 0.2, 1)
+    same = tmp_path / "same.json"
+    same.write_text(a.read_text())
+    assert compare.main([str(a), str(same), "--json", str(tmp_path / "s.json"), "--bootstrap", "100",
+                         "--trials", "100"]) == 0
+    row = json.loads((tmp_path / "s.json").read_text())["systems"][1]
+    assert row["differing_clips"] == 0 and row["p_bleu_bs"] == row["p_bleu_ar"] == row["p_chrf_ar"] == 1.0
+    assert "same is identical to a (every hypothesis the same): p 1" in capsys.readouterr().out
+    runs = tmp_path / "myrun"
+    runs.mkdir()
+    seeds = [system(runs, f"seed{s}", 0.3, 10 + s) for s in (1, 2)]
+    assert compare.main([*map(str, seeds), "--json", str(tmp_path / "g.json"), "--bootstrap", "100",
+                         "--trials", "100"]) == 0
+    assert list(json.loads((tmp_path / "g.json").read_text())["seeds"]) == ["myrun"]
+    monkeypatch.chdir(runs)
+    assert compare.main(["seed1.json", str(seeds[1]), "--group", f"g=./seed1.json,{seeds[1]}", "--json",
+                         str(tmp_path / "h.json"), "--bootstrap", "100", "--trials", "100"]) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["seeds"]["g"]["n"] == 2
+
+
+def test_outputs_are_checked_before_the_work_and_never_overwrite_an_input(tmp_path, capsys):
+    """--report or --json naming an output compared would replace it (the user's only copy of the hypotheses):
+    refused before anything runs, as is a path under a file; a clip listed twice (it would be scored twice) is
+    a fault of its file."""
+    a, b = system(tmp_path, "a", 0.2, 1), system(tmp_path, "b", 0.3, 2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "afile").write_text("x")
+    for flags, why in ((["--report", str(b)], f"--report {b}: is one of the outputs compared, which this would "
+                                                  "overwrite"),
+                       (["--json", str(a)], f"--json {a}: is one of the outputs compared"),
+                       (["--json", str(tmp_path / "afile" / "x.json")], "afile is not a directory")):
+        with pytest.raises(SystemExit) as e:
+            compare.main([str(a), str(b), *flags])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert all((tmp_path / n).read_bytes() == data for n, data in before.items())
+    dup = json.loads(a.read_text())
+    dup["v1"]["clip_order"].append("v1_2")
+    (tmp_path / "dup.json").write_text(json.dumps(dup))
+    assert compare.main([str(tmp_path / "dup.json"), str(b)]) == 2
+    assert "video 'v1' clip 'v1_2': listed twice in clip_order" in capsys.readouterr().err
+
+
 def test_side_by_side_page_in_a_real_browser(tmp_path):
     good, bad = system(tmp_path, "good", 0.1, 1), system(tmp_path, "bad", 0.4, 2)
     seeds = [system(tmp_path, f"s-seed{s}", 0.2, 20 + s) for s in (1, 2)]

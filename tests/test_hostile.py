@@ -147,6 +147,22 @@ def test_export_refuses_what_it_must_not_replace_before_merging(stage2_run, tmp_
     assert hidden_siblings(tmp_path) == [] and hidden_siblings(stage2_run.parent) == []
 
 
+def test_export_checks_its_metrics_files_before_merging(stage2_run, tmp_path, capsys, monkeypatch):
+    """--metrics that is not a metrics JSON, or that scores another checkpoint, is one line before the merge: the
+    card lists only the exported model's own scores."""
+    import export
+    monkeypatch.setattr(export, "load_llm", lambda *a, **k: pytest.fail("the merge started"))
+    (tmp_path / "junk.json").write_text("not json")
+    (tmp_path / "output.json").write_text(json.dumps({"v": {"clip_order": []}}))          # an --output, not metrics
+    (tmp_path / "other.json").write_text(json.dumps({"bleu": 40.0, "checkpoint": str(tmp_path / "checkpoint-9")}))
+    for name, why in (("junk.json", "not a metrics JSON of generate.py"), ("output.json", "no corpus BLEU in it"),
+                      ("other.json", "not the checkpoint exported")):
+        code, err = export_cli(capsys, "--checkpoint", stage2_run, "--output_dir", tmp_path / "out", "--metrics",
+                               tmp_path / name)
+        assert code == 2 and f"--metrics {tmp_path / name}: " in one_line(err) and why in err, err
+    assert not (tmp_path / "out").exists() and hidden_siblings(tmp_path) == []
+
+
 def test_export_replaces_an_earlier_export_and_a_folder_only_when_told(stage2_run, tmp_path, capsys):
     from signllava.checkpoint import resolve_checkpoint
     out = tmp_path / "merged"
@@ -488,7 +504,10 @@ BAD_OUTPUTS = {"a list": ([{"v": {"clip_order": []}}], "not an output of generat
                                   "video 'v' clip 'c': translation is None, not text"),
                "a list in clip_order": ({"v": {"clip_order": [["c"]], "c": {}}}, "clip ['c']: named in clip_order but"),
                "a lone surrogate": ({"v": {"clip_order": ["c"], "c": {"translation": "a", "hypothesis": "\ud800"}}},
-                                    "hypothesis is '\\ud800', not text")}
+                                    "hypothesis is '\\ud800', not text"),
+               "no clip": ({"v": {"clip_order": []}}, "holds no clip"),
+               "a clip twice": ({"v": {"clip_order": ["c", "c"], "c": {"translation": "a", "hypothesis": "a"}}},
+                                "video 'v' clip 'c': listed twice in clip_order")}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_OUTPUTS))
@@ -502,6 +521,26 @@ def test_score_only_on_a_malformed_output_is_one_line_and_leaves_it(tmp_path, ca
     err = one_line(capsys.readouterr().err)
     assert code == 2 and f"--score_only {path}: " in err and why in err, err
     assert snapshot(tmp_path) == before
+
+
+def test_score_only_keeps_only_how_this_very_output_was_generated(tmp_path, capsys):
+    """--score_only with --metrics_out on an earlier metrics file: only its generation settings are kept, and only
+    when it describes this output; its interval (and any score not recomputed) never outlives the scores."""
+    import generate
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps({"v": {"clip_order": ["c", "d"], "c": {"translation": "a red cat", "hypothesis": ""},
+                                     "d": {"translation": "the dog runs", "hypothesis": ""}}}))
+    stale = {"bleu": 97.4, "ci95": {"bleu": {"mean": 97.45, "pm": 4.23}}, "bleurt": 0.9, "n": 20,
+             "checkpoint": "/runs/s2/checkpoint-300", "num_beams": 5}
+    metrics = tmp_path / "m.json"
+    for described, kept in ((str(tmp_path / "another.json"), False), (str(out), True)):
+        metrics.write_text(json.dumps({**stale, "output": described}))
+        assert generate.main(["--score_only", str(out), "--metrics_out", str(metrics), "--bootstrap", "0"]) == 0
+        m = json.loads(metrics.read_text())
+        assert m["n"] == 2 and m["bleu"] == 0 and "ci95" not in m and "bleurt" not in m, m
+        assert m["output"] == str(out.resolve())
+        assert ("checkpoint" in m and m["num_beams"] == 5) is kept, m
+    assert "μ" not in capsys.readouterr().out                                 # no interval printed either
 
 
 def test_a_full_disk_while_the_embedded_base_model_is_written_is_one_line_and_leaves_nothing(tmp_path):

@@ -56,6 +56,7 @@ def test_card_front_matter_and_sections(tmp_path):
     assert results[("dev", "BLEU-4")].metric_value == round(dev["bleu"], 2)
     assert results[("test", "ROUGE-L")].metric_value == round(test["rouge_l"], 2)
     assert results[("test", "chrF")].metric_config == test["chrf_signature"]
+    assert "ngram:1" in results[("test", "BLEU-1")].metric_config                 # BLEU-n's own order, not "n"
     body = card.text
     for section in ("## Model", "## Features", "## Training recipe", "## Scores", "## How to load", "## Limitations"):
         assert section in body, section
@@ -63,6 +64,7 @@ def test_card_front_matter_and_sections(tmp_path):
     assert "mediapipe holistic" in body                                       # the extraction settings
     assert "learning_rate: 0.002" in body and "lora_r: 64" in body            # both stages' arguments
     assert "training's evaluation at step 250 (best; 3 clips)" in body and "test.metrics.json" in body
+    assert "generate.py, 3 clips, 5 beams, context none" in body
     assert f"μ {dev['ci95']['bleu']['mean']:.2f} ± {dev['ci95']['bleu']['pm']:.2f}" in body
     assert dev["signature"].replace("|", "\\|") in body and dev["rouge_l_signature"].replace("|", "\\|") in body
     assert "Translator.from_checkpoint" in body and "PeftModel.from_pretrained" in body
