@@ -95,15 +95,18 @@ def result_line(result: VideoTranslation, video: str) -> str:
     return line
 
 
-def for_visitor(text: str, video: str) -> str:
-    """A message as the visitor knows the file: by its name, not by the server's upload path."""
-    path = Path(video)
-    return text.replace(str(path), path.name).replace(str(path.with_suffix("")), path.stem)
+def for_visitor(text: str, *uploads: str | None) -> str:
+    """A message as the visitor knows the files (the video, a caption file): by their names, not by the
+    server's upload paths."""
+    for upload in filter(None, uploads):
+        path = Path(upload)
+        text = text.replace(str(path), path.name).replace(str(path.with_suffix("")), path.stem)
+    return text
 
 
-def refusal(video: str, err: Exception) -> str:
+def refusal(video: str, err: Exception, captions: str | None = None) -> str:
     name = Path(video).name
-    detail = for_visitor(str(err), video)
+    detail = for_visitor(str(err), video, captions)
     detail = detail[len(name) + 2:] if detail.startswith(f"{name}: ") else detail
     return f"Could not translate {name}: {detail}"
 
@@ -126,7 +129,7 @@ class Demo:
             segments, caption_file = segments_request(mode, seconds, captions)
             result = self.translator.translate_video(video, captions=caption_file, segments=segments)
         except (DataError, RunError) as e:
-            return self._failed(refusal(video, e))
+            return self._failed(refusal(video, e, captions))
         self._requests += 1
         files = write_subtitles(Path(self._work.name) / str(self._requests), Path(video).stem, result)
         return (gr.Video(value=video, subtitles=str(files["vtt"])), segment_rows(result), result_line(result, video),

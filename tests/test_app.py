@@ -104,22 +104,27 @@ def test_a_file_that_is_not_a_video_is_a_message_on_the_page(server, browser, vi
     assert table_rows(browser, "segments") == [] and subtitle_track(browser) is None
 
 
-def test_each_refusal_is_one_line_for_the_page(translator, videos):
+def test_each_refusal_is_one_line_for_the_page(translator, videos, tmp_path):
     from signllava.app import Demo
     demo = Demo(translator, SEGMENTS)
     signer, empty = str(videos["signer"]), str(videos["empty_room"])
+    bad_captions = tmp_path / "uploads" / "mine.vtt"
+    bad_captions.parent.mkdir()
+    bad_captions.write_text("this is not WebVTT\n")
     cases = {"no video": (None, "fixed", 0.6, None), "no window": (signer, "fixed", 0, None),
              "no captions": (signer, "captions", 0.6, None), "no person": (empty, "fixed", 0.6, None),
-             "no signing": (empty, "auto", 0.6, None)}
+             "no signing": (empty, "auto", 0.6, None), "bad captions": (signer, "captions", 0.6, str(bad_captions))}
     messages = {}
     for case, request in cases.items():
         video, rows, status, timings, files = demo.translate(*request)
         assert rows == [], case
         assert "\n" not in status and "Traceback" not in status and str(Path(empty).parent) not in status, status
+        assert str(bad_captions.parent) not in status, status           # the upload folder stays the server's
         messages[case] = status
     assert messages["no video"] == "**Upload a video or record one with the webcam first.**"
     assert "window length in seconds > 0" in messages["no window"]
     assert "need a caption file" in messages["no captions"]
+    assert "mine.vtt" in messages["bad captions"], messages["bad captions"]
     assert messages["no person"].startswith("**Nothing in empty_room.mp4 could be translated:** ")
     assert "no person found" in messages["no person"]
     assert messages["no signing"].startswith("**No signing found in empty_room.mp4** (auto segments)")
