@@ -27,6 +27,24 @@ class ClipFrames:
     times: np.ndarray         # float64 [T], seconds into the file
 
 
+def frame_step(times, fps: float) -> float:
+    """The last frame's length: the spacing of the last two frames (the real one, where the rate varies),
+    one period of the stated rate for a lone frame."""
+    return float(times[-1] - times[-2]) if len(times) >= 2 else 1.0 / fps
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """A video stream's frame times (seconds, presentation order)."""
+    times: np.ndarray
+    fps: float                # the stream's stated average rate
+
+    @property
+    def duration(self) -> float:
+        """Seconds to the end of the last frame: its time plus one frame."""
+        return float(self.times[-1]) + frame_step(self.times, self.fps) if len(self.times) else 0.0
+
+
 def _open(path: Path, loc: str):
     try:
         container = av.open(str(path))
@@ -120,21 +138,36 @@ class VideoStream:
             container.close()
 
     @property
+    def timeline(self) -> Timeline:
+        """The times of the frames read so far."""
+        return Timeline(np.asarray(self.times, dtype=np.float64), self.fps)
+
+    @property
     def duration(self) -> float:
         """Seconds from the start to the end of the last frame read."""
-        return self.times[-1] + 1.0 / self.fps if self.times else 0.0
+        return self.timeline.duration
 
 
-def video_duration(path: Path, loc: str) -> float | None:
-    """The container's stated duration in seconds, if it states one (for checks before decoding)."""
+def video_timeline(path: Path, loc: str) -> Timeline | None:
+    """Every frame's time from the video stream's packets, without decoding (for checks and fixed windows
+    before any frame is decoded); None where the packets carry no timestamps (then decode: VideoStream)."""
     container = _open(path, loc)
     try:
         stream = container.streams.video[0]
-        if stream.duration is not None and stream.time_base is not None:
-            return float(stream.duration * stream.time_base)
-        return container.duration / 1e6 if container.duration else None
+        fps, stamps = stream_fps(stream), []
+        # The video stream's own packets only: the container's duration also covers a longer audio track (a
+        # 2.96 s video with 5 s of audio in webm states 5.008 s), which would put windows past the last frame.
+        for packet in container.demux(stream):
+            if packet.size == 0:                 # the demuxer's end-of-stream marker, no frame
+                continue
+            if packet.pts is None:
+                return None
+            stamps.append(float(packet.pts * stream.time_base))
+    except av.error.FFmpegError as e:
+        raise DataError(f"{loc}: video demuxing failed ({e})") from None
     finally:
         container.close()
+    return Timeline(np.sort(np.asarray(stamps, dtype=np.float64)), fps)
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", lossless: bool = False) -> Path:

@@ -165,18 +165,19 @@ class VideoTranslator:
         """The [start, end) ranges to translate, in time order, and the video's length in seconds."""
         from signllava import segmentation
         from signllava.landmarks import detect_stream
-        from signllava.video_io import VideoStream, video_duration
+        from signllava.video_io import VideoStream, video_timeline
         loc = f"{path}"
         if policy.kind == "auto":
             stream = VideoStream(path, loc)
             lm = detect_stream(stream, stream.fps, loc)
             return [(s.start, s.end) for s in segmentation.auto_segments(lm)], stream.duration
-        duration = video_duration(path, loc)
-        if duration is None:                          # a container that does not say: count the frames
+        timeline = video_timeline(path, loc)
+        if timeline is None:                          # packets without timestamps: decode to find the frames
             stream = VideoStream(path, loc)
             for _ in stream:
                 pass
-            duration = stream.duration
+            timeline = stream.timeline
+        duration = timeline.duration
         if policy.kind == "fixed":
             return [(s.start, s.end) for s in segmentation.fixed_segments(duration, policy.seconds)], duration
         return [(s, e) for s, e, _ in self._caption_cues(path, captions)], duration
