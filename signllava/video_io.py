@@ -3,7 +3,8 @@
 A clip is a time range of a file (or the whole file). We seek to the keyframe at or before its start and
 decode forward to its end, so a clip costs its own frames plus at most one GOP, and no frame is decoded twice
 for it (the original seeked back to frame 0 for every frame it cropped). Frames are kept by their
-presentation time, so variable frame rates and streams that do not start at 0 come out right.
+presentation time, counted from the video stream's first frame (a stream that starts at 1.0 s has its first
+frame at 0 s here, as players show it), so variable frame rates and streams that do not start at 0 come out right.
 
 Every fault is a DataError naming the file and clip: unreadable or truncated files, no video stream, zero
 frames, and a range that runs past the end of the video (by more than one frame period). Nothing is cut
@@ -24,7 +25,7 @@ from signllava.errors import DataError
 class ClipFrames:
     frames: np.ndarray        # uint8 [T, H, W, 3], RGB
     fps: float                # the stream's average rate (frames / second)
-    times: np.ndarray         # float64 [T], seconds into the file
+    times: np.ndarray         # float64 [T], seconds from the video stream's first frame (see _origin)
 
 
 def frame_step(times, fps: float) -> float:
@@ -35,7 +36,7 @@ def frame_step(times, fps: float) -> float:
 
 @dataclass(frozen=True)
 class Timeline:
-    """A video stream's frame times (seconds, presentation order)."""
+    """A video stream's frame times (seconds from its first frame, presentation order)."""
     times: np.ndarray
     fps: float                # the stream's stated average rate
 
@@ -58,6 +59,18 @@ def _open(path: Path, loc: str):
     return container
 
 
+def _origin(stream) -> float:
+    """The file time (seconds) that is 0 s on every timeline here: the video stream's first frame.
+    Segment and caption times (How2Sign's CSV, a video's .vtt) count from the start a player shows as 0:00, and
+    players put 0:00 at the first frame of a file whose timestamps start later (a stream-copy cut, MPEG-TS;
+    mpv's default rebase-start-time; ffprobe reports that start as start_time), so a caption made by watching the
+    video lines up only on this timeline. The video stream's own start, not the container's: an audio track's
+    start (AAC's priming at -0.02 s) must not move the frames."""
+    if stream.start_time is not None:
+        return float(stream.start_time * stream.time_base)
+    return 0.0
+
+
 def stream_fps(stream) -> float:
     """The stream's average rate (frames / second); 25 where the container states none."""
     return float(stream.average_rate or stream.guessed_rate or 0) or 25.0
@@ -71,10 +84,11 @@ def read_clip(path: Path, start: float | None, end: float | None, loc: str, max_
         stream.thread_type = "AUTO"           # frame- and slice-threaded decoding inside FFmpeg
         fps = stream_fps(stream)
         stated_end = float(stream.duration * stream.time_base) if stream.duration else None
+        origin = _origin(stream)
         if start and start > 0:
             # The keyframe at or before `start`; frames before it are decoded and dropped below.
-            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
-        frames, times = _decode_range(container, stream, start or 0.0, end, loc, fps, max_seconds)
+            container.seek(int((origin + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
+        frames, times = _decode_range(container, stream, origin, start or 0.0, end, loc, fps, max_seconds)
     except av.error.FFmpegError as e:
         raise DataError(f"{loc}: video decoding failed ({e})") from None
     finally:
@@ -89,10 +103,11 @@ def read_clip(path: Path, start: float | None, end: float | None, loc: str, max_
     return ClipFrames(np.stack(frames), fps, np.asarray(times, dtype=np.float64))
 
 
-def _decode_range(container, stream, start: float, end: float | None, loc: str, fps: float, max_seconds: float):
+def _decode_range(container, stream, origin: float, start: float, end: float | None, loc: str, fps: float,
+                  max_seconds: float):
     frames, times = [], []
     limit = int(max_seconds * fps) + 1
-    for t, frame in _timed_frames(container, stream):
+    for t, frame in _timed_frames(container, stream, origin):
         if t < start - 1e-6:
             continue
         if end is not None and t >= end - 1e-6:
@@ -104,9 +119,11 @@ def _decode_range(container, stream, start: float, end: float | None, loc: str, 
     return frames, times
 
 
-def _timed_frames(container, stream):
+def _timed_frames(container, stream, origin: float):
+    """(seconds from the stream's first frame, frame) in decoding order."""
     for frame in container.decode(stream):
-        yield (frame.time if frame.time is not None else (frame.pts or 0) * float(stream.time_base)), frame
+        t = frame.time if frame.time is not None else (frame.pts or 0) * float(stream.time_base)
+        yield t - origin, frame
 
 
 @dataclass
@@ -129,7 +146,7 @@ class VideoStream:
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for t, frame in _timed_frames(container, stream):
+            for t, frame in _timed_frames(container, stream, _origin(stream)):
                 self.times.append(t)
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as e:
@@ -154,7 +171,7 @@ def video_timeline(path: Path, loc: str) -> Timeline | None:
     container = _open(path, loc)
     try:
         stream = container.streams.video[0]
-        fps, stamps = stream_fps(stream), []
+        fps, origin, stamps = stream_fps(stream), _origin(stream), []
         # The video stream's own packets only: the container's duration also covers a longer audio track (a
         # 2.96 s video with 5 s of audio in webm states 5.008 s), which would put windows past the last frame.
         for packet in container.demux(stream):
@@ -162,7 +179,7 @@ def video_timeline(path: Path, loc: str) -> Timeline | None:
                 continue
             if packet.pts is None:
                 return None
-            stamps.append(float(packet.pts * stream.time_base))
+            stamps.append(float(packet.pts * stream.time_base) - origin)
     except av.error.FFmpegError as e:
         raise DataError(f"{loc}: video demuxing failed ({e})") from None
     finally:

@@ -18,17 +18,19 @@ W, H = 64, 48
 
 
 def picture(i: int) -> np.ndarray:
-    """Frame i: its number in the red channel (the frame a decoder gives back is known), a left-to-right ramp
-    in green and a top-to-bottom one in blue (an image turned or mirrored is not the same)."""
+    """Frame i: its number in the red channel, i // 32 on the left half and i % 32 on the right, 8 levels a
+    step (lossy coding keeps it), so the frame a decoder gives back is known; a left-to-right ramp in green and
+    a top-to-bottom one in blue (an image turned or mirrored is not the same)."""
     img = np.zeros((H, W, 3), np.uint8)
-    img[..., 0] = (4 * i) % 256
+    img[:, :W // 2, 0], img[:, W // 2:, 0] = 8 * (i // 32), 8 * (i % 32)
     img[..., 1] = np.linspace(0, 250, W, dtype=np.uint8)[None, :]
     img[..., 2] = np.linspace(0, 250, H, dtype=np.uint8)[:, None]
     return img
 
 
 def frame_number(img: np.ndarray) -> int:
-    return int(round(float(np.median(img[..., 0])) / 4))
+    high, low = (int(round(float(np.median(half[..., 0])) / 8)) for half in np.split(img, 2, axis=1))
+    return 32 * high + low
 
 
 def write_timed(path, times, audio_seconds=None, rotation=None, codec="libx264"):
@@ -70,7 +72,7 @@ def cfr(fps: float, seconds: float, start: float = 0.0):
 
 def fixed_ranges(path, seconds):
     """translate.py's own ranges and duration for --segments fixed:S (no model needed for this step)."""
-    return VideoTranslator._segments(None, path, parse_policy(f"fixed:{seconds}"), None)
+    return VideoTranslator._segments(VideoTranslator, path, parse_policy(f"fixed:{seconds}"), None)
 
 
 # ------------------------------------------------------------------------------- D9: the video's own length
@@ -84,3 +86,31 @@ def test_duration_is_the_video_streams_not_a_longer_audio_tracks(tmp_path):
     assert duration == pytest.approx(3.0) and ranges == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
     for start, end in ranges:                         # every window has its frames; none is past the end
         assert len(read_clip(path, start, end, "longaudio", 60).frames) == 25
+
+
+# ------------------------------------------------------------------- D6: a stream whose first frame is at 1 s
+@pytest.mark.parametrize("suffix", ["mkv", "mp4"])
+def test_a_stream_starting_late_is_timed_from_its_first_frame(tmp_path, suffix):
+    """Frames at 1.00-5.96 s of the file (a stream-copy cut, MPEG-TS): players show the first frame at 0:00,
+    so 0 s is that frame everywhere: the duration, fixed windows (the last 0.96 s too) and read_clip."""
+    path = write_timed(tmp_path / f"offset.{suffix}", cfr(25, 5, start=1.0))
+    assert video_timeline(path, "offset").duration == pytest.approx(5.0)
+    ranges, duration = fixed_ranges(path, 1)
+    assert duration == pytest.approx(5.0) and len(ranges) == 5 and ranges[-1] == pytest.approx((4.0, 5.0))
+    last = read_clip(path, 4.0, 5.0, "offset", 60)
+    assert [frame_number(f) for f in last.frames] == list(range(100, 125))
+    assert last.times == pytest.approx(np.arange(100, 125) / 25)
+    whole = read_clip(path, None, None, "offset", 60)
+    assert whole.times[0] == pytest.approx(0.0) and frame_number(whole.frames[0]) == 0
+
+
+def test_a_caption_file_made_for_a_late_starting_video_lines_up(tmp_path):
+    """Signing filmed at 3.4-4.6 s of the file's timestamps is at 2.4-3.6 s in a player; a caption for it says
+    2.4-3.6 and gets exactly those frames."""
+    path = write_timed(tmp_path / "offset.mp4", cfr(25, 5, start=1.0))
+    vtt = tmp_path / "offset.vtt"
+    vtt.write_text("WEBVTT\n\n00:00:02.400 --> 00:00:03.600\nthe signing\n")
+    ranges, _ = VideoTranslator._segments(VideoTranslator, path, parse_policy("captions"), vtt)
+    assert ranges == [(2.4, 3.6)]
+    clip = read_clip(path, *ranges[0], "offset", 60)
+    assert [frame_number(f) for f in clip.frames] == list(range(60, 90))     # file times 3.40-3.56 s
