@@ -25,6 +25,8 @@ from signllava.errors import DataError
 class ClipFrames:
     frames: np.ndarray        # uint8 [T, H, W, 3], RGB
     fps: float                # the stream's average rate (frames / second)
+    # One row a decoded frame, whatever the spacing: features are made per frame, as training's were, so a
+    # variable-rate video gives the model another frame rate than training did in its faster or slower parts.
     times: np.ndarray         # float64 [T], seconds from the video stream's first frame (see _origin)
 
 
@@ -44,6 +46,16 @@ class Timeline:
     def duration(self) -> float:
         """Seconds to the end of the last frame: its time plus one frame."""
         return float(self.times[-1]) + frame_step(self.times, self.fps) if len(self.times) else 0.0
+
+    def rate_note(self) -> str | None:
+        """Where the frame spacing varies by more than a quarter of its median, its range as rates ("10-50
+        frames a second"); else None. Timestamp rounding (33/34 ms for 29.97 fps in milliseconds) stays far
+        below that; a dropped frame already counts."""
+        steps = np.diff(self.times)
+        steps = steps[steps > 0]
+        if len(steps) < 2 or np.abs(steps - np.median(steps)).max() <= 0.25 * np.median(steps):
+            return None
+        return f"{1 / steps.max():.3g}-{1 / steps.min():.3g} frames a second"
 
 
 def _open(path: Path, loc: str):
@@ -88,35 +100,43 @@ def read_clip(path: Path, start: float | None, end: float | None, loc: str, max_
         if start and start > 0:
             # The keyframe at or before `start`; frames before it are decoded and dropped below.
             container.seek(int((origin + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
-        frames, times = _decode_range(container, stream, origin, start or 0.0, end, loc, fps, max_seconds)
+        frames, times, ended = _decode_range(container, stream, origin, start or 0.0, end, loc, max_seconds)
     except av.error.FFmpegError as e:
         raise DataError(f"{loc}: video decoding failed ({e})") from None
     finally:
         container.close()
     if not frames:
         raise DataError(f"{loc}: zero frames" + (f" between {start} s and {end} s" if end is not None else ""))
-    last = times[-1]
-    if end is not None and end > last + 1.5 / fps:
-        raise DataError(f"{loc}: clip ends at {end:.3f} s, past the video's last frame at {last:.3f} s")
-    if end is None and stated_end is not None and stated_end > last + 2.5 / fps:
-        raise DataError(f"{loc}: truncated video: frames stop at {last:.3f} s, the file says {stated_end:.3f} s")
+    _check_end(times, end, ended, stated_end, fps, loc)
     return ClipFrames(np.stack(frames), fps, np.asarray(times, dtype=np.float64))
 
 
-def _decode_range(container, stream, origin: float, start: float, end: float | None, loc: str, fps: float,
+def _check_end(times: list, end: float | None, ended: bool, stated_end: float | None, fps: float, loc: str):
+    """A clip running past the video's last frame, or a whole file whose frames stop before its stated end, is
+    refused. Only where decoding ran out of frames (`ended` False): a frame at or after `end` proves the video
+    goes on. The tolerance is the real spacing of the last frames, not the average rate's: in a variable-rate
+    video they differ by several times."""
+    last, step = times[-1], frame_step(times, fps)
+    if end is not None and not ended and end > last + 1.5 * step:
+        raise DataError(f"{loc}: clip ends at {end:.3f} s, past the video's last frame at {last:.3f} s")
+    if end is None and stated_end is not None and stated_end > last + 2.5 * step:
+        raise DataError(f"{loc}: truncated video: frames stop at {last:.3f} s, the file says {stated_end:.3f} s")
+
+
+def _decode_range(container, stream, origin: float, start: float, end: float | None, loc: str,
                   max_seconds: float):
+    """The frames and times in [start, end), and whether a frame at or after `end` was reached."""
     frames, times = [], []
-    limit = int(max_seconds * fps) + 1
     for t, frame in _timed_frames(container, stream, origin):
         if t < start - 1e-6:
             continue
         if end is not None and t >= end - 1e-6:
-            break
+            return frames, times, True
+        if t >= start + max_seconds + 1e-6:     # by time: a frame count at the average rate misjudges VFR clips
+            raise DataError(f"{loc}: clip longer than {max_seconds:g} s (--max_clip_seconds); refused, not cut")
         frames.append(frame.to_ndarray(format="rgb24"))
         times.append(t)
-        if len(frames) > limit:
-            raise DataError(f"{loc}: clip longer than {max_seconds:g} s (--max_clip_seconds); refused, not cut")
-    return frames, times
+    return frames, times, False
 
 
 def _timed_frames(container, stream, origin: float):

@@ -3,6 +3,8 @@ length (not a longer audio track's), streams that do not start at 0 s, variable 
 stored sideways with a display rotation. Small frames, a few seconds each, written with PyAV at exact times."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from fractions import Fraction
 
 import av
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from signllava import segmentation as S
+from signllava.errors import DataError
 from signllava.segmentation import parse_policy
 from signllava.video_io import read_clip, video_timeline
 from signllava.video_translate import VideoTranslator
@@ -114,3 +117,53 @@ def test_a_caption_file_made_for_a_late_starting_video_lines_up(tmp_path):
     assert ranges == [(2.4, 3.6)]
     clip = read_clip(path, *ranges[0], "offset", 60)
     assert [frame_number(f) for f in clip.frames] == list(range(60, 90))     # file times 3.40-3.56 s
+
+
+# ---------------------------------------------------------------------------- D5: a variable frame rate
+# 10 fps for 0-2 s, 50 fps for 2-4 s, 10 fps for 4-6 s: 140 frames, an average of 23.3 frames a second.
+VFR_TIMES = cfr(10, 2) + cfr(50, 2, start=2.0) + cfr(10, 2, start=4.0)
+
+
+def vfr_signer():
+    """A made-up signer (tests/test_segmentation.py's) signing at 2.4-3.6 s, filmed at 50 fps, and the same
+    kept at VFR_TIMES only: its landmarks and those times."""
+    from tests.test_segmentation import signer
+    full = signer(50, 6.0, [(2.4, 3.6)])
+    keep = np.round(np.asarray(VFR_TIMES) * 50).astype(int)
+    parts = {k: v[keep] for k, v in vars(full).items() if isinstance(v, np.ndarray)}
+    return full, dataclasses.replace(full, **parts, fps=len(keep) / 6.0), np.asarray(VFR_TIMES)
+
+
+def test_auto_segments_of_a_variable_rate_video_follow_the_frames_own_times():
+    full, vfr, times = vfr_signer()
+    control = S.auto_segments(full)                                  # the same signing at a constant 50 fps
+    assert len(control) == 1 and abs(control[0].start - 2.4) < 0.1 and abs(control[0].end - 3.6) < 0.1
+    got = S.auto_segments(vfr, times=times, end=6.0)
+    assert len(got) == 1
+    assert got[0].start == pytest.approx(control[0].start, abs=0.05)
+    assert got[0].end == pytest.approx(control[0].end, abs=0.05)
+
+
+def test_read_clip_of_a_variable_rate_video_uses_the_real_frame_spacing(tmp_path):
+    path = write_timed(tmp_path / "vfr.mp4", VFR_TIMES)
+    timeline = video_timeline(path, "vfr")
+    assert timeline.duration == pytest.approx(6.0) and timeline.rate_note() == "10-50 frames a second"
+    assert video_timeline(write_timed(tmp_path / "cfr.mp4", cfr(25, 2)), "cfr").rate_note() is None
+    clip = read_clip(path, 1.70, 4.37, "vfr", 60)        # refused before: 4.37 > 4.30 + 1.5 / 23.3
+    assert clip.times[0] == pytest.approx(1.7) and clip.times[-1] == pytest.approx(4.3)
+    assert [frame_number(f) for f in clip.frames] == list(range(17, 124))
+    assert len(read_clip(path, 5.0, 6.05, "vfr", 60).frames) == 10      # to the end of the last frame, 6.0 s
+    with pytest.raises(DataError, match=r"vfr: clip ends at 6.200 s, past the video's last frame at 5.900 s"):
+        read_clip(path, 5.0, 6.2, "vfr", 60)
+    assert len(read_clip(path, 2.0, 4.0, "vfr", 2.5).frames) == 100     # 2 s at 50 fps is not over 2.5 s
+    with pytest.raises(DataError, match=r"vfr: clip longer than 5 s \(--max_clip_seconds\)"):
+        read_clip(path, None, None, "vfr", 5)
+
+
+def test_a_variable_rate_video_is_warned_about_once(tmp_path, caplog):
+    path = write_timed(tmp_path / "vfr.mp4", VFR_TIMES)
+    with caplog.at_level(logging.WARNING, logger="signllava.translate"):
+        ranges, duration = fixed_ranges(path, 2)
+    assert duration == pytest.approx(6.0) and len(ranges) == 3
+    warned = [r.getMessage() for r in caplog.records if "variable frame rate" in r.getMessage()]
+    assert len(warned) == 1 and "vfr.mp4: variable frame rate (10-50 frames a second)" in warned[0]
