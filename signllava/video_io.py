@@ -134,9 +134,21 @@ def _decode_range(container, stream, origin: float, start: float, end: float | N
             return frames, times, True
         if t >= start + max_seconds + 1e-6:     # by time: a frame count at the average rate misjudges VFR clips
             raise DataError(f"{loc}: clip longer than {max_seconds:g} s (--max_clip_seconds); refused, not cut")
-        frames.append(frame.to_ndarray(format="rgb24"))
+        frames.append(upright_rgb(frame, loc))
         times.append(t)
     return frames, times, False
+
+
+def upright_rgb(frame, loc: str) -> np.ndarray:
+    """The frame as RGB [H, W, 3], turned as its display matrix says (a phone stores its picture sideways and
+    marks the turn; players and OpenCV apply it, and MediaPipe needs the signer upright). frame.rotation is
+    FFmpeg's counter-clockwise angle, as np.rot90 turns; PyAV truncates it to an int, so 89 means 90."""
+    img = frame.to_ndarray(format="rgb24")
+    turn = frame.rotation
+    quarters = round(turn / 90)
+    if abs(turn - 90 * quarters) > 1:
+        raise DataError(f"{loc}: display rotation of {turn} degrees; only quarter turns are supported")
+    return np.ascontiguousarray(np.rot90(img, quarters)) if quarters % 4 else img
 
 
 def _timed_frames(container, stream, origin: float):
@@ -168,7 +180,7 @@ class VideoStream:
             stream.thread_type = "AUTO"
             for t, frame in _timed_frames(container, stream, _origin(stream)):
                 self.times.append(t)
-                yield frame.to_ndarray(format="rgb24")
+                yield upright_rgb(frame, self.loc)
         except av.error.FFmpegError as e:
             raise DataError(f"{self.loc}: video decoding failed ({e})") from None
         finally:

@@ -36,13 +36,14 @@ def frame_number(img: np.ndarray) -> int:
     return 32 * high + low
 
 
-def write_timed(path, times, audio_seconds=None, rotation=None, codec="libx264"):
-    """Frames picture(0), picture(1), ... at the given presentation times (seconds); with `audio_seconds`, a
+def write_timed(path, times, audio_seconds=None, rotation=None, codec="libx264", pictures=picture):
+    """Frames pictures(0), pictures(1), ... at the given presentation times (seconds); with `audio_seconds`, a
     silent audio track that long; with `rotation`, a display matrix turning the stored picture that many
     degrees counter-clockwise (PyAV's convention, as frame.rotation reads it back)."""
     with av.open(str(path), "w") as out:
         video = out.add_stream(codec, rate=25)
-        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
+        height, width = pictures(0).shape[:2]             # sideways pictures (a phone's): the stream is theirs
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.codec_context.time_base = Fraction(1, 1000)
         video.options = {"crf": "10"} if codec == "libx264" else {}
         if rotation is not None:
@@ -50,7 +51,7 @@ def write_timed(path, times, audio_seconds=None, rotation=None, codec="libx264")
         audio = out.add_stream("libopus" if str(path).endswith(".webm") else "aac", rate=48000,
                                layout="mono") if audio_seconds else None
         for i, t in enumerate(times):
-            frame = av.VideoFrame.from_ndarray(picture(i), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pictures(i)), format="rgb24")
             frame.pts = int(round(t * 1000))
             out.mux(video.encode(frame))
         out.mux(video.encode())
@@ -167,3 +168,34 @@ def test_a_variable_rate_video_is_warned_about_once(tmp_path, caplog):
     assert duration == pytest.approx(6.0) and len(ranges) == 3
     warned = [r.getMessage() for r in caplog.records if "variable frame rate" in r.getMessage()]
     assert len(warned) == 1 and "vfr.mp4: variable frame rate (10-50 frames a second)" in warned[0]
+
+
+# -------------------------------------------------------------------- D8: a phone video stored sideways
+def test_the_direction_of_a_quarter_turn():
+    """np.rot90 with k=1 turns counter-clockwise, FFmpeg's (and PyAV's frame.rotation's) sense of a positive
+    angle: the top-right corner goes to the top-left."""
+    img = picture(0)
+    assert (np.rot90(img, 1)[0, 0] == img[0, -1]).all()
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_videos_decode_upright_as_opencv_shows_them(tmp_path, degrees):
+    """The stored frames are picture(i) turned the other way; the display matrix turns them back. Both readers
+    give the upright pictures, equal to OpenCV's auto-rotated read of the same file."""
+    import cv2
+
+    from signllava.video_io import VideoStream
+    stored = tmp_path / "stored.mp4"
+    write_timed(stored, cfr(25, 0.4))
+    path = write_timed(tmp_path / f"phone{degrees}.mp4", cfr(25, 0.4), rotation=degrees,
+                       pictures=lambda i: np.rot90(picture(i), -degrees // 90))
+    clip = read_clip(path, None, None, "phone", 60)
+    streamed = np.stack(list(VideoStream(path, "phone")))
+    upright = read_clip(stored, None, None, "stored", 60).frames
+    assert clip.frames.shape == upright.shape == streamed.shape
+    assert np.abs(clip.frames.astype(int) - upright).mean() < 2 and (streamed == clip.frames).all()
+    capture = cv2.VideoCapture(str(path))
+    ok, first = capture.read()
+    capture.release()
+    assert ok and first.shape == clip.frames[0].shape
+    assert np.abs(first[:, :, ::-1].astype(int) - clip.frames[0]).mean() < 1
