@@ -105,27 +105,30 @@ def fixed_segments(duration: float, seconds: float) -> list[Segment]:
 # --------------------------------------------------------------------------------------------- activity
 
 
-def _speed(points: np.ndarray, valid: np.ndarray, fps: float, scale: float) -> np.ndarray:
+def _speed(points: np.ndarray, valid: np.ndarray, times: np.ndarray, fps: float, scale: float) -> np.ndarray:
     """Mean speed [T] of the valid points (points [T, N, 2], valid [T, N]) across each frame's baseline, in
-    shoulder widths per second; NaN where no point is valid at both of its ends."""
+    shoulder widths per second; NaN where no point is valid at both of its ends. Divided by the frames' own
+    time apart (`times`), so that a variable frame rate does not scale it; the baseline's frame count comes
+    from the average rate `fps`."""
     k = max(1, int(round(BASELINE_SECONDS * fps / 2)))
     frames = np.arange(len(points))
     lo, hi = np.clip(frames - k, 0, len(points) - 1), np.clip(frames + k, 0, len(points) - 1)
-    step = np.linalg.norm(points[hi] - points[lo], axis=2) * fps / (np.maximum(hi - lo, 1)[:, None] * scale)
+    apart = np.where(hi > lo, times[hi] - times[lo], 1.0)           # one frame alone: no motion, any time
+    step = np.linalg.norm(points[hi] - points[lo], axis=2) / (apart[:, None] * scale)
     both = valid[hi] & valid[lo]
     count = both.sum(axis=1)
     return np.where(count > 0, np.where(both, step, 0.0).sum(axis=1) / np.maximum(count, 1), np.nan)
 
 
-def _arm(lm: Landmarks, side: str, scale: float, settled: np.ndarray):
+def _arm(lm: Landmarks, side: str, scale: float, settled: np.ndarray, times: np.ndarray):
     """One side's hand as (speed [T], wrist y [T]): the hand's own 21 points where Holistic found it at both
     ends of the baseline, else the body's wrist point where seen (MediaPipe often misses hands); NaN where
     neither is."""
     hand, found = (lm.left_hand, lm.left_found) if side == "left" else (lm.right_hand, lm.right_found)
     wrist = L_WRIST if side == "left" else R_WRIST
     seen = settled & (lm.body_visibility[:, wrist] >= VISIBLE)
-    hand_speed = _speed(hand[:, :, :2], np.repeat((found & settled)[:, None], 21, axis=1), lm.fps, scale)
-    body_speed = _speed(lm.body[:, [wrist], :2], seen[:, None], lm.fps, scale)
+    hand_speed = _speed(hand[:, :, :2], np.repeat((found & settled)[:, None], 21, axis=1), times, lm.fps, scale)
+    body_speed = _speed(lm.body[:, [wrist], :2], seen[:, None], times, lm.fps, scale)
     wrist_y = np.where(found, hand[:, 0, 1], np.where(seen, lm.body[:, wrist, 1], np.nan))
     return np.where(np.isnan(hand_speed), body_speed, hand_speed), wrist_y
 
@@ -153,10 +156,11 @@ def _smooth(x: np.ndarray, fps: float, seconds: float = SMOOTH_SECONDS) -> np.nd
     return np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid")
 
 
-def signing_activity(lm: Landmarks) -> np.ndarray:
+def signing_activity(lm: Landmarks, times: np.ndarray | None = None) -> np.ndarray:
     """[T] float, per frame: how much signing is happening (shoulder widths per second, raised hands weighted
-    up, smoothed); 0 is rest."""
+    up, smoothed); 0 is rest. `times`: the frames' own times (seconds), by default i / fps."""
     t = len(lm)
+    times = np.arange(t) / lm.fps if times is None else np.asarray(times, dtype=np.float64)
     shoulders = lm.body[:, [L_SHOULDER, R_SHOULDER], :2]
     widths = np.linalg.norm(shoulders[:, 0] - shoulders[:, 1], axis=1)[lm.body_found]
     if t < 2 or len(widths) == 0 or np.median(widths) < 1.0:
@@ -164,11 +168,11 @@ def signing_activity(lm: Landmarks) -> np.ndarray:
     scale = float(np.median(widths))   # the video's median, so one frame's bad shoulders do not swing it
     settled = _settled(lm.body_found, lm.fps)
     seen = settled[:, None] & (lm.body_visibility[:, CORE_POINTS] >= VISIBLE)
-    parts = [_speed(lm.body[:, CORE_POINTS, :2], seen, lm.fps, scale)]
+    parts = [_speed(lm.body[:, CORE_POINTS, :2], seen, times, lm.fps, scale)]
     shoulder_y = shoulders[:, :, 1].mean(axis=1)
     raised = np.zeros(t)
     for side in ("left", "right"):
-        speed, wrist_y = _arm(lm, side, scale, settled)
+        speed, wrist_y = _arm(lm, side, scale, settled, times)
         parts.append(speed)
         raised = np.maximum(raised, _raised(wrist_y, shoulder_y, scale))
     # The fastest part; unmeasurable (no body, or settling) is rest.
@@ -192,28 +196,35 @@ def _thresholds(activity: np.ndarray) -> tuple[float, float]:
     return max(ENTER_FLOOR, ENTER * level), max(LEAVE_FLOOR, LEAVE * level)
 
 
-def _bridge_pauses(runs, gap_frames: int):
-    """Runs separated by fewer than gap_frames merged into one."""
+# Runs are [start, end) frame ranges; `edge[i]` is frame i's time and edge[T] the video's end, so a run spans
+# edge[s] .. edge[e] seconds. Lengths and gaps are measured in those seconds, not in frames at an average rate:
+# in a variable-rate video a frame lasts 20 ms in one part and 100 ms in another. EPS absorbs float error
+# (15 frames at 25 fps is 0.6 s to within 1e-16, not exactly).
+EPS = 1e-9
+
+
+def _bridge_pauses(runs, edge: np.ndarray, min_pause: float):
+    """Runs separated by less than min_pause seconds merged into one."""
     out = []
     for s, e in runs:
-        if out and s - out[-1][1] < gap_frames:
+        if out and edge[s] - edge[out[-1][1]] < min_pause - EPS:
             out[-1] = (out[-1][0], e)
         else:
             out.append((s, e))
     return out
 
 
-def _join_or_drop_short(runs, min_frames: int, join_frames: int):
-    """Runs shorter than min_frames join the nearer neighbour within join_frames, else are dropped."""
+def _join_or_drop_short(runs, edge: np.ndarray, min_seconds: float, join_gap: float):
+    """Runs shorter than min_seconds join the nearer neighbour within join_gap seconds, else are dropped."""
     runs = list(runs)
     while True:
-        short = [i for i, (s, e) in enumerate(runs) if e - s < min_frames]
+        short = [i for i, (s, e) in enumerate(runs) if edge[e] - edge[s] < min_seconds - EPS]
         if not short:
             return runs
         i = short[0]
-        gaps = [(runs[i][0] - runs[i - 1][1], i - 1) if i > 0 else None,
-                (runs[i + 1][0] - runs[i][1], i + 1) if i + 1 < len(runs) else None]
-        near = min((g for g in gaps if g is not None and g[0] <= join_frames), default=None)
+        gaps = [(edge[runs[i][0]] - edge[runs[i - 1][1]], i - 1) if i > 0 else None,
+                (edge[runs[i + 1][0]] - edge[runs[i][1]], i + 1) if i + 1 < len(runs) else None]
+        near = min((g for g in gaps if g is not None and g[0] <= join_gap + EPS), default=None)
         if near is None:
             del runs[i]
         else:
@@ -222,32 +233,44 @@ def _join_or_drop_short(runs, min_frames: int, join_frames: int):
             del runs[max(i, j)]
 
 
-def _split_long(run, activity: np.ndarray, min_frames: int, max_frames: int):
-    """A run longer than max_frames cut at its quietest frame (each piece at least min_frames), recursively."""
+def _split_long(run, activity: np.ndarray, edge: np.ndarray, min_seconds: float, max_seconds: float):
+    """A run longer than max_seconds cut at its quietest frame (each piece at least min_seconds), recursively."""
     s, e = run
-    if e - s <= max_frames:
+    if edge[e] - edge[s] <= max_seconds + EPS:
         return [run]
-    room = activity[s + min_frames:e - min_frames + 1]   # empty only when rounding made 2 * min > max + 1
-    cut = s + min_frames + int(np.argmin(room)) if len(room) else (s + e) // 2
-    return _split_long((s, cut), activity, min_frames, max_frames) + _split_long((cut, e), activity, min_frames,
-                                                                                 max_frames)
+    cuts = np.arange(s + 1, e)
+    cuts = cuts[(edge[cuts] - edge[s] >= min_seconds - EPS) & (edge[e] - edge[cuts] >= min_seconds - EPS)]
+    cut = int(cuts[np.argmin(activity[cuts])]) if len(cuts) else (s + e) // 2
+    return (_split_long((s, cut), activity, edge, min_seconds, max_seconds)
+            + _split_long((cut, e), activity, edge, min_seconds, max_seconds))
+
+
+def _edges(lm: Landmarks, times, end) -> np.ndarray:
+    """[T + 1]: each frame's time, then the video's end (the last frame's time plus one frame)."""
+    if times is None:
+        return np.arange(len(lm) + 1) / lm.fps
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) != len(lm):
+        raise ValueError(f"{len(times)} frame times for {len(lm)} frames of landmarks")
+    last = end if end is not None else times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1 / lm.fps)
+    return np.append(times, last)
 
 
 def auto_segments(lm: Landmarks, min_seconds: float = MIN_SECONDS, max_seconds: float = MAX_SECONDS,
-                  min_pause: float = MIN_PAUSE_SECONDS, join_gap: float = JOIN_GAP_SECONDS) -> list[Segment]:
-    """Sentence-sized segments of signing, in time order; frame i spans [i/fps, (i+1)/fps)."""
+                  min_pause: float = MIN_PAUSE_SECONDS, join_gap: float = JOIN_GAP_SECONDS,
+                  times=None, end: float | None = None) -> list[Segment]:
+    """Sentence-sized segments of signing, in time order. `times`: each frame's own time (the decoded frames'
+    timestamps, seconds from the video's first frame) and `end` the video's end; frame i spans
+    [times[i], times[i + 1]). Without them, frame i spans [i/fps, (i+1)/fps), right only at a constant rate."""
     if not (0 < min_seconds and 2 * min_seconds <= max_seconds):
         raise ValueError(f"segment lengths need 0 < min_seconds and 2 * min_seconds <= max_seconds, got "
                          f"{min_seconds} and {max_seconds}")
-    def frames(seconds):
-        return max(1, int(round(seconds * lm.fps)))
-
-    activity = signing_activity(lm)
-    if len(activity) == 0:
+    if len(lm) == 0:
         return []
+    edge = _edges(lm, times, end)
+    activity = signing_activity(lm, edge[:-1])
     enter, leave = _thresholds(activity)
     runs = [(s, e) for s, e in _runs(activity >= leave) if activity[s:e].max() >= enter]
-    min_f, max_f = frames(min_seconds), int(math.floor(max_seconds * lm.fps))
-    runs = _join_or_drop_short(_bridge_pauses(runs, frames(min_pause)), min_f, frames(join_gap))
-    runs = [piece for run in runs for piece in _split_long(run, activity, min_f, max_f)]
-    return [Segment(s / lm.fps, e / lm.fps) for s, e in runs]
+    runs = _join_or_drop_short(_bridge_pauses(runs, edge, min_pause), edge, min_seconds, join_gap)
+    runs = [piece for run in runs for piece in _split_long(run, activity, edge, min_seconds, max_seconds)]
+    return [Segment(float(edge[s]), float(edge[e])) for s, e in runs]

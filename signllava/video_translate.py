@@ -165,18 +165,24 @@ class VideoTranslator:
         """The [start, end) ranges to translate, in time order, and the video's length in seconds."""
         from signllava import segmentation
         from signllava.landmarks import detect_stream
-        from signllava.video_io import VideoStream, video_duration
+        from signllava.video_io import VideoStream, video_timeline
         loc = f"{path}"
         if policy.kind == "auto":
             stream = VideoStream(path, loc)
             lm = detect_stream(stream, stream.fps, loc)
-            return [(s.start, s.end) for s in segmentation.auto_segments(lm)], stream.duration
-        duration = video_duration(path, loc)
-        if duration is None:                          # a container that does not say: count the frames
+            timeline = stream.timeline
+            _note_variable_rate(loc, timeline)
+            # Segment times from the decoded frames' own timestamps, as read_clip will cut them.
+            found = segmentation.auto_segments(lm, times=timeline.times, end=timeline.duration)
+            return [(s.start, s.end) for s in found], timeline.duration
+        timeline = video_timeline(path, loc)
+        if timeline is None:                          # packets without timestamps: decode to find the frames
             stream = VideoStream(path, loc)
             for _ in stream:
                 pass
-            duration = stream.duration
+            timeline = stream.timeline
+        _note_variable_rate(loc, timeline)
+        duration = timeline.duration
         if policy.kind == "fixed":
             return [(s.start, s.end) for s in segmentation.fixed_segments(duration, policy.seconds)], duration
         return [(s, e) for s, e, _ in self._caption_cues(path, captions)], duration
@@ -241,6 +247,15 @@ class VideoTranslator:
             out.append(SubtitleSegment(start, end, text, context))
             earlier.append(text)
         return out
+
+
+def _note_variable_rate(loc: str, timeline) -> None:
+    """One warning a variable-rate video: its features are made per decoded frame, as training's were, so the
+    model sees the signing at another frame rate than it was trained on wherever the rate departs from it."""
+    note = timeline.rate_note()
+    if note is not None:
+        log.warning("%s: variable frame rate (%s); segments follow the frames' own times, but the model sees "
+                    "one feature a decoded frame, at another rate than training's in parts", loc, note)
 
 
 def _add(total: dict, more: dict) -> None:
