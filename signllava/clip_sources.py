@@ -5,7 +5,7 @@ Three sources, one result (a list of `ClipSpec` per video, in time order):
     annotation  an existing annotation.<split>.json whose clip names are video files (How2Sign's sentence
                 clips): every file is one clip, read whole.
     segments    a CSV with How2Sign's columns (VIDEO_NAME, SENTENCE_NAME, START_REALIGNED, END_REALIGNED,
-                SENTENCE; tab- or comma-separated) cut from whole videos.
+                SENTENCE; tab-separated and unquoted as How2Sign's, or comma-separated CSV) cut from whole videos.
     captions    a folder of WebVTT / SRT files, one per video (YouTube-ASL): each caption is a clip.
 
 Segments and captions carry the sentences, so the extraction also writes the annotation in the seed's format
@@ -100,14 +100,22 @@ def _seconds(value: str, path: Path, line: int, what: str) -> float:
     return t
 
 
+def _table_rows(text: str):
+    """The rows of a segment table. How2Sign's tab-separated files are not quoted: a sentence may start with
+    `"` (`"Hi," she said.`), which CSV quoting would take for an opening quote and run on across rows, so tabs
+    are read with no quoting at all. Comma-separated files need CSV's quoting for their commas and keep it."""
+    if "\t" in text.split("\n", 1)[0]:
+        return csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    return csv.reader(io.StringIO(text))
+
+
 def from_segments(csv_path: Path, files: dict[str, Path]) -> tuple[dict[str, list[ClipSpec]], list[str]]:
     """How2Sign's segment table: one row a sentence, cut from a whole video."""
     try:
-        text = csv_path.read_text(encoding="utf-8")
+        text = csv_path.read_text(encoding="utf-8-sig")      # a spreadsheet's BOM is not the first column's name
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: unreadable ({e})") from None
-    first = text.split("\n", 1)[0]
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t" if "\t" in first else ","))
+    rows = list(_table_rows(text))
     if not rows:
         raise DataError(f"{csv_path}: empty segment table")
     header = [h.strip() for h in rows[0]]

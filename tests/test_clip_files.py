@@ -1,0 +1,69 @@
+"""The clip sources' files as users have them: caption files with no usable caption, How2Sign's unquoted TSV,
+a spreadsheet's BOM, videos with dots in their names, WebVTT's character references; and a run in which no
+clip survives. Mostly signllava/clip_sources.py called directly; extract.py runs on a few tiny frames, pose only."""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signllava.clip_sources import from_captions, from_segments, read_captions, video_files
+from signllava.errors import DataError
+from signllava.extract_store import ExtractionStore, plan_shards
+from signllava.subtitles import srt_text, vtt_text
+from signllava.video_io import write_video
+from signllava.video_translate import SubtitleSegment, VideoTranslator
+from tests.kit import run_script, script_env
+from tests.video_kit import film_astronaut
+
+CUE = "WEBVTT\n\n00:00:00.000 --> 00:00:00.500\n{}\n"
+
+
+def videos(folder: Path, *stems: str, frames: int = 6) -> dict[str, Path]:
+    """Tiny real videos (the astronaut, 10 fps); only their names matter to the caption matching."""
+    for k, stem in enumerate(stems):
+        write_video(folder / f"{stem}.mp4", film_astronaut(frames, seed=k % 4), fps=10)
+    return video_files(folder)
+
+
+def captions(folder: Path, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def extract(*args, check=True):
+    return run_script("extract.py", *map(str, args), "--split", "train", "--modalities", "pose", "--workers", 0,
+                      check=check, env=script_env(OMP_NUM_THREADS=1))
+
+
+# ---------------------------------------------------------------------------------------------------- segment tables
+HEADER = "VIDEO_NAME\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE\n"
+
+
+def test_tab_separated_segments_are_not_quoted(tmp_path):
+    tsv = tmp_path / "seg.tsv"
+    tsv.write_text(HEADER + 'v\tv_0\t0.0\t1.0\t"Unclosed quote starts here\n'
+                   "v\tv_1\t1.0\t2.0\tnext row\n" 'v\tv_2\t2.0\t2.9\t"Hi," she said.\n')
+    clips, faults = from_segments(tsv, {"v": tmp_path / "v.mp4"})
+    assert faults == [] and [(c.clip, c.text) for c in clips["v"]] == [
+        ("v_0", '"Unclosed quote starts here'), ("v_1", "next row"), ("v_2", '"Hi," she said.')]
+    # Comma-separated tables keep CSV's quoting: a sentence with a comma is quoted there.
+    csv = tmp_path / "seg.csv"
+    csv.write_text('VIDEO_NAME,SENTENCE_NAME,START,END,SENTENCE\n'
+                   'v,v_0,0,1,"Hi, there"\nv,v_1,1,2,"""Hi,"" she said."\n')
+    clips, _ = from_segments(csv, {"v": tmp_path / "v.mp4"})
+    assert [c.text for c in clips["v"]] == ["Hi, there", '"Hi," she said.']
+
+
+def test_segments_with_a_byte_order_mark(tmp_path):
+    for name, sep in (("bom.csv", ","), ("bom.tsv", "\t")):
+        table = tmp_path / name
+        table.write_text(HEADER.replace("\t", sep) + sep.join(["v", "v_0", "0.0", "1.0", "hello"]) + "\n",
+                         encoding="utf-8-sig")
+        clips, faults = from_segments(table, {"v": tmp_path / "v.mp4"})
+        assert faults == [] and [(c.video, c.clip, c.text) for c in clips["v"]] == [("v", "v_0", "hello")]
