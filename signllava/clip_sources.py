@@ -14,6 +14,7 @@ Segments and captions carry the sentences, so the extraction also writes the ann
 from __future__ import annotations
 
 import csv
+import html
 import io
 import re
 from dataclasses import dataclass
@@ -144,10 +145,12 @@ def from_segments(csv_path: Path, files: dict[str, Path]) -> tuple[dict[str, lis
     return _in_time_order(clips), faults
 
 
-def _caption_text(raw: str) -> str:
+def _caption_text(raw: str, vtt: bool) -> str:
     """A caption's words on one line: cue tags (<i>, <c.colour>, <00:01.000> karaoke stamps) and speaker
-    marks are dropped by webvtt-py; what remains is joined across lines."""
-    return re.sub(r"\s+", " ", raw).strip()
+    marks are dropped by webvtt-py; what remains is joined across lines. WebVTT cue text is markup, so its
+    character references (&amp; &lt; &nbsp;) are decoded once, after the tags are gone (an escaped `&lt;b>` is
+    text, not a tag); webvtt-py decodes none. SRT text is plain (translate.py writes it unescaped): kept as is."""
+    return re.sub(r"\s+", " ", html.unescape(raw) if vtt else raw).strip()
 
 
 def from_captions(folder: Path, files: dict[str, Path]) -> tuple[dict[str, list[ClipSpec]], list[str]]:
@@ -176,14 +179,15 @@ def from_captions(folder: Path, files: dict[str, Path]) -> tuple[dict[str, list[
 
 
 def read_captions(path: Path) -> list[tuple[float, float, str]]:
+    vtt = path.suffix.lower() != ".srt"
     try:
         with open(path, encoding="utf-8-sig") as f:
-            cues = webvtt.from_buffer(f, format="srt" if path.suffix.lower() == ".srt" else "vtt")
+            cues = webvtt.from_buffer(f, format="vtt" if vtt else "srt")
     except (webvtt.errors.MalformedFileError, webvtt.errors.MalformedCaptionError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{path}: malformed caption file ({e or type(e).__name__})") from None
     except OSError as e:
         raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
-    return [(c.start_time.in_milliseconds() / 1000, c.end_time.in_milliseconds() / 1000, _caption_text(c.text))
+    return [(c.start_time.in_milliseconds() / 1000, c.end_time.in_milliseconds() / 1000, _caption_text(c.text, vtt))
             for c in cues]
 
 

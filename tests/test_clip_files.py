@@ -67,3 +67,21 @@ def test_segments_with_a_byte_order_mark(tmp_path):
                          encoding="utf-8-sig")
         clips, faults = from_segments(table, {"v": tmp_path / "v.mp4"})
         assert faults == [] and [(c.video, c.clip, c.text) for c in clips["v"]] == [("v", "v_0", "hello")]
+
+
+# ------------------------------------------------------------------------------------- WebVTT's character references
+def test_webvtt_character_references_are_decoded_once(tmp_path):
+    caps = captions(tmp_path, {"e.vtt": "WEBVTT\n\n00:00.000 --> 00:01.000\n<i>Tom</i> &amp; Jerry &lt;3 &amp;lt;\n",
+                               "e.srt": "1\n00:00:00,000 --> 00:00:01,000\n<i>Tom</i> &amp; Jerry\n"})
+    assert read_captions(caps / "e.vtt") == [(0.0, 1.0, "Tom & Jerry <3 &lt;")]
+    assert read_captions(caps / "e.srt") == [(0.0, 1.0, "Tom &amp; Jerry")]      # SRT is plain text
+
+
+# SRT has no escape at all, so a tag-shaped `<b>` in it is a tag to players and to webvtt-py alike: VTT only.
+@pytest.mark.parametrize("fmt,extra", [("vtt", ["a<b>c &lt; d"]), ("srt", [])])
+def test_translate_subtitles_read_back_as_written(tmp_path, fmt, extra):
+    texts = ["Tom & Jerry <3", "&amp; 'quoted' \"too\"", "x > y & y < z", *extra]
+    segments = [SubtitleSegment(i, i + 0.5, t, []) for i, t in enumerate(texts)]
+    path = tmp_path / f"out.{fmt}"
+    path.write_text((vtt_text if fmt == "vtt" else srt_text)(segments), encoding="utf-8")
+    assert [t for _, _, t in read_captions(path)] == texts
