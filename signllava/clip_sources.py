@@ -6,7 +6,8 @@ Three sources, one result (a list of `ClipSpec` per video, in time order):
                 clips): every file is one clip, read whole.
     segments    a CSV with How2Sign's columns (VIDEO_NAME, SENTENCE_NAME, START_REALIGNED, END_REALIGNED,
                 SENTENCE; tab-separated and unquoted as How2Sign's, or comma-separated CSV) cut from whole videos.
-    captions    a folder of WebVTT / SRT files, one per video (YouTube-ASL): each caption is a clip.
+    captions    a folder of WebVTT / SRT files, one per video (YouTube-ASL; `<video>.vtt` or `<video>.<lang>.vtt`,
+                matched by the video's whole name, dots and all): each caption is a clip.
 
 Segments and captions carry the sentences, so the extraction also writes the annotation in the seed's format
 (`annotation_for`). Every fault is a DataError naming the file (and the video or clip).
@@ -145,6 +146,25 @@ def from_segments(csv_path: Path, files: dict[str, Path]) -> tuple[dict[str, lis
     return _in_time_order(clips), faults
 
 
+# A trailing language tag in a caption file's name (`talk.en.vtt`, `talk.en-US.vtt`, `talk.ase.vtt`): BCP 47's
+# shape, letters first, so that the dotted parts of a video's own name (`talk.2024.01`) are never taken for one.
+LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*")
+
+
+def caption_video(path: Path, videos) -> str | None:
+    """The video (of `videos`, their stems) that a caption file belongs to: the one named as the file less its
+    suffix, else as that less one trailing language tag; None when neither is there."""
+    stem = path.stem
+    if stem in videos:
+        return stem
+    base, dot, tag = stem.rpartition(".")
+    return base if dot and LANGUAGE_TAG.fullmatch(tag) and base in videos else None
+
+
+def caption_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in CAPTION_SUFFIXES and p.is_file())
+
+
 def _caption_text(raw: str, vtt: bool) -> str:
     """A caption's words on one line: cue tags (<i>, <c.colour>, <00:01.000> karaoke stamps) and speaker
     marks are dropped by webvtt-py; what remains is joined across lines. WebVTT cue text is markup, so its
@@ -155,27 +175,42 @@ def _caption_text(raw: str, vtt: bool) -> str:
 
 def from_captions(folder: Path, files: dict[str, Path]) -> tuple[dict[str, list[ClipSpec]], list[str]]:
     """One caption file per video (`<video>.vtt`, `<video>.srt`, or with a language tag `<video>.en.vtt`):
-    each non-empty caption is a clip `<video>_<k>`, k counting in time order from 0."""
+    each non-empty caption is a clip `<video>_<k>`, k counting in time order from 0. A video whose file has
+    no usable caption is left out with one fault line (it would have no clip to write)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (--captions)")
     clips: dict[str, list[ClipSpec]] = {}
     faults = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in CAPTION_SUFFIXES):
-        video = path.name.split(".", 1)[0]
-        if video not in files:
-            faults.append(f"{where(path, video)}: caption file has no video in --videos")
+    owner: dict[str, Path] = {}
+    for path in caption_files(folder):
+        video = caption_video(path, files)
+        if video is None:
+            faults.append(f"{where(path, path.stem)}: caption file has no video in --videos")
             continue
-        if video in clips:
-            raise DataError(f"{path}: a second caption file for video {video!r}")
-        cues = read_captions(path)
-        kept = [(s, e, t) for s, e, t in cues if t and e > s]
-        faults += [f"{where(path, video)}: caption at {s:.3f} s ends at {e:.3f} s, not after its start"
-                   for s, e, t in cues if t and e <= s]
-        kept.sort(key=lambda c: (c[0], c[1]))
-        clips[video] = [ClipSpec(video, f"{video}_{k}", files[video], s, e, t) for k, (s, e, t) in enumerate(kept)]
-    if not clips and not faults:
+        if video in owner:
+            raise DataError(f"{path}: a second caption file for video {video!r} (also {owner[video].name}); "
+                            "keep one per video")
+        owner[video] = path
+        specs, more = video_captions(path, video, files[video])
+        faults += more
+        if specs:
+            clips[video] = specs
+    if not owner and not faults:
         raise DataError(f"{folder}: no caption files ({', '.join(CAPTION_SUFFIXES)})")
     return clips, faults
+
+
+def video_captions(path: Path, video: str, file: Path) -> tuple[list[ClipSpec], list[str]]:
+    """One caption file's clips of `video` (in time order) and its faults, one line each; no clip at all is
+    one fault saying why."""
+    cues = [(s, e, t) for s, e, t in read_captions(path) if t]
+    kept = sorted((c for c in cues if c[1] > c[0]), key=lambda c: (c[0], c[1]))
+    backwards = [f"{where(path, video)}: caption at {s:.3f} s ends at {e:.3f} s, not after its start"
+                 for s, e, _ in cues if e <= s]
+    if not kept:
+        why = f"{len(backwards)} end at or before their start" if backwards else "none with text"
+        return [], [f"{where(path, video)}: caption file has no usable caption ({why})"]
+    return [ClipSpec(video, f"{video}_{k}", file, s, e, t) for k, (s, e, t) in enumerate(kept)], backwards
 
 
 def read_captions(path: Path) -> list[tuple[float, float, str]]:

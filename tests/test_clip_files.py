@@ -41,6 +41,18 @@ def extract(*args, check=True):
                       check=check, env=script_env(OMP_NUM_THREADS=1))
 
 
+# -------------------------------------------------------------------- caption files without a clip; runs without one
+def test_caption_file_without_a_usable_caption_is_one_fault_and_no_video(tmp_path):
+    files = videos(tmp_path / "v", "good", "bare", "flat")
+    caps = captions(tmp_path / "c", {"good.vtt": CUE.format("hello"), "bare.vtt": "WEBVTT\n",
+                                     "flat.vtt": "WEBVTT\n\n00:00:01.000 --> 00:00:01.000\nno length\n"})
+    clips, faults = from_captions(caps, files)
+    assert sorted(clips) == ["good"] and [c.text for c in clips["good"]] == ["hello"]
+    assert sorted(faults) == [f"{caps / 'bare.vtt'}, video 'bare': caption file has no usable caption (none with text)",
+                              f"{caps / 'flat.vtt'}, video 'flat': caption file has no usable caption "
+                              "(1 end at or before their start)"]
+
+
 # ---------------------------------------------------------------------------------------------------- segment tables
 HEADER = "VIDEO_NAME\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE\n"
 
@@ -67,6 +79,43 @@ def test_segments_with_a_byte_order_mark(tmp_path):
                          encoding="utf-8-sig")
         clips, faults = from_segments(table, {"v": tmp_path / "v.mp4"})
         assert faults == [] and [(c.video, c.clip, c.text) for c in clips["v"]] == [("v", "v_0", "hello")]
+
+
+# ----------------------------------------------------------------------------------- videos with dots in their names
+def test_caption_files_of_videos_with_dots_in_their_names(tmp_path):
+    files = videos(tmp_path / "v", "talk.2024.01", "talk.2024.02", "plain", "deaf.club", "talk.2024")
+    caps = captions(tmp_path / "c", {"talk.2024.01.vtt": CUE.format("one"), "talk.2024.02.en.vtt": CUE.format("two"),
+                                     "plain.en-US.srt": "1\n00:00:00,000 --> 00:00:00,500\nthree\n",
+                                     "deaf.club.ase.vtt": CUE.format("four"), "other.2024.vtt": CUE.format("none")})
+    clips, faults = from_captions(caps, files)
+    assert {v: [c.text for c in cs] for v, cs in clips.items()} == {
+        "talk.2024.01": ["one"], "talk.2024.02": ["two"], "plain": ["three"], "deaf.club": ["four"]}
+    assert clips["talk.2024.02"][0].clip == "talk.2024.02_0"
+    assert faults == [f"{caps / 'other.2024.vtt'}, video 'other.2024': caption file has no video in --videos"]
+
+
+def test_two_caption_files_for_one_video_are_refused_naming_both(tmp_path):
+    files = videos(tmp_path / "v", "talk")
+    caps = captions(tmp_path / "c", {"talk.vtt": CUE.format("a"), "talk.en.vtt": CUE.format("b")})
+    with pytest.raises(DataError, match=r"talk.vtt: a second caption file for video 'talk' \(also talk.en.vtt\)"):
+        from_captions(caps, files)
+
+
+def test_translate_finds_its_own_caption_file_and_reports_its_own_fault(tmp_path):
+    files = videos(tmp_path / "v", "talk.2024.01", "bare", "nothing")
+    caps = captions(tmp_path / "c", {"plain.vtt": CUE.format("no such video"), "junk.vtt": "not a caption file\n",
+                                     "talk.2024.01.en.vtt": CUE.format("hello"), "bare.vtt": "WEBVTT\n"})
+    assert VideoTranslator._caption_cues(files["talk.2024.01"], caps) == [(0.0, 0.5, "hello")]
+    with pytest.raises(DataError) as err:
+        VideoTranslator._caption_cues(files["nothing"], caps)
+    assert str(err.value) == (f"{files['nothing']}: no caption file for it in {caps} "
+                              "(--captions: nothing.vtt, nothing.<language>.vtt or nothing.srt)")
+    with pytest.raises(DataError) as err:
+        VideoTranslator._caption_cues(files["bare"], caps)
+    assert str(err.value) == (f"{caps / 'bare.vtt'}, video 'bare': caption file has no usable caption (none with "
+                              "text); nothing to translate (--segments captions)")
+    with pytest.raises(DataError, match=r"bare.vtt, video 'bare': caption file has no usable caption"):
+        VideoTranslator._caption_cues(files["bare"], caps / "bare.vtt")       # a file given, not a folder
 
 
 # ------------------------------------------------------------------------------------- WebVTT's character references
