@@ -53,6 +53,63 @@ def test_caption_file_without_a_usable_caption_is_one_fault_and_no_video(tmp_pat
                               "(1 end at or before their start)"]
 
 
+def test_extract_skips_the_video_without_captions_and_writes_the_rest(tmp_path):
+    videos(tmp_path / "v", "a", "b")
+    caps = captions(tmp_path / "c", {"a.vtt": CUE.format("hello a"), "b.vtt": "WEBVTT\n"})
+    out = tmp_path / "D"
+    res = extract("--videos", tmp_path / "v", "--captions", caps, "--out", out)
+    summary = json.loads((out / "extraction_summary.train.json").read_text())
+    assert (summary["clips_written"], summary["clips_skipped"]) == (1, 1)
+    assert [s["reason"] for s in summary["skipped"]] == [
+        f"{caps / 'b.vtt'}, video 'b': caption file has no usable caption (none with text)"]
+    assert any("skipped:" in line and "b.vtt, video 'b'" in line for line in res.stderr.splitlines())
+    assert json.loads((out / "pose" / "metadata_pose.train.json").read_text()) == {"a": 0}
+    assert list(json.loads((out / "annotation.train.json").read_text())) == ["a"]
+    assert not (out / ".extract").exists()
+    assert run_script("data.py", "--data_dir", out).returncode == 0
+
+
+def test_extract_with_no_clip_written_is_an_error_and_leaves_nothing(tmp_path):
+    videos(tmp_path / "v", "a")
+    caps = captions(tmp_path / "c", {"a.vtt": "WEBVTT\n\n00:00:10.000 --> 00:00:11.000\npast the end\n"})
+    out = tmp_path / "D"
+    res = extract("--videos", tmp_path / "v", "--captions", caps, "--out", out, check=False)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert last.startswith(f"error: {out}: no clip of split 'train' could be extracted, all 1 skipped (the first: ")
+    assert "a.mp4, video 'a', clip 'a_0'" in last and last.endswith("nothing written")
+    assert sorted(p.name for p in out.iterdir()) == ["extraction.json"]     # no shard, metadata or work folder
+
+
+def test_no_clip_written_is_judged_over_every_ranks_videos(tmp_path):
+    """Two ranks: the rank that finishes last writes the split, over all ranks' videos. One rank whose clips
+    all failed is not an error while the other's were written; every rank's failing is."""
+    import extract as ex
+    clips = {"v0": ["v0_0"], "v1": ["v1_0"]}
+    args = Namespace(out=tmp_path, split="train", annotation=None)
+    for written in ({"v1"}, set()):
+        store = ExtractionStore(tmp_path, "train", ["pose"], plan_shards(clips, 1))    # shard k: rank k % 2
+        store.start(resume=False)
+        for video in clips:
+            ok = video in written
+            features = {f"{video}_0": {"pose": np.zeros((2, 208), np.float16)}} if ok else {}
+            failed = [] if ok else [{"clip": f"{video}_0", "reason": f"{video}: bad"}]
+            store.write_video(video, features, {"clip_order": [f"{video}_0"] if ok else [], "frames": 2 * ok,
+                                                "failed": failed, "seconds": {}, "feature_frames": {}})
+        for shard in store.shards:
+            store.assemble_shard(shard)
+        summary = ex.summarise(args, store, [], clips, 2, 0.0)
+        if written:
+            ex.finish_split(args, store, summary, {"v1": {"clip_order": ["v1_0"], "v1_0": {}}})
+            assert json.loads(store.metadata("pose").read_text()) == {"v1": 1}
+            store.metadata("pose").unlink()
+            store.summary_file().unlink()
+        else:
+            with pytest.raises(DataError, match=r"all 2 skipped \(the first: v0: bad\); nothing written"):
+                ex.finish_split(args, store, summary, {})
+            assert not store.shard_file("pose", 0).exists() and not store.work.exists()
+
+
 # ---------------------------------------------------------------------------------------------------- segment tables
 HEADER = "VIDEO_NAME\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE\n"
 
