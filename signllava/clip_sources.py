@@ -48,8 +48,7 @@ class ClipSpec:
 
 def video_files(videos: Path) -> dict[str, Path]:
     """Stem -> path of every video file in a folder, or of every path listed in a text file (one a line,
-    relative paths taken from the list's folder). Two files with one stem are refused: their clips would
-    collide in the dataset."""
+    relative paths taken from the list's folder). Two files with one stem are refused."""
     if videos.is_dir():
         paths = sorted(p for p in videos.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
     elif videos.is_file():
@@ -58,13 +57,19 @@ def video_files(videos: Path) -> dict[str, Path]:
                  for ln in lines if ln and not ln.startswith("#")]
     else:
         raise DataError(f"{videos}: no such folder or list file (--videos)")
+    found = by_stem(paths, "their clips would collide in the dataset")
+    if not found:
+        raise DataError(f"{videos}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return found
+
+
+def by_stem(paths, why: str) -> dict[str, Path]:
+    """Stem -> path; two paths with one stem are a DataError naming both and `why` that matters."""
     found: dict[str, Path] = {}
     for p in paths:
         if p.stem in found:
-            raise DataError(f"{p}: two videos named {p.stem!r} (also {found[p.stem]}); names must be unique")
+            raise DataError(f"{found[p.stem]} and {p}: two videos named {p.stem!r}; {why}")
         found[p.stem] = p
-    if not found:
-        raise DataError(f"{videos}: no video files ({', '.join(VIDEO_SUFFIXES)})")
     return found
 
 

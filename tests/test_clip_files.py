@@ -175,6 +175,15 @@ def test_translate_finds_its_own_caption_file_and_reports_its_own_fault(tmp_path
         VideoTranslator._caption_cues(files["bare"], caps / "bare.vtt")       # a file given, not a folder
 
 
+def test_translate_names_both_videos_of_one_name(tmp_path):
+    from translate import video_paths
+    a, b = videos(tmp_path / "a", "talk")["talk"], videos(tmp_path / "b", "talk")["talk"]
+    with pytest.raises(DataError) as err:
+        video_paths([a, b])
+    assert str(err.value) == (f"{a} and {b}: two videos named 'talk'; their subtitles would overwrite each other; "
+                              "translate them apart")
+
+
 # ------------------------------------------------------------------------------------- WebVTT's character references
 def test_webvtt_character_references_are_decoded_once(tmp_path):
     caps = captions(tmp_path, {"e.vtt": "WEBVTT\n\n00:00.000 --> 00:01.000\n<i>Tom</i> &amp; Jerry &lt;3 &amp;lt;\n",
