@@ -345,15 +345,27 @@ def extract(args) -> int:
         return 0
     extract_rank(args, clips, store, encoders, rank, world)
     if store.all_shards_done() and store.claim_finish():
-        summary = summarise(args, store, plan_faults, clips, world, time.perf_counter() - started)
-        copy_annotation(args)
-        store.finish(written_annotation(annotation, store), summary)
-        log.info("%s: %d clips written, %d skipped, %d frames; summary in %s", args.out, summary["clips_written"],
-                 summary["clips_skipped"], summary["frames"], store.summary_file().name)
-        print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}))
+        finish_split(args, store, summarise(args, store, plan_faults, clips, world, time.perf_counter() - started),
+                     annotation)
     else:
         log.info("rank %d: its shards are done; the last rank to finish writes the metadata", rank)
     return 0
+
+
+def finish_split(args, store: ExtractionStore, summary: dict, annotation: dict | None) -> None:
+    """The split's metadata, annotation and summary, written by the rank that finishes last: it alone sees every
+    rank's videos, so "no clip written" is judged for the whole run here. Such a run is an error, not an empty
+    dataset that data.py would pass, and leaves nothing of the split behind (ExtractionStore.abandon)."""
+    if summary["clips_written"] == 0:
+        store.abandon()
+        first = next((s["reason"] for s in summary["skipped"]), "no clip was planned")
+        raise DataError(f"{args.out}: no clip of split {args.split!r} could be extracted, all "
+                        f"{summary['clips_skipped']} skipped (the first: {first}); nothing written")
+    copy_annotation(args)
+    store.finish(written_annotation(annotation, store), summary)
+    log.info("%s: %d clips written, %d skipped, %d frames; summary in %s", args.out, summary["clips_written"],
+             summary["clips_skipped"], summary["frames"], store.summary_file().name)
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}))
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,7 @@ def validate(p: argparse.ArgumentParser, args) -> None:
 
 
 def video_paths(given: list[Path]) -> list[Path]:
-    from signllava.clip_sources import video_files
+    from signllava.clip_sources import by_stem, video_files
     paths = []
     for path in given:
         if path.is_dir():
@@ -68,8 +68,7 @@ def video_paths(given: list[Path]) -> list[Path]:
             paths.append(path)
         else:
             raise DataError(f"{path}: no such video file or folder")
-    if len({p.stem for p in paths}) < len(paths):
-        raise DataError("two videos share a name: their subtitles would overwrite each other; translate them apart")
+    by_stem(paths, "their subtitles would overwrite each other; translate them apart")
     return paths
 
 

@@ -186,6 +186,22 @@ class ExtractionStore:
         for m in self.modalities:
             atomic_write_json(self.metadata(m), videos_written)
         atomic_write_json(self.summary_file(), summary)
+        self.discard()
+
+    def abandon(self) -> None:
+        """A split with no clip written leaves nothing behind: its (empty) shard files and the work folder go,
+        so that nothing in D looks like a part of it and a run on fixed inputs starts afresh."""
+        for m in self.modalities:
+            for shard in self.shards:
+                self.shard_file(m, shard.index).unlink(missing_ok=True)
+            try:
+                self.metadata(m).parent.rmdir()              # the modality's folder, when this split was all of it
+            except OSError:
+                pass
+        self.discard()
+
+    def discard(self) -> None:
+        """The work folder goes (a finished split, or one with nothing to show)."""
         shutil.rmtree(self.work, ignore_errors=True)       # ours alone: the pieces and records of this split
         try:
             self.work.parent.rmdir()                        # .extract, once no other split is in progress

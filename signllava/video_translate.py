@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from signllava.clip_sources import ClipSpec, from_captions, read_captions
+from signllava.clip_sources import ClipSpec, caption_files, caption_video, video_captions
 from signllava.errors import CheckpointError, DataError, RunError
 from signllava.prompts import translation_prompt
 
@@ -189,15 +189,27 @@ class VideoTranslator:
 
     @staticmethod
     def _caption_cues(path: Path, captions) -> list[tuple[float, float, str]]:
+        """The caption times of the video at `path`: from the file given, or from its own file in the folder
+        given (found as extract.py finds it; the folder's other files are not read, their faults are not this
+        video's). No usable caption is this video's fault, in translate.py's flags."""
         if captions is None:
             raise DataError(f"{path}: --segments captions needs --captions (a caption file or a folder of them)")
         captions = Path(captions)
         if captions.is_dir():
-            clips, faults = from_captions(captions, {path.stem: path})
-            if path.stem not in clips:
-                raise DataError(faults[0] if faults else f"{captions}: no caption file for video {path.stem!r}")
-            return [(c.start, c.end, c.text) for c in clips[path.stem]]
-        return sorted((s, e, t) for s, e, t in read_captions(captions) if t and e > s)
+            mine = [p for p in caption_files(captions) if caption_video(p, {path.stem})]
+            if not mine:
+                raise DataError(f"{path}: no caption file for it in {captions} (--captions: {path.stem}.vtt, "
+                                f"{path.stem}.<language>.vtt or {path.stem}.srt)")
+            if len(mine) > 1:
+                raise DataError(f"{path}: {len(mine)} caption files for it in {captions} "
+                                f"({', '.join(p.name for p in mine)}); keep one, or pass one with --captions")
+            captions = mine[0]
+        specs, faults = video_captions(captions, path.stem, path)
+        if not specs:
+            raise DataError(f"{faults[0]}; nothing to translate (--segments captions)")
+        for f in faults:
+            log.warning("caption not translated: %s", f)
+        return [(c.start, c.end, c.text) for c in specs]
 
     def segment_features(self, path: Path, ranges, seconds: dict | None = None):
         """Each range's features (as extract.py makes a clip's), the ranges that failed, the seconds per stage.
