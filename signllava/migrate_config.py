@@ -578,7 +578,7 @@ def _stage1_weights(path, m: Migration, stage2: bool, generation: bool):
 
 
 def _tasks(body, m: Migration, flag: str, section: str):
-    """sample_weight (with the s2v branches' enable) -> task weights; max_num_words from the training section."""
+    """sample_weight (with the s2v branches' enable) -> task weights; max_num_words (_max_num_words)."""
     if body is None:
         return
     weights = {}
@@ -594,11 +594,7 @@ def _tasks(body, m: Migration, flag: str, section: str):
         elif typed(m.source, f"{key}.sample_weight", spec.get("sample_weight", 0), "a number"):
             weights[task] = spec["sample_weight"]
         if "max_num_words" in spec:
-            if section == "SignMultiTaskArguments" and m.script != "generate.py":
-                m.set("max_num_words", spec["max_num_words"], f"{section}.{task}.max_num_words")
-            else:
-                m.drop(f"{section}.{task}.max_num_words", "one max_num_words, from the training tasks (as the "
-                                                          "original read it)")
+            _max_num_words(spec["max_num_words"], m, section, task)
     if not weights:
         raise MigrationError(f"{m.source}: {section}: no task has a positive sample_weight")
     m.set(flag, ",".join(f"{t}={w:g}" for t, w in weights.items()),
@@ -606,6 +602,19 @@ def _tasks(body, m: Migration, flag: str, section: str):
     if flag == "eval_task_weights" and set(weights) != {"translation"}:
         m.note("dev tasks: the original drew a task at every fetch (a stochastic dev loss); here each dev clip's "
                "task is fixed by (seed, clip)")
+
+
+def _max_num_words(value, m: Migration, section: str, task: str):
+    """The training tasks' multi_word_present.max_num_words -> --max_num_words. The original read it there alone
+    (reference §4, §6.1: from the training section, for the task that asks several words); elsewhere it is dropped."""
+    key = f"{section}.{task}.max_num_words"
+    if section == "SignMultiTaskArguments" and task == "multi_word_present":
+        m.set("max_num_words", typed(m.source, key, value, "an integer"), key)
+    elif task != "multi_word_present":
+        m.drop(f"{key}: {value!r}", "only multi_word_present asks several words; the original read max_num_words "
+                                    "from there alone")
+    else:
+        m.drop(f"{key}: {value!r}", "one max_num_words, from the training tasks (as the original read it)")
 
 
 # --------------------------------------------------------------------------------------------- generation

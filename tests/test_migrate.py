@@ -282,6 +282,24 @@ def test_malformed_generation_values_name_their_key(tmp_path):
     assert migrate(put(small, "TrainingArguments.label_smoothing_factor", 0), "s.yaml").values["label_smoothing"] == 0
 
 
+def test_max_num_words_comes_from_multi_word_present_only(tmp_path):
+    """The original read it from the training tasks' multi_word_present alone: elsewhere it is dropped, said."""
+    cfg = put(small_config(tmp_path), "SignMultiTaskArguments", {
+        "multi_word_present": {"sample_weight": 0.2, "max_num_words": 5},
+        "one_word_present": {"sample_weight": 0.2, "max_num_words": 2}, "translation": {"sample_weight": 0.6}})
+    m = migrate(cfg, "w.yaml")
+    assert (m.values["max_num_words"], m.origins["max_num_words"]) == (
+        5, "SignMultiTaskArguments.multi_word_present.max_num_words")
+    assert "only multi_word_present asks several words" in dict(m.dropped)[
+        "SignMultiTaskArguments.one_word_present.max_num_words: 2"]
+    assert not [k for k in accounted(m, cfg) if k.startswith("SignMultiTaskArguments")]
+    del cfg["SignMultiTaskArguments"]["multi_word_present"]
+    assert "max_num_words" not in migrate(cfg, "w.yaml").values          # the default, 5 as the original's
+    put(cfg, "SignMultiTaskArguments.multi_word_present", {"sample_weight": 0.2, "max_num_words": "5"})
+    with pytest.raises(MigrationError, match="multi_word_present.max_num_words must be an integer, got a string"):
+        migrate(cfg, "w.yaml")
+
+
 def test_converted_configs_train_both_stages_and_translate_in_the_original_paths(original, tmp_path, caplog):
     import finetune
     import generate
