@@ -3,8 +3,9 @@
 Keys are the flags' names without the dashes (`learning_rate`, `no_packing`) or their destinations as the run
 records them (`packing: false`). Every run writes the flags it ran with to OUTPUT_DIR/args.yaml, in that
 second form, so `--config OUTPUT_DIR/args.yaml` runs it again. A key no flag knows, a value of the wrong type
-or outside a flag's choices is argparse's one-line usage error (exit status 2) naming the file and the key (and
-the closest flag, or the flag an original Sign LLaVA key became). A file in the original's layout (sections
+or outside a flag's choices, or null for a flag that has a default or is required, is argparse's one-line usage
+error (exit status 2) naming the file and the key (and the closest flag, or the flag an original Sign LLaVA key
+became). A file in the original's layout (sections
 ModelArguments, TrainingArguments, ...) is read through signllava/migrate_config.py.
 """
 from __future__ import annotations
@@ -152,7 +153,12 @@ def _value(action: argparse.Action, key: str, value, as_dest: bool):
         flips = isinstance(action, argparse._StoreFalseAction) and not as_dest
         return not value if flips else value
     if value is None:
-        return None
+        # None is a value only of a flag that is off until given (default None, not required), as args.yaml
+        # records it; anywhere else it would reach the run as a number or name it is not.
+        if action.default is None and not action.required:
+            return None
+        raise ValueError(f"cannot be null (leave the key out for its default, {brief(action.default)})"
+                         if action.default is not None else "cannot be null (the flag is required)")
     if isinstance(value, (dict, list, bool)):
         raise ValueError(f"expected a single value, got {brief(value)}")
     if action.type is not None:

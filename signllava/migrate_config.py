@@ -9,7 +9,9 @@ generation. Every key is translated to a flag, or dropped with the reason why, a
 here is said; all of it is written as comments into the output, whose keys are the flags of the script the
 file is for (pretrain.py for a stage-1 file, finetune.py when `lora_enable` is true, generate.py for a
 generation file). `--config ORIGINAL.yaml` reads such a file directly the same way. A key this module does not
-know is an error naming the closest key it does know: nothing is left out silently.
+know is an error naming the closest key it does know: nothing is left out silently. A value of the wrong type
+(a task that is a number, a weight in quotes, an empty label_smoothing_factor) is an error naming the key and
+the type it needs.
 
 Data paths are kept where the original put them: its `annotation_path` and each enabled modality's metadata
 files become --annotation_file and --features (signllava/data_paths.py), relative to --data_dir as before.
@@ -25,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from signllava.data_paths import SPLIT_FIELD
+from signllava.errors import brief
 from signllava.layout import modality_rank
 
 TRAINING_SECTIONS = ("ModelArguments", "TrainingArguments", "SignDataArguments", "SignModelArguments",
@@ -37,6 +40,28 @@ ORIGINAL_DEFAULTS = {"label_smoothing_factor": 0.1}       # the reference's Trai
 
 class MigrationError(ValueError):
     """A file this module cannot translate faithfully; one line naming the file and key."""
+
+
+# What a reader needs a value to be -> the Python types YAML reads it as. bool is an int in Python, so only
+# "true or false" takes it.
+KINDS = {"a mapping": (dict,), "a number": (int, float), "an integer": (int,), "true or false": (bool,),
+         "a string": (str,)}
+YAML_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", int: "an integer",
+              float: "a number", type(None): "null (an empty value)"}
+
+
+def typed(source: str, key: str, value, kind: str, optional: bool = False):
+    """`value`, the file's `key`, when it is `kind` (a key of KINDS; None too when `optional`). Every reader takes
+    the values it works on through this, so a malformed one is a MigrationError naming the key and the kind it
+    needs, not a crash inside the reader or a string iterated as if it were a mapping of its characters."""
+    if value is None and optional:
+        return None
+    types = KINDS[kind]
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return value
+    shown = "" if value is None else f" {brief(value)}"
+    raise MigrationError(f"{source}: {key} must be {kind}, got {YAML_NAMES.get(type(value), type(value).__name__)}"
+                         f"{shown}")
 
 
 def is_original_layout(data) -> bool:
@@ -205,15 +230,13 @@ def migrate(data: dict, source: str) -> Migration:
     if unknown_sections:
         raise MigrationError(f"{source}: unknown section(s) {', '.join(map(str, unknown_sections))}"
                              + _closest(str(unknown_sections[0]), SECTIONS))
-    for name, body in data.items():
-        if body is not None and not isinstance(body, dict):
-            raise MigrationError(f"{source}: section {name} must be a mapping, got {type(body).__name__}")
-    sections = {name: dict(body or {}) for name, body in data.items()}
+    sections = {name: dict(typed(source, f"section {name}", body, "a mapping", optional=True) or {})
+                for name, body in data.items()}
     generation = "GenerateArguments" in sections
     if generation and any(s in sections for s in TRAINING_SECTIONS[:2]):
         raise MigrationError(f"{source}: holds both GenerateArguments and training sections; convert one at a time")
     ta = sections.get("TrainingArguments", {})
-    stage2 = bool(ta.get("lora_enable"))
+    stage2 = bool(typed(source, "TrainingArguments.lora_enable", ta.get("lora_enable"), "true or false", optional=True))
     m = Migration(source, "generate.py" if generation else "finetune.py" if stage2 else "pretrain.py")
     _check_unknown(sections, source)
     if generation:
@@ -335,7 +358,10 @@ def _best_metric(ta: dict, m: Migration):
 
 def _smoothing(ta: dict, m: Migration):
     if "label_smoothing_factor" in ta:
-        m.set("label_smoothing", ta["label_smoothing_factor"], "TrainingArguments.label_smoothing_factor")
+        # An empty value is not the original's default: it set the YAML's values as they are (setattr after the
+        # dataclass, reference §5.1), so its Trainer got None.
+        key = "TrainingArguments.label_smoothing_factor"
+        m.set("label_smoothing", typed(m.source, key, ta["label_smoothing_factor"], "a number"), key)
     else:
         m.set("label_smoothing", ORIGINAL_DEFAULTS["label_smoothing_factor"], "the original's default (unset)")
         m.note("label_smoothing 0.1: unset in the file, so the original's dataclass default (0.1) applied there; "
@@ -353,7 +379,7 @@ def _scheduler(ta: dict, m: Migration):
         m.note("lr_scheduler_type unset: the original's default was linear; this trainer's is cosine")
         m.set("lr_scheduler", "linear", "the original's default (unset)")
         return
-    value = ta["lr_scheduler_type"]
+    value = typed(m.source, "TrainingArguments.lr_scheduler_type", ta["lr_scheduler_type"], "a string")
     if value in SCHEDULES:
         m.set("lr_scheduler", SCHEDULES[value], "TrainingArguments.lr_scheduler_type")
     else:
@@ -452,7 +478,7 @@ def _annotation(value, m: Migration, splits: tuple[str, ...]):
             m.note("annotation_path is relative: the original's generation script read it from the working "
                    "directory, here it is under data_dir")
     elif isinstance(value, dict):
-        by_split = {s: str(value[s]) for s in splits if s in value}
+        by_split = {s: typed(m.source, f"{origin}.{s}", value[s], "a string") for s in splits if s in value}
         for s in value:
             if s not in splits:
                 m.drop(f"{origin}.{s}: {value[s]!r}", f"{m.script} reads only the {'/'.join(splits)} split(s)")
@@ -470,19 +496,18 @@ def _annotation(value, m: Migration, splits: tuple[str, ...]):
 def _visual_features(vf: dict, m: Migration, splits: tuple[str, ...]):
     """enable_input -> modalities; each enabled modality's metadata paths -> features (unless today's layout)."""
     origin = "SignDataArguments.visual_features"
-    if not isinstance(vf, dict):
-        raise MigrationError(f"{m.source}: {origin} must be a mapping modality -> settings")
     enabled, specs = [], []
-    for modality, spec in vf.items():
-        spec = spec or {}
+    for modality, spec in typed(m.source, origin, vf, "a mapping").items():
+        key = f"{origin}.{modality}"
+        spec = typed(m.source, key, spec, "a mapping", optional=True) or {}
         unknown = [k for k in spec if k not in ("enable_input", "train", "dev", "test")]
         if unknown:
-            raise MigrationError(f"{m.source}: {origin}.{modality}: unknown key(s) {', '.join(map(str, unknown))}"
+            raise MigrationError(f"{m.source}: {key}: unknown key(s) {', '.join(map(str, unknown))}"
                                  + _closest(str(unknown[0]), ("enable_input", "train", "dev", "test")))
-        paths = {s: str(spec[s]) for s in splits if spec.get(s)}
-        if not spec.get("enable_input"):
-            m.drop(f"{origin}.{modality}", "modality disabled (enable_input false): not read")
+        if not typed(m.source, f"{key}.enable_input", spec.get("enable_input"), "true or false", optional=True):
+            m.drop(key, "modality disabled (enable_input false): not read")
             continue
+        paths = {s: typed(m.source, f"{key}.{s}", spec[s], "a string") for s in splits if spec.get(s)}
         lacking = [s for s in splits if s not in paths]
         if lacking:          # the original loads a training modality only with both its train and dev paths
             m.drop(f"{origin}.{modality}", f"enabled but without a {'/'.join(lacking)} path, so the original never "
@@ -510,11 +535,11 @@ def _projectors(projectors: dict, m: Migration, stage2: bool, generation: bool):
     origin = "SignModelArguments.projectors"
     enabled = (m.values.get("modalities") or "").split(",")
     types = {}
-    for modality, spec in projectors.items():
+    for modality, spec in typed(m.source, origin, projectors, "a mapping").items():
         if modality == "pretrained_projector_ckpt":
             _stage1_weights(spec, m, stage2, generation)
             continue
-        spec = spec or {}
+        spec = typed(m.source, f"{origin}.{modality}", spec, "a mapping", optional=True) or {}
         if "dim" in spec:
             m.drop(f"{origin}.{modality}.dim: {spec['dim']!r}", "feature dims are read from the data (and checked "
                                                                 "against a stage-1 checkpoint)")
@@ -523,7 +548,8 @@ def _projectors(projectors: dict, m: Migration, stage2: bool, generation: bool):
                 m.drop(f"{origin}.{modality}.projector_type", "the checkpoint's config.json has the projector types "
                                                               "(the original loaded nothing when this differed)")
             elif modality in enabled:
-                types[modality] = spec["projector_type"]
+                types[modality] = typed(m.source, f"{origin}.{modality}.projector_type", spec["projector_type"],
+                                        "a string")
             else:
                 m.drop(f"{origin}.{modality}.projector_type", "modality disabled")
     if types:
@@ -539,7 +565,7 @@ def _projectors(projectors: dict, m: Migration, stage2: bool, generation: bool):
 def _stage1_weights(path, m: Migration, stage2: bool, generation: bool):
     key = "SignModelArguments.projectors.pretrained_projector_ckpt"
     if stage2:
-        m.set("projector", path, key)
+        m.set("projector", typed(m.source, key, path, "a string"), key)
         m.note("projector: the original's mp_rank_00_model_states.pt is read as it is (projectors and the last two "
                "embedding rows); a stage-1 run of this trainer is given as its output folder")
     elif generation:
@@ -552,26 +578,23 @@ def _stage1_weights(path, m: Migration, stage2: bool, generation: bool):
 
 
 def _tasks(body, m: Migration, flag: str, section: str):
-    """sample_weight (with the s2v branches' enable) -> task weights; max_num_words from the training section."""
+    """sample_weight (with the s2v branches' enable) -> task weights; max_num_words (_max_num_words)."""
     if body is None:
         return
     weights = {}
     for task, spec in body.items():
-        spec = spec or {}
+        key = f"{section}.{task}"
+        spec = typed(m.source, key, spec, "a mapping", optional=True) or {}
         unknown = [k for k in spec if k not in ("sample_weight", "enable", "max_num_words")]
         if unknown:
-            raise MigrationError(f"{m.source}: {section}.{task}: unknown key(s) {', '.join(map(str, unknown))}"
+            raise MigrationError(f"{m.source}: {key}: unknown key(s) {', '.join(map(str, unknown))}"
                                  + _closest(str(unknown[0]), ("sample_weight", "enable", "max_num_words")))
-        if spec.get("enable", True) is False:
-            m.drop(f"{section}.{task}", "enable: false")
-        elif spec.get("sample_weight"):
+        if typed(m.source, f"{key}.enable", spec.get("enable", True), "true or false") is False:
+            m.drop(key, "enable: false")
+        elif typed(m.source, f"{key}.sample_weight", spec.get("sample_weight", 0), "a number"):
             weights[task] = spec["sample_weight"]
         if "max_num_words" in spec:
-            if section == "SignMultiTaskArguments" and m.script != "generate.py":
-                m.set("max_num_words", spec["max_num_words"], f"{section}.{task}.max_num_words")
-            else:
-                m.drop(f"{section}.{task}.max_num_words", "one max_num_words, from the training tasks (as the "
-                                                          "original read it)")
+            _max_num_words(spec["max_num_words"], m, section, task)
     if not weights:
         raise MigrationError(f"{m.source}: {section}: no task has a positive sample_weight")
     m.set(flag, ",".join(f"{t}={w:g}" for t, w in weights.items()),
@@ -579,6 +602,19 @@ def _tasks(body, m: Migration, flag: str, section: str):
     if flag == "eval_task_weights" and set(weights) != {"translation"}:
         m.note("dev tasks: the original drew a task at every fetch (a stochastic dev loss); here each dev clip's "
                "task is fixed by (seed, clip)")
+
+
+def _max_num_words(value, m: Migration, section: str, task: str):
+    """The training tasks' multi_word_present.max_num_words -> --max_num_words. The original read it there alone
+    (reference §4, §6.1: from the training section, for the task that asks several words); elsewhere it is dropped."""
+    key = f"{section}.{task}.max_num_words"
+    if section == "SignMultiTaskArguments" and task == "multi_word_present":
+        m.set("max_num_words", typed(m.source, key, value, "an integer"), key)
+    elif task != "multi_word_present":
+        m.drop(f"{key}: {value!r}", "only multi_word_present asks several words; the original read max_num_words "
+                                    "from there alone")
+    else:
+        m.drop(f"{key}: {value!r}", "one max_num_words, from the training tasks (as the original read it)")
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -590,17 +626,18 @@ def _generation(sections: dict, m: Migration):
     for key, value in sections.get("LoraArguments", {}).items():
         m.drop(f"LoraArguments.{key}: {value!r}", FROM_CHECKPOINT)
     if "model_path" in gen:
-        ckpt = str(Path(gen["model_path"]) / f"checkpoint-{gen['checkpoint_num']}") if gen.get("checkpoint_num") \
-            else gen["model_path"]
+        path = typed(m.source, "GenerateArguments.model_path", gen["model_path"], "a string")
+        step = typed(m.source, "GenerateArguments.checkpoint_num", gen.get("checkpoint_num"), "an integer", True)
+        ckpt = str(Path(path) / f"checkpoint-{step}") if step else path
         m.set("checkpoint", ckpt, "GenerateArguments.model_path + GenerateArguments.checkpoint_num")
         m.note("checkpoint: a run of this trainer (the original's checkpoints do not load here; its stage-1 "
                "projectors go into finetune.py --projector)")
-    if gen.get("generate_des"):
+    if typed(m.source, "GenerateArguments.generate_des", gen.get("generate_des"), "a string", optional=True):
         m.set("output", str(Path(gen.get("model_path") or ".") / gen["generate_des"]), "GenerateArguments.generate_des")
     if "num_datapoints" in gen:
-        n = gen["num_datapoints"]
+        n = typed(m.source, "GenerateArguments.num_datapoints", gen["num_datapoints"], "an integer", optional=True)
         m.set("limit", 0 if n is None or n < 0 else n, "GenerateArguments.num_datapoints")
-    if gen.get("do_sample"):
+    if typed(m.source, "GenerateArguments.do_sample", gen.get("do_sample"), "true or false", optional=True):
         m.note("do_sample: true has no equivalent; generation is beam search (--num_beams)")
     if "do_sample" in gen:
         m.drop(f"GenerateArguments.do_sample: {gen['do_sample']!r}", "beam search without sampling")
@@ -619,12 +656,15 @@ def _generation(sections: dict, m: Migration):
 
 def _context_mode(data: dict, m: Migration):
     """The original's gold / prepared / on-the-fly context -> --context gold | FILE | predicted."""
-    if data.get("prepared_predicted_context"):
+    prepared, on_the_fly = (typed(m.source, f"SignDataArguments.{k}", data.get(k), "true or false", optional=True)
+                            for k in ("prepared_predicted_context", "on_the_fly_predicted_context"))
+    if prepared:
         if not m.values.get("annotation_file"):
             raise MigrationError(f"{m.source}: prepared_predicted_context needs annotation_path (the earlier output)")
-        m.set("context", str(Path(m.values.get("data_dir", ".")) / m.values["annotation_file"]),
+        data_dir = typed(m.source, "SignDataArguments.data_dir", m.values.get("data_dir", "."), "a string")
+        m.set("context", str(Path(data_dir) / m.values["annotation_file"]),
               "SignDataArguments.prepared_predicted_context + SignDataArguments.annotation_path")
-    elif data.get("on_the_fly_predicted_context"):
+    elif on_the_fly:
         m.set("context", "predicted", "SignDataArguments.on_the_fly_predicted_context")
     elif not m.values.get("context_window") and not m.values.get("prelude_window"):
         m.set("context", "none", "SignDataArguments.context_window_size + SignDataArguments.prelude_window_size")

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -211,6 +212,92 @@ def test_unknown_keys_name_the_closest_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(pretrain.parser(), ["--config", str(s2)])
     assert "the original's config for finetune.py" in capsys.readouterr().err
+
+
+def small_config(tmp_path: Path) -> dict:
+    """The least a training file has: an output folder and one enabled modality with its paths."""
+    return {"TrainingArguments": {"output_dir": str(tmp_path / "o")},
+            "SignDataArguments": {"visual_features": visual_features({"pose": "pose"})}}
+
+
+def put(cfg: dict, path: str, value) -> dict:
+    *parents, last = path.split(".")
+    node = cfg
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return cfg
+
+
+MALFORMED = [   # (dotted key, value, the error's words): each crashed a reader or was read as something else
+    ("SignMultiTaskArguments.translation", 1.0,
+     "SignMultiTaskArguments.translation must be a mapping, got a number 1.0"),
+    ("SignMultiTaskArguments.translation.sample_weight", "0.5",
+     "SignMultiTaskArguments.translation.sample_weight must be a number, got a string '0.5'"),
+    ("SignMultiTaskArguments.translation.enable", "yes", "translation.enable must be true or false, got a string"),
+    ("TrainingArguments.lr_scheduler_type", ["cosine"],
+     "TrainingArguments.lr_scheduler_type must be a string, got a list ['cosine']"),
+    ("TrainingArguments.label_smoothing_factor", None,       # the original set None (setattr), not its default 0.1
+     "TrainingArguments.label_smoothing_factor must be a number, got null"),
+    ("TrainingArguments.lora_enable", "false", "TrainingArguments.lora_enable must be true or false, got a string"),
+    ("SignDataArguments.visual_features.pose", "pose/metadata_pose.{split}.json",
+     "SignDataArguments.visual_features.pose must be a mapping, got a string 'pose/metadata_pose.{split}.json'"),
+    ("SignDataArguments.visual_features.pose.enable_input", "true", "pose.enable_input must be true or false"),
+    ("SignDataArguments.visual_features.pose.train", ["a", "b"], "pose.train must be a string, got a list"),
+    ("SignDataArguments.annotation_path", {"train": 7}, "annotation_path.train must be a string, got an integer 7"),
+    ("SignModelArguments.projectors.pose", "linear", "projectors.pose must be a mapping, got a string 'linear'"),
+    ("SignModelArguments.projectors.pose.projector_type", ["linear"], "pose.projector_type must be a string"),
+]
+
+
+@pytest.mark.parametrize("key, value, words", MALFORMED, ids=[k for k, _, _ in MALFORMED])
+def test_a_malformed_value_is_one_line_naming_its_key_and_type(tmp_path, capsys, key, value, words):
+    import pretrain
+    from signllava import migrate_config
+    from signllava.config import parse_args
+    f = tmp_path / "orig.yaml"
+    f.write_text(yaml.safe_dump(put(small_config(tmp_path), key, value)))
+    with pytest.raises(MigrationError, match=rf"^{re.escape(str(f))}: .*{re.escape(words)}"):
+        migrate(yaml.safe_load(f.read_text()), str(f))
+    assert migrate_config.main([str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {f}: ") and words in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:                     # --config ORIGINAL.yaml: the same line
+        parse_args(pretrain.parser(), ["--config", str(f)])
+    assert e.value.code == 2 and f"error: --config {err[len('error: '):]}" in capsys.readouterr().err
+
+
+def test_malformed_generation_values_name_their_key(tmp_path):
+    gen = generate_config(tmp_path, tmp_path / "run", 2)
+    for key, value, words in [("num_datapoints", "all", "num_datapoints must be an integer, got a string 'all'"),
+                              ("model_path", ["r"], "model_path must be a string, got a list"),
+                              ("do_sample", "no", "do_sample must be true or false")]:
+        bad = put(json.loads(json.dumps(gen)), f"GenerateArguments.{key}", value)
+        with pytest.raises(MigrationError, match=rf"g.yaml: GenerateArguments.{words}"):
+            migrate(bad, "g.yaml")
+    bad = put(json.loads(json.dumps(gen)), "SignDataArguments.prepared_predicted_context", "yes")
+    with pytest.raises(MigrationError, match="prepared_predicted_context must be true or false"):
+        migrate(bad, "g.yaml")
+    small = small_config(tmp_path)
+    assert migrate(put(small, "TrainingArguments.label_smoothing_factor", 0), "s.yaml").values["label_smoothing"] == 0
+
+
+def test_max_num_words_comes_from_multi_word_present_only(tmp_path):
+    """The original read it from the training tasks' multi_word_present alone: elsewhere it is dropped, said."""
+    cfg = put(small_config(tmp_path), "SignMultiTaskArguments", {
+        "multi_word_present": {"sample_weight": 0.2, "max_num_words": 5},
+        "one_word_present": {"sample_weight": 0.2, "max_num_words": 2}, "translation": {"sample_weight": 0.6}})
+    m = migrate(cfg, "w.yaml")
+    assert (m.values["max_num_words"], m.origins["max_num_words"]) == (
+        5, "SignMultiTaskArguments.multi_word_present.max_num_words")
+    assert "only multi_word_present asks several words" in dict(m.dropped)[
+        "SignMultiTaskArguments.one_word_present.max_num_words: 2"]
+    assert not [k for k in accounted(m, cfg) if k.startswith("SignMultiTaskArguments")]
+    del cfg["SignMultiTaskArguments"]["multi_word_present"]
+    assert "max_num_words" not in migrate(cfg, "w.yaml").values          # the default, 5 as the original's
+    put(cfg, "SignMultiTaskArguments.multi_word_present", {"sample_weight": 0.2, "max_num_words": "5"})
+    with pytest.raises(MigrationError, match="multi_word_present.max_num_words must be an integer, got a string"):
+        migrate(cfg, "w.yaml")
 
 
 def test_converted_configs_train_both_stages_and_translate_in_the_original_paths(original, tmp_path, caplog):

@@ -166,16 +166,22 @@ def test_config_file_values_overrides_and_errors(tmp_path, capsys):
     from pretrain import parser
     from signllava.config import parse_args
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("output_dir: o\nlearning_rate: 2e-4\nno_packing: true\nlr_scheduler: linear\nepochs: 3\n")
+    cfg.write_text("output_dir: o\nlearning_rate: 2e-4\nno_packing: true\nlr_scheduler: linear\nepochs: 3\n"
+                   "eval_generate: null\n")                    # default None: null is that default, as args.yaml has it
     a = parse_args(parser(), ["--config", str(cfg), "--epochs", "2"])
     assert (a.output_dir, a.learning_rate, a.packing, a.lr_scheduler, a.epochs) == ("o", 2e-4, False, "linear", 2.0)
+    assert a.eval_generate is None
     (tmp_path / "c.json").write_text(json.dumps({"packing": False, "seed": 7}))     # a destination, as args.yaml has
     a = parse_args(parser(), ["--config", str(tmp_path / "c.json"), "--output_dir", "o"])
     assert (a.packing, a.seed) == (False, 7)
     for text, words in [("learning_rat: 1\nfoo: 2\n",
                          ["unknown key(s) learning_rat (closest flag: learning_rate), foo"]),
                         ("lr_scheduler: cos\nepochs: abc\npacking: 1\n",
-                         ["'cos' is not one of", "epochs: not a valid float", "packing: expected true or false"])]:
+                         ["'cos' is not one of", "epochs: not a valid float", "packing: expected true or false"]),
+                        ("label_smoothing: null\nlearning_rate:\n",      # null only where the default is None
+                         ["label_smoothing: cannot be null (leave the key out for its default, 0.0)",
+                          "learning_rate: cannot be null"]),
+                        ("output_dir: null\n", ["output_dir: cannot be null (the flag is required)"])]:
         cfg.write_text(text)
         with pytest.raises(SystemExit) as e:
             parse_args(parser(), ["--config", str(cfg), "--output_dir", "o"])
