@@ -243,7 +243,10 @@ class Translator:
             if m in absent:
                 feats.append(np.zeros((0, self.cfg.dims[m]), np.float32))
                 continue
-            a = np.asarray(features[m])
+            a = features[m]
+            if isinstance(a, torch.Tensor):     # any dtype or device, grad or not (numpy takes no bf16, no grad)
+                a = a.detach().to("cpu", torch.float32).numpy() if a.is_floating_point() else a.cpu().numpy()
+            a = np.asarray(a)
             if a.ndim != 2 or a.shape[1] != self.cfg.dims[m]:
                 raise ValueError(f"modality {m!r}: features of shape {tuple(a.shape)}, the checkpoint expects "
                                  f"[T, {self.cfg.dims[m]}]")

@@ -218,6 +218,13 @@ def test_exact_resume_under_token_budget(tiny):
     # So is packing under a budget: it counts tokens differently, so it plans other batches.
     res = run_script("pretrain.py", *train_args(data, llm, out, 40, *common[:-1], "--resume"), check=False)
     assert res.returncode == 2 and "padded token budget 600" in res.stderr and "packed token budget 600" in res.stderr
+    # A learning rate or a modality set other than the run's: the checkpoint's optimizer and modules would
+    # silently win (DeepSpeed loads its param groups over the flags'), so each is refused in one line.
+    for flags, said in ((("--learning_rate", 0.05), "--learning_rate 0.05 (the run: 0.003)"),
+                        (("--modalities", "mae"), "modalities ['mae'] (the run: ")):
+        res = run_script("pretrain.py", *train_args(data, llm, out, 40, *common, "--resume", *flags), check=False)
+        err = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and err.startswith("error: ") and said in err and "Traceback" not in res.stderr, err
 
 
 def test_packed_and_padded_training_give_the_same_run(tiny):

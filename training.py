@@ -47,7 +47,7 @@ from signllava.atomic import parent_problem, write_atomic
 from signllava.checkpoint import ADAPTER_DIR
 from signllava.config import add_config_arg, write_run_args
 from signllava.data_paths import DataPaths, data_problems
-from signllava.errors import CheckpointError, DataError, RunError, range_problems
+from signllava.errors import CheckpointError, DataError, RunError, message, range_problems
 from signllava.extraction_record import SETTINGS_FILE, dataset_record, differences
 from signllava.prompts import PromptBuilder, special_ids, translation_prompt
 
@@ -571,7 +571,7 @@ def prepare_output(args, out: Path) -> run_lock.RunLock:
 def raise_everywhere(failure: Exception | None, world: int):
     """Rank 0's one-line error raised on every rank, so that none waits at a barrier for a rank that stopped."""
     if world > 1:
-        sent = [None if failure is None else (type(failure).__name__, str(failure))]
+        sent = [None if failure is None else (type(failure).__name__, message(failure))]
         torch.distributed.broadcast_object_list(sent, src=0)
         if sent[0] is not None:
             kind, message = sent[0]
@@ -808,6 +808,29 @@ def batch_geometry(batch_size: int, budget: int, grad_accum: int, world: int, pa
     return f"{batch} x {grad_accum} accumulation x {world} ranks"
 
 
+# The flags whose values a resumed run takes from the checkpoint, not from the command line: the optimizer's
+# param groups (rates, decay) and the scheduler's base rates are DeepSpeed state, loaded over the ones the flags
+# built. A different value is refused, never silently ignored while args.yaml records it. (The schedule's shape,
+# --lr_scheduler / --warmup_ratio / --min_lr_ratio / --max_steps, is rebuilt from the flags and does take effect.)
+OPTIMISER_FLAGS = ("learning_rate", "projector_lr", "weight_decay")
+# What makes the trained modules' shapes: a checkpoint with other ones cannot be loaded into this model.
+MODEL_FIELDS = ("modalities", "dims", "projector_types", "lora", "bits", "modality_embeddings",
+                "standardize_features")
+
+
+def resume_mismatches(state: TrainState, directory: Path, saved: dict) -> list[str]:
+    """Each flag or model setting of this start that differs from the run's checkpoint (checkpoints written
+    before the optimiser's flags were recorded are checked on the model only)."""
+    a = state.env.args
+    recorded = saved.get("optimiser", {})
+    out = [f"--{k} {getattr(a, k)} (the run: {recorded[k]})" for k in OPTIMISER_FLAGS
+           if k in recorded and getattr(a, k, None) != recorded[k]]
+    then = SignConfig.load(directory)
+    as_saved = lambda v: json.loads(json.dumps(v))     # noqa: E731 (tuples and lists alike, as config.json holds them)
+    return out + [f"{k} {getattr(state.cfg, k)} (the run: {getattr(then, k)})" for k in MODEL_FIELDS
+                  if as_saved(getattr(state.cfg, k)) != as_saved(getattr(then, k))]
+
+
 def resume(state: TrainState, directory: Path):
     """Load `directory` into the engine (DeepSpeed's own partitions when the world size and ZeRO stage match,
     the portable state otherwise), then restore the step, best dev loss and this rank's RNG."""
@@ -823,6 +846,10 @@ def resume(state: TrainState, directory: Path):
         then = batch_geometry(saved["batch_size"], saved_budget, saved["grad_accum"], saved["world_size"], saved_packing)
         now = batch_geometry(a.batch_size, a.max_tokens_per_batch, a.grad_accum, env.world, a.packing)
         raise CheckpointError(f"{directory}: saved with {then}; resume needs the same global batch (now {now})")
+    differ = resume_mismatches(state, directory, saved)
+    if differ:
+        raise CheckpointError(f"{directory}: --resume continues the run as it was trained, and this start differs: "
+                              f"{'; '.join(differ)} (use the run's values, or start a new run in another folder)")
     if saved["world_size"] == env.world and saved.get("zero_stage") == env.zero_stage:
         try:
             load_path, _ = state.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
@@ -1027,7 +1054,7 @@ def write_checkpoint(state: TrainState):
             "batch_size": a.batch_size, "max_tokens_per_batch": a.max_tokens_per_batch, "packing": a.packing,
             "seed": a.seed, "zero_stage": env.zero_stage, "dev_loss": state.dev_loss,
             "best_dev_loss": state.best_dev_loss, "total_steps": state.total, "skipped_steps": state.skipped_steps,
-            "bad_in_a_row": state.bad_in_a_row,
+            "bad_in_a_row": state.bad_in_a_row, "optimiser": {k: getattr(a, k, None) for k in OPTIMISER_FLAGS},
             **({"best_metric": best.metric, "best_step": best.step, "best_score": best.score} if best else {})})
     barrier()
     checkpoint.fault_point("mid_save", step)

@@ -27,8 +27,19 @@ def run_command(main: Callable[[], int]) -> int:
     try:
         return main()
     except (DataError, CheckpointError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message(e)}", file=sys.stderr)
         return 2
+
+
+def message(e: Exception) -> str:
+    """The error's own line. A DataLoader worker's error reaches the main process re-raised by torch as the same
+    type with the worker's whole traceback for its message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."), whose last line is the original `module.Type: message`."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.{type(e).__name__}: ") else last
 
 
 def range_problems(args, at_least_one=(), non_negative=()) -> list[str]:

@@ -91,10 +91,20 @@ def _all_text(value) -> bool:
     return all(is_text(x) for x in items if isinstance(x, str))
 
 
+def as_list(value) -> list | None:
+    """An annotation's paraphrases / keywords as a list: a lone string is one item (iterated, it would become
+    single letters), null or NaN none; anything else that is not a list is None (a fault)."""
+    if value is None or (isinstance(value, float) and value != value):     # null, or pandas' NaN for "none"
+        return []
+    if isinstance(value, str):
+        return [value]
+    return value if isinstance(value, list) else None
+
+
 def clean_paraphrases(items) -> list[str]:
     """Real paraphrase lists hold '<none>', '' and NaN placeholders; they are not sentences."""
     out = []
-    for p in items or []:
+    for p in as_list(items) or []:
         if isinstance(p, str) and p.strip() and p.strip() != "<none>":
             out.append(p.strip())
     return out
@@ -138,9 +148,12 @@ def load_annotation(path: Path, collect_faults: bool = False) -> Annotation:
             if bad_text:
                 fault(f"{where(path, video, clip)}: {', '.join(bad_text)} not valid Unicode (a lone surrogate)")
                 continue
-            kws = cd.get("keywords") or []
-            if not isinstance(kws, list):
-                kws = []
+            not_lists = [k for k in ("paraphrases", "keywords") if as_list(cd.get(k)) is None]
+            if not_lists:
+                fault(f"{where(path, video, clip)}: {' and '.join(not_lists)} must be a list of strings, got "
+                      f"{brief(cd.get(not_lists[0]), 40)}")
+                continue
+            kws = as_list(cd.get("keywords"))
             hyp = cd.get("hypothesis")
             ann.clips[(video, clip)] = ClipText(
                 translation=tr.strip(),

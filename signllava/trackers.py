@@ -25,6 +25,19 @@ TRACKERS = ("tensorboard", "wandb", "trackio")
 STATE_FILE = "trackers.json"
 
 
+# OUTPUT_DIR's folder of each tracker that writes one
+TRACKER_FOLDERS = {"runs": "tensorboard", "wandb": "wandb"}
+
+
+def owned_folders(out: Path) -> set[str]:
+    """The TRACKER_FOLDERS of `out` that a run of ours made (trackers.json says so)."""
+    try:
+        state = json.loads((Path(out) / STATE_FILE).read_text())
+        return {d for d in state.get("folders", []) if d in TRACKER_FOLDERS}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+
+
 def parse_report_to(value: str | None) -> list[str]:
     """'tensorboard,wandb' -> its names, in TRACKERS' order; 'none' or '' -> []. Unknown names: ValueError."""
     names = [n.strip().lower() for n in (value or "").split(",") if n.strip()]
@@ -49,6 +62,11 @@ class Trackers:
         self.writer = self.wandb_run = self.trackio = None
         state_path = out / STATE_FILE
         state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+        # The folders these trackers make in OUTPUT_DIR, listed only when they make them: --overwrite_output_dir
+        # clears those and never a runs/ or wandb/ that was the user's before (checkpoint.clear_run).
+        made = {d for d, tracker in TRACKER_FOLDERS.items() if tracker in names and not (out / d).exists()}
+        if made | owned_folders(out):
+            state["folders"] = sorted(made | owned_folders(out))
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "runs"))

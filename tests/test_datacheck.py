@@ -388,3 +388,21 @@ def test_split_selection_and_missing_inputs(tmp_path, capsys):
     rc, out, _ = run_check(tmp_path / "absent", capsys)
     assert rc == 1 and "data directory not found" in out
 
+
+
+def test_paraphrases_or_keywords_as_one_string_are_one_item_and_a_number_is_a_fault(tmp_path):
+    """A paraphrase written as a string, not a list, was iterated into single letters (multi-reference BLEU
+    against 21 "references" a clip, training targets of one letter); it is one paraphrase. NaN (pandas' empty
+    cell) is none; a number is a fault naming the clip."""
+    from signllava.errors import DataError
+    from signllava.layout import load_annotation
+    path = tmp_path / "annotation.dev.json"
+    clip = {"translation": "a cat sees the hat", "paraphrases": "a cat is seeing the hat", "keywords": "cat"}
+    path.write_text(json.dumps({"v": {"clip_order": ["c", "d"], "c": clip,
+                                      "d": {**clip, "paraphrases": float("nan"), "keywords": None}}}))
+    ann = load_annotation(path)
+    assert ann.clips[("v", "c")].paraphrases == ["a cat is seeing the hat"] and ann.clips[("v", "c")].keywords == ["cat"]
+    assert ann.clips[("v", "d")].paraphrases == [] and ann.clips[("v", "d")].keywords == []
+    path.write_text(json.dumps({"v": {"clip_order": ["c"], "c": {**clip, "paraphrases": 5}}}))
+    with pytest.raises(DataError, match=r"clip 'c'.*paraphrases must be a list of strings, got 5"):
+        load_annotation(path)

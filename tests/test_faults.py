@@ -139,5 +139,24 @@ def test_overflow_scan_skipped_only_where_the_gradient_norm_decides():
     assert not skip_per_tensor_overflow_scan(object())          # another optimizer: left alone
 
 
+
+def test_a_loader_workers_data_error_is_its_own_one_line(capsys):
+    """A DataError raised in a DataLoader worker (a NaN in a clip) reaches the main process re-raised by torch with
+    the worker's whole traceback as its message; the command still prints the error's own line."""
+    from torch._utils import ExceptionWrapper
+    from signllava.errors import DataError, run_command
+    said = "f.h5, video 'v', clip 'c': 1 non-finite values (NaN/Inf)"
+
+    def body():
+        try:
+            raise DataError(said)
+        except DataError:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+        wrapped.reraise()
+
+    assert run_command(body) == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

@@ -367,6 +367,13 @@ def test_api_matches_cli(env, tmp_path):
     assert n == 6
     feats = read_features(env["data"], "vA", "vA_1")
     assert isinstance(tr.translate({"mae": feats["mae"]}, num_beams=1, max_new_tokens=4), str)   # a subset
+    # torch tensors of any float dtype, with grad or not, as numpy arrays (numpy takes neither bf16 nor grad)
+    as_numpy = tr.translate(feats, num_beams=1, max_new_tokens=6)
+    as_tensors = {m: torch.tensor(a, dtype=torch.float32, requires_grad=True) for m, a in feats.items()}
+    assert tr.translate(as_tensors, num_beams=1, max_new_tokens=6) == as_numpy
+    bf16 = {m: torch.tensor(a).to(torch.bfloat16) for m, a in feats.items()}
+    assert tr.translate({m: t.float().numpy() for m, t in bf16.items()}, num_beams=1, max_new_tokens=6) == \
+        tr.translate(bf16, num_beams=1, max_new_tokens=6)
     with pytest.raises(ValueError, match="'depth'"):
         tr.translate({**feats, "depth": feats["mae"]})
     with pytest.raises(ValueError, match="'pose'.*\\[T, 4\\]"):

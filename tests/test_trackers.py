@@ -89,3 +89,23 @@ def test_report_to_names_and_none(tmp_path, capsys):
         pretrain.main(["--output_dir", str(tmp_path / "x"), "--report_to", "tensorboard,mlflow"])
     assert exit_.value.code == 2 and "--report_to tensorboard,mlflow: unknown mlflow" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_overwrite_clears_only_the_tracker_folders_our_runs_made(tmp_path):
+    """--overwrite_output_dir (checkpoint.clear_run) removes a runs/ that our TensorBoard writer made, and never a
+    runs/ or wandb/ that was the user's before the first run (a hostile probe lost its own experiments so)."""
+    from signllava import checkpoint
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    for d in ("runs/exp1", "wandb"):
+        (theirs / d).mkdir(parents=True)
+    (theirs / "runs" / "exp1" / "model.bin").write_text("precious")
+    (theirs / "wandb" / "keep.txt").write_text("mine")
+    for out in (theirs, ours):
+        out.mkdir(exist_ok=True)
+        Trackers(["tensorboard"], out, "r", "p", {}, resume=False).close()
+        (out / "metrics.jsonl").write_text("{}\n")
+    assert json.loads((ours / "trackers.json").read_text())["folders"] == ["runs"]
+    assert not (theirs / "trackers.json").exists()           # nothing made: nothing claimed
+    assert set(checkpoint.clear_run(theirs)) == {"metrics.jsonl"}
+    assert (theirs / "runs" / "exp1" / "model.bin").read_text() == "precious" and (theirs / "wandb" / "keep.txt").exists()
+    assert set(checkpoint.clear_run(ours)) == {"metrics.jsonl", "runs", "trackers.json"} and not (ours / "runs").exists()
