@@ -48,12 +48,14 @@ def test_overwrite_clears_the_previous_run_and_nothing_else(tmp_path):
         checkpoint.commit(fake_checkpoint(tmp_path, step), step, keep=0, best_step=2)
     for name in ("metrics.jsonl", "train_summary.json", "curves.png", "notes.txt"):
         (tmp_path / name).write_text("x")
-    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs").mkdir()                                   # TensorBoard's, as trackers.json says
+    (tmp_path / "trackers.json").write_text(json.dumps({"folders": ["runs"]}))
+    (tmp_path / "wandb").mkdir()                                  # not made by our trackers: the user's
     (tmp_path / "demo_data").mkdir()
     gone = checkpoint.clear_run(tmp_path)
     assert set(gone) == {"latest", "best", "checkpoint-2", "checkpoint-4", "metrics.jsonl", "train_summary.json",
-                         "curves.png", "runs"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data", "notes.txt"]
+                         "curves.png", "runs", "trackers.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data", "notes.txt", "wandb"]
     assert checkpoint.latest_checkpoint(tmp_path) is None and checkpoint.clear_run(tmp_path) == []
 
 
