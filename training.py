@@ -574,8 +574,8 @@ def raise_everywhere(failure: Exception | None, world: int):
         sent = [None if failure is None else (type(failure).__name__, message(failure))]
         torch.distributed.broadcast_object_list(sent, src=0)
         if sent[0] is not None:
-            kind, message = sent[0]
-            failure = {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, RunError)(message)
+            kind, text = sent[0]
+            failure = {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, RunError)(text)
     if failure is not None:
         raise failure
 

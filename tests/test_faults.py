@@ -158,5 +158,31 @@ def test_a_loader_workers_data_error_is_its_own_one_line(capsys):
     assert capsys.readouterr().err == f"error: {said}\n"
 
 
+
+def test_rank_zeros_error_is_raised_everywhere_as_its_one_line(tmp_path):
+    """raise_everywhere's multi-rank path (broadcast of rank 0's error) on a one-process gloo group: rank 0's
+    DataError, re-raised by a loader worker with its traceback, comes back as the same type with its own line."""
+    import torch.distributed as dist
+    from torch._utils import ExceptionWrapper
+    from signllava.errors import DataError
+    from training import raise_everywhere
+    said = "f.h5, video 'v', clip 'c': 1 non-finite values (NaN/Inf)"
+    try:
+        raise DataError(said)
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    try:
+        wrapped.reraise()
+    except DataError as e:
+        failure = e
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(DataError) as raised:
+            raise_everywhere(failure, world=2)          # the broadcast branch, whatever the group's size
+        assert str(raised.value) == said
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
