@@ -209,8 +209,8 @@ RUN_RECORDS = ("metrics.jsonl", "train_summary.json", "curves.png", "runs", "wan
 def clear_run(out_dir: Path) -> list[str]:
     """(rank 0, --overwrite_output_dir) The previous run's pointers, complete checkpoints and records go, so that
     nothing of it (an O/best, metrics.jsonl lines, curves) passes for the new run's; anything else in the
-    directory (data, notes, a runs/ or wandb/ folder our trackers did not make) stays. Pointers first: a kill midway never leaves one naming a removed checkpoint.
-    Returns the names removed."""
+    directory (data, notes, a runs/ or wandb/ folder our trackers did not make) stays. Pointers first: a kill
+    midway never leaves one naming a removed checkpoint. Returns the names removed."""
     from signllava.trackers import TRACKER_FOLDERS, owned_folders
     out_dir = Path(out_dir)
     ours = owned_folders(out_dir)           # read before trackers.json itself goes

@@ -65,8 +65,9 @@ class Trackers:
         # The folders these trackers make in OUTPUT_DIR, listed only when they make them: --overwrite_output_dir
         # clears those and never a runs/ or wandb/ that was the user's before (checkpoint.clear_run).
         made = {d for d, tracker in TRACKER_FOLDERS.items() if tracker in names and not (out / d).exists()}
-        if made | owned_folders(out):
-            state["folders"] = sorted(made | owned_folders(out))
+        ours = made | owned_folders(out)
+        if ours:
+            state["folders"] = sorted(ours)
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "runs"))
