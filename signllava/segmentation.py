@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from signllava.landmarks import Landmarks
+from signllava.video_io import frame_step
 
 # MediaPipe pose indices (the signer's own left/right).
 NOSE, L_SHOULDER, R_SHOULDER, L_ELBOW, R_ELBOW, L_WRIST, R_WRIST = 0, 11, 12, 13, 14, 15, 16
@@ -252,7 +253,7 @@ def _edges(lm: Landmarks, times, end) -> np.ndarray:
     times = np.asarray(times, dtype=np.float64)
     if len(times) != len(lm):
         raise ValueError(f"{len(times)} frame times for {len(lm)} frames of landmarks")
-    last = end if end is not None else times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1 / lm.fps)
+    last = end if end is not None else times[-1] + frame_step(times, lm.fps)
     return np.append(times, last)
 
 
